@@ -1,0 +1,32 @@
+"""hf-longtail: long-tailed image classification for the Hugging Face ecosystem.
+
+The package is split by concern (each sub-package knows nothing of the others
+except where noted):
+
+- :mod:`hf_longtail.losses`  -- CCAR, CAR and the long-tail baselines (pure PyTorch).
+- :mod:`hf_longtail.data`    -- long-tailed versions of any image dataset, transforms, samplers.
+- :mod:`hf_longtail.metrics` -- many/medium/few-shot, worst-class, calibration metrics.
+- :mod:`hf_longtail.models`  -- model factory (transformers, timm, CIFAR ResNet-32).
+- :mod:`hf_longtail.trainer` -- ``LongTailTrainer``, which composes the parts above.
+- :mod:`hf_longtail.hub`     -- model cards and publishing to the Hugging Face Hub.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hf_longtail.trainer import LongTailTrainer
+
+__all__ = ["LongTailTrainer", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: ``import hf_longtail.losses`` must not pay for importing transformers.Trainer.
+    if name == "LongTailTrainer":
+        from hf_longtail.trainer import LongTailTrainer
+
+        return LongTailTrainer
+    raise AttributeError(f"module 'hf_longtail' has no attribute {name!r}")

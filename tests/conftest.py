@@ -1,0 +1,50 @@
+"""Shared fixtures: seeding, offline mode and the path of the real CIFAR-10 parquet."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Tests must never reach the Hub: a stray real call fails fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def cifar10_path() -> Path | None:
+    """The real CIFAR-10 parquet directory: $HF_LONGTAIL_CIFAR10 or ../shared/data/cifar10."""
+    env = os.environ.get("HF_LONGTAIL_CIFAR10")
+    candidates = [Path(env)] if env else []
+    candidates.append(REPO_ROOT.parent / "shared" / "data" / "cifar10")
+    for c in candidates:
+        if (c / "train.parquet").is_file():
+            return c
+    return None
+
+
+@pytest.fixture
+def cifar10_dir() -> Path:
+    path = cifar10_path()
+    if path is None:
+        pytest.skip(
+            "real CIFAR-10 not found (set HF_LONGTAIL_CIFAR10 or provide ../shared/data/cifar10)"
+        )
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)  # noqa: NPY002 -- third-party code reads the legacy global RNG
+    torch.manual_seed(0)
+    yield
