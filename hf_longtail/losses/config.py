@@ -1,0 +1,220 @@
+"""``LongTailLossConfig``: one flat, serializable description of a long-tail loss (peft style).
+
+A config names a base loss and its parameters, switches CCAR on or off and sets the CAR weight
+(``car_weight = 0`` disables CAR). ``build_loss(config, class_counts)`` turns it into a module.
+Parameters of bases other than ``base`` are ignored (so a config can be edited from one base to
+another); ``base_options`` passes extra keyword arguments to a custom registered base loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from hf_longtail.losses.base import (
+    CB_LOSS_TYPES,
+    WEIGHT_REDUCTIONS,
+    _accepted_kwargs,
+    get_base_loss_class,
+    list_base_losses,
+)
+from hf_longtail.losses.ccar import P_T_SOURCES
+from hf_longtail.losses.functional import CCAR_VARIANTS
+
+__all__ = ["LongTailLossConfig"]
+
+# Which config field feeds which keyword of each built-in base loss.
+_BASE_FIELDS: dict[str, dict[str, str]] = {
+    "ce": {"label_smoothing": "label_smoothing"},
+    "focal": {"gamma": "focal_gamma"},
+    "cb": {"beta": "cb_beta", "loss_type": "cb_loss_type", "gamma": "focal_gamma"},
+    "ldam": {"max_m": "ldam_max_m", "s": "ldam_s"},
+    "la": {"tau": "la_tau", "label_smoothing": "label_smoothing"},
+    "bs": {"label_smoothing": "label_smoothing"},
+}
+_NUMERIC_FIELDS = (
+    "label_smoothing",
+    "focal_gamma",
+    "cb_beta",
+    "ldam_max_m",
+    "ldam_s",
+    "la_tau",
+    "drw_epoch",
+    "drw_beta",
+    "ccar_omega",
+    "car_weight",
+    "car_beta",
+    "car_r0",
+    "car_tau",
+)
+_COMMON_FIELDS = {
+    "drw_epoch": "drw_epoch",
+    "drw_beta": "drw_beta",
+    "weight_reduction": "weight_reduction",
+    "validate": "validate",
+}
+
+
+@dataclass
+class LongTailLossConfig:
+    """Configuration of the total loss ``base (+ CCAR) + CAR``.
+
+    Base loss (``base`` in ``ce``, ``focal``, ``cb``, ``ldam``, ``la``, ``bs`` or any registered
+    name):
+        label_smoothing: ``ce``, ``la``, ``bs``.
+        focal_gamma: ``focal``, and ``cb`` with ``cb_loss_type="focal"``.
+        cb_beta, cb_loss_type: ``cb`` (effective-number beta; ``softmax``/``sigmoid``/``focal``).
+        ldam_max_m, ldam_s: ``ldam`` margin and scale.
+        la_tau: ``la`` adjustment strength.
+        drw_epoch, drw_beta: deferred re-weighting from ``drw_epoch`` (any base; ``None`` = off).
+        weight_reduction: ``auto``/``mean``/``weighted_mean`` batch reduction with class weights.
+        base_options: extra keyword arguments for the base loss (custom registered losses).
+
+    CCAR (``ccar`` on/off): ``ccar_omega`` in (0, 1], ``ccar_variant`` (``paper``/``e_minus_f``),
+    ``ccar_detach_weight``, ``ccar_p_t_from`` (``adjusted``/``raw``).
+
+    CAR: ``car_weight`` = alpha >= 0 (0 disables), ``car_beta`` in [0, 1), ``car_r0`` >= 0,
+    ``car_tau`` > 0, ``car_detach_gate``, ``car_power_iterations`` >= 1.
+
+    ``validate``: check labels and logits on every call (one device sync per step).
+    """
+
+    base: str = "ce"
+    label_smoothing: float = 0.0
+    focal_gamma: float = 2.0
+    cb_beta: float = 0.9999
+    cb_loss_type: str = "softmax"
+    ldam_max_m: float = 0.5
+    ldam_s: float = 30.0
+    la_tau: float = 1.0
+    drw_epoch: float | None = None
+    drw_beta: float = 0.9999
+    weight_reduction: str = "auto"
+    base_options: dict[str, Any] = field(default_factory=dict)
+    ccar: bool = False
+    ccar_omega: float = 0.75
+    ccar_variant: str = "paper"
+    ccar_detach_weight: bool = False
+    ccar_p_t_from: str = "adjusted"
+    car_weight: float = 0.0
+    car_beta: float = 0.5
+    car_r0: float = 0.2
+    car_tau: float = 1.0
+    car_detach_gate: bool = True
+    car_power_iterations: int = 1
+    validate: bool = True
+
+    def __post_init__(self) -> None:
+        """Validate every field; errors name the field, the value and the valid range."""
+        get_base_loss_class(self.base)  # unknown name -> ValueError listing the valid ones
+        for name in ("ccar", "ccar_detach_weight", "car_detach_gate", "validate"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool; got {getattr(self, name)!r}")
+        for name in _NUMERIC_FIELDS:
+            value = getattr(self, name)
+            if value is None and name == "drw_epoch":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"LongTailLossConfig.{name} must be a number; got {value!r}")
+        if not isinstance(self.base_options, dict):
+            raise TypeError(f"base_options must be a dict; got {type(self.base_options).__name__}")
+        _check(
+            0.0 <= self.label_smoothing < 1.0, "label_smoothing", "in [0, 1)", self.label_smoothing
+        )
+        _check(self.focal_gamma >= 0, "focal_gamma", ">= 0", self.focal_gamma)
+        _check(0.0 <= self.cb_beta < 1.0, "cb_beta", "in [0, 1)", self.cb_beta)
+        _check(
+            self.cb_loss_type in CB_LOSS_TYPES,
+            "cb_loss_type",
+            f"one of {CB_LOSS_TYPES}",
+            self.cb_loss_type,
+        )
+        _check(self.ldam_max_m >= 0, "ldam_max_m", ">= 0", self.ldam_max_m)
+        _check(self.ldam_s > 0, "ldam_s", "> 0", self.ldam_s)
+        _check(
+            self.drw_epoch is None or self.drw_epoch >= 0,
+            "drw_epoch",
+            ">= 0 or None",
+            self.drw_epoch,
+        )
+        _check(0.0 <= self.drw_beta < 1.0, "drw_beta", "in [0, 1)", self.drw_beta)
+        _check(
+            self.weight_reduction in WEIGHT_REDUCTIONS,
+            "weight_reduction",
+            f"one of {WEIGHT_REDUCTIONS}",
+            self.weight_reduction,
+        )
+        _check(0.0 < self.ccar_omega <= 1.0, "ccar_omega", "in (0, 1]", self.ccar_omega)
+        _check(
+            self.ccar_variant in CCAR_VARIANTS,
+            "ccar_variant",
+            f"one of {CCAR_VARIANTS}",
+            self.ccar_variant,
+        )
+        _check(
+            self.ccar_p_t_from in P_T_SOURCES,
+            "ccar_p_t_from",
+            f"one of {P_T_SOURCES}",
+            self.ccar_p_t_from,
+        )
+        _check(self.car_weight >= 0, "car_weight", ">= 0 (0 disables CAR)", self.car_weight)
+        _check(0.0 <= self.car_beta < 1.0, "car_beta", "in [0, 1)", self.car_beta)
+        _check(self.car_r0 >= 0, "car_r0", ">= 0", self.car_r0)
+        _check(self.car_tau > 0, "car_tau", "> 0", self.car_tau)
+        _check(
+            isinstance(self.car_power_iterations, int) and self.car_power_iterations >= 1,
+            "car_power_iterations",
+            "an int >= 1",
+            self.car_power_iterations,
+        )
+        if self.base_options:
+            accepted = _accepted_kwargs(get_base_loss_class(self.base))
+            unknown = sorted(set(self.base_options) - accepted)
+            if unknown:
+                raise ValueError(
+                    f"base_options {unknown} are not parameters of base loss {self.base!r}; "
+                    f"accepted: {', '.join(sorted(accepted))}"
+                )
+
+    @property
+    def car_enabled(self) -> bool:
+        """Whether CAR is part of the loss (``car_weight > 0``)."""
+        return self.car_weight > 0
+
+    def base_loss_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``create_base_loss(self.base, counts, **kwargs)``."""
+        mapping = {**_BASE_FIELDS.get(self.base, {}), **_COMMON_FIELDS}
+        kwargs = {key: getattr(self, attr) for key, attr in mapping.items()}
+        kwargs.update(self.base_options)
+        return kwargs
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python dict of every field (JSON/YAML serializable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LongTailLossConfig:
+        """Inverse of :meth:`to_dict`; missing keys take defaults, unknown keys raise naming them."""
+        if not isinstance(data, dict):
+            raise TypeError(
+                f"LongTailLossConfig.from_dict expects a dict; got {type(data).__name__}"
+            )
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ValueError(
+                f"unknown LongTailLossConfig key(s): {', '.join(unknown)}; "
+                f"valid keys: {', '.join(sorted(valid))}"
+            )
+        return cls(**data)
+
+    @staticmethod
+    def valid_bases() -> list[str]:
+        """Registered base-loss names."""
+        return list_base_losses()
+
+
+def _check(ok: bool, name: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"LongTailLossConfig.{name} must be {expected}; got {value!r}")
