@@ -1,0 +1,661 @@
+"""Long-tail model cards: ``model-index`` metadata plus a Jinja template rendered from a run dir.
+
+The card is built only from the files of a run output directory (see
+:mod:`hf_longtail.hub.rundir`), with :class:`huggingface_hub.ModelCard.from_template`. Values are
+formatted here, so the template in ``hf_longtail/templates/`` only lays sections out.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import validate_repo_id
+
+from hf_longtail.hub.rundir import (
+    CARD_FILE,
+    CONFUSION_PLOT,
+    PER_CLASS_PLOT,
+    PROCESSOR_FILES,
+    RunDir,
+    read_run_dir,
+)
+
+MODEL_CARD_TEMPLATE = "longtail_model_card.md.jinja"
+DATASET_CARD_TEMPLATE = "longtail_dataset_card.md.jinja"
+BASE_TAGS = ("long-tailed", "image-classification", "hf-longtail")
+TASK_TYPE = "image-classification"
+TASK_NAME = "Image Classification"
+# Per-class table rows beyond this go to all_results.json only (an iNaturalist card stays readable).
+MAX_PER_CLASS_ROWS = 200
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+$")
+
+BASE_LOSS_NAMES = {
+    "ce": "cross-entropy",
+    "focal": "focal loss",
+    "cb": "class-balanced loss (effective number)",
+    "ldam": "LDAM",
+    "la": "logit-adjusted loss",
+    "bs": "balanced softmax",
+}
+
+PROFILE_FORMULAS = {
+    "exp": "n_i = ⌊n_max · (1/IF)^(i / (C − 1))⌋ for class index i in label order",
+    "step": "half of the classes keep n_max images, the other half ⌊n_max / IF⌋",
+    "pareto": (
+        "n_i = ⌊n_max · (1 + b · i / (C − 1))^(−α)⌋ with b = IF^(1/α) − 1 (Pareto / Lomax shape α, "
+        "default 6)"
+    ),
+}
+
+
+def template_path(name: str = MODEL_CARD_TEMPLATE) -> Path:
+    """Path of a card template shipped in the package (``hf_longtail/templates/<name>``).
+
+    The package copy is the single source of truth (it is what pip-installed users get);
+    ``model_cards/`` in the repository holds an identical copy for browsing, which a test keeps
+    in sync.
+    """
+    path = Path(str(resources.files("hf_longtail").joinpath("templates", name)))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"card template {name!r} not found at {path}; reinstall hf-longtail (the templates "
+            "are package data under hf_longtail/templates/)."
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One long-tail metric: its ``all_results.json`` name, ``model-index`` type and display.
+
+    ``percent`` metrics (accuracies, F1) are shown in %, the others (ECE) as they are.
+    ``group`` names the many/medium/few class group the metric averages over, if any.
+    """
+
+    key: str
+    metric_type: str
+    label: str
+    note: str
+    percent: bool = True
+    group: str | None = None
+    metric_args: Mapping[str, Any] | None = None
+
+
+METRIC_SPECS: tuple[MetricSpec, ...] = (
+    MetricSpec("accuracy", "accuracy", "Top-1 accuracy", "fraction of all test images correct"),
+    MetricSpec(
+        "many_shot_accuracy",
+        "many_shot_accuracy",
+        "Many-shot accuracy",
+        "mean accuracy of the classes with > {many} training images",
+        group="many",
+    ),
+    MetricSpec(
+        "medium_shot_accuracy",
+        "medium_shot_accuracy",
+        "Medium-shot accuracy",
+        "mean accuracy of the classes with {few}–{many} training images",
+        group="medium",
+    ),
+    MetricSpec(
+        "few_shot_accuracy",
+        "few_shot_accuracy",
+        "Few-shot accuracy",
+        "mean accuracy of the classes with < {few} training images",
+        group="few",
+    ),
+    MetricSpec(
+        "worst_class_accuracy",
+        "worst_class_accuracy",
+        "Worst-class accuracy",
+        "lowest per-class accuracy (minimum recall)",
+    ),
+    MetricSpec(
+        "balanced_accuracy",
+        "balanced_accuracy",
+        "Balanced accuracy",
+        "mean per-class accuracy (mean recall)",
+    ),
+    MetricSpec(
+        "macro_f1",
+        "f1",
+        "Macro F1",
+        "unweighted mean of the per-class F1 scores",
+        metric_args={"average": "macro"},
+    ),
+    MetricSpec(
+        "ece",
+        "ece",
+        "Expected calibration error",
+        "15-bin ECE of the top-1 confidence (lower is better)",
+        percent=False,
+        metric_args={"n_bins": 15},
+    ),
+)
+
+# Reported by the Trainer's evaluation loop, not model properties: kept out of the card.
+_SKIPPED_EXTRA_METRICS = {"runtime", "samples_per_second", "steps_per_second", "per_class_accuracy"}
+
+
+def looks_like_hub_id(name: Any) -> bool:
+    """True for a ``namespace/name`` Hub repository id that is not an existing local path.
+
+    Local paths and bare names (``digits``, ``resnet32_cifar``) are not linked as Hub repos:
+    the Hub would reject a ``base_model`` / ``datasets`` entry that does not exist there.
+    """
+    if not isinstance(name, str) or not _HUB_ID.match(name):
+        return False
+    return not Path(name).expanduser().exists()
+
+
+def _public_name(name: Any, default: str = "unknown") -> str:
+    """A name safe to publish: Hub ids as they are, local paths reduced to their last part."""
+    if not isinstance(name, str) or not name.strip():
+        return default
+    if looks_like_hub_id(name):
+        return name
+    return Path(name.rstrip("/\\")).name or name
+
+
+def _md(value: Any) -> str:
+    """Text safe inside a Markdown table cell (pipes escaped, newlines flattened)."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def tidy_markdown(text: str) -> str:
+    """Collapse the blank lines Jinja's block tags leave behind; end with one newline.
+
+    Runs of 3+ newlines become one blank line (Markdown renders them the same), so the template
+    can stay readable without whitespace-control markers on every tag.
+    """
+    return re.sub(r"\n{3,}", "\n\n", text).rstrip("\n") + "\n"
+
+
+def _fmt_number(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "—" if value is None else str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt_number(v) for v in value) if value else "—"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_fmt_number(v)}" for k, v in value.items()) if value else "—"
+    return str(value)
+
+
+def _group_of(count: int, thresholds: Mapping[str, int]) -> str:
+    if count > thresholds["many"]:
+        return "many"
+    if count < thresholds["few"]:
+        return "few"
+    return "medium"
+
+
+def class_count_summary(
+    class_counts: Sequence[int], thresholds: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """Summary of per-class training counts n_1..n_K for the cards.
+
+    Returns ``num_classes`` K, ``total`` Σ n_i, ``max``/``min``/``median`` of n_i, ``ratio`` =
+    max/min formatted (``∞`` when a class has no image), ``ratio_value`` (float, ``inf``), and the
+    number of ``many`` (n_i > thresholds["many"]), ``few`` (n_i < thresholds["few"]) and
+    ``medium`` (the rest) classes, with the thresholds themselves (default 100 / 20).
+    """
+    if not class_counts:
+        raise ValueError("class_counts is empty: a long-tailed dataset needs at least one class.")
+    th = {"many": 100, "few": 20, **(thresholds or {})}
+    counts = [int(c) for c in class_counts]
+    cmax, cmin = max(counts), min(counts)
+    ratio_value = cmax / cmin if cmin > 0 else float("inf")
+    median = statistics.median(counts)
+    groups = [_group_of(c, th) for c in counts]
+    return {
+        "num_classes": len(counts),
+        "total": sum(counts),
+        "max": cmax,
+        "min": cmin,
+        "median": int(median) if float(median).is_integer() else median,
+        "ratio_value": ratio_value,
+        "ratio": f"{ratio_value:.1f}" if cmin > 0 else "∞ (a class has no training image)",
+        "ratio_sentence": (
+            f"the most frequent class is {ratio_value:.1f} times as frequent as the rarest"
+            if cmin > 0
+            else "at least one class has no training image at all"
+        ),
+        "many": groups.count("many"),
+        "medium": groups.count("medium"),
+        "few": groups.count("few"),
+        "many_threshold": th["many"],
+        "few_threshold": th["few"],
+    }
+
+
+def _percent_scale(run: RunDir) -> float:
+    """100 when the run stores accuracies as fractions in [0, 1] (the metrics package), else 1."""
+    values = [run.metrics.get(s.key) for s in METRIC_SPECS if s.percent]
+    values += [v for v in (run.per_class_accuracy or [])]
+    return 1.0 if any(v is not None and v > 1.0 + 1e-9 for v in values) else 100.0
+
+
+def _fmt_metric(value: float | None, spec_percent: bool, scale: float) -> str:
+    if value is None:
+        return "n/a"
+    if spec_percent:
+        return f"{value * scale:.2f}%"
+    return f"{value:.4f}"
+
+
+def _worst_class(run: RunDir, scale: float) -> dict[str, Any] | None:
+    acc = run.per_class_accuracy
+    if acc and any(v is not None for v in acc):
+        index = min((v, i) for i, v in enumerate(acc) if v is not None)[1]
+        value = acc[index]
+    else:
+        recorded = run.results.get(f"{run.metric_prefix}worst_class")
+        if recorded is None:
+            recorded = run.results.get(f"{run.metric_prefix}worst_class_index")
+        if isinstance(recorded, str) and recorded in run.class_names:
+            index = run.class_names.index(recorded)
+        elif isinstance(recorded, int) and not isinstance(recorded, bool):
+            index = recorded
+        else:
+            return None
+        if not 0 <= index < run.num_classes:
+            return None
+        value = run.metrics.get("worst_class_accuracy")
+    return {
+        "index": index,
+        "name": _md(run.class_names[index]),
+        "train_count": run.class_counts[index],
+        "accuracy": _fmt_metric(value, True, scale),
+    }
+
+
+def _results_rows(run: RunDir, counts: Mapping[str, Any], scale: float) -> list[dict[str, str]]:
+    th = run.thresholds
+    worst = _worst_class(run, scale)
+    rows = []
+    for spec in METRIC_SPECS:
+        if spec.key not in run.metrics:
+            continue
+        value = run.metrics[spec.key]
+        note = spec.note.format(many=th["many"], few=th["few"])
+        if spec.group is not None:
+            classes = str(counts[spec.group])
+            if value is None:
+                note += (
+                    " (no class in this group)" if counts[spec.group] == 0 else " (not reported)"
+                )
+        elif spec.key == "worst_class_accuracy":
+            classes = f"1 (`{worst['name']}`)" if worst else "1"
+        else:
+            classes = f"all {counts['num_classes']}"
+        rows.append(
+            {
+                "key": spec.key,
+                "label": spec.label,
+                "value": _fmt_metric(value, spec.percent, scale),
+                "classes": classes,
+                "note": note,
+            }
+        )
+    return rows
+
+
+def _extra_metrics(run: RunDir) -> list[dict[str, str]]:
+    known = {s.key for s in METRIC_SPECS} | _SKIPPED_EXTRA_METRICS
+    return [
+        {"name": f"{run.metric_prefix}{k}", "value": f"{v:.4g}"}
+        for k, v in run.metrics.items()
+        if k not in known and not k.startswith("worst_class") and v is not None
+    ]
+
+
+def _per_class_rows(run: RunDir, scale: float) -> tuple[list[dict[str, Any]], int]:
+    order = sorted(range(run.num_classes), key=lambda i: (-run.class_counts[i], i))
+    acc = run.per_class_accuracy
+    rows = [
+        {
+            "index": i,
+            "name": _md(run.class_names[i]),
+            "train_count": run.class_counts[i],
+            "group": _group_of(run.class_counts[i], run.thresholds),
+            "accuracy": _fmt_metric(acc[i], True, scale) if acc is not None else "n/a",
+        }
+        for i in order
+    ]
+    return rows[:MAX_PER_CLASS_ROWS], max(0, len(rows) - MAX_PER_CLASS_ROWS)
+
+
+def _loss_context(loss: Mapping[str, Any]) -> dict[str, Any]:
+    base = str(loss.get("base", "ce"))
+    base_name = BASE_LOSS_NAMES.get(base, base)
+    # Only the parameters of the base loss in use: to_dict() lists every field, and showing
+    # e.g. a focal gamma on a cross-entropy run would misdescribe it (the full table has all).
+    base_params = {
+        k: v
+        for k, v in loss.items()
+        if k.startswith(f"{base}_") and v is not None and not isinstance(v, dict)
+    }
+    if loss.get("label_smoothing"):
+        base_params["label_smoothing"] = loss["label_smoothing"]
+    ccar = bool(loss.get("ccar", False))
+    omega = loss.get("ccar_omega", 0.75)
+    variant = str(loss.get("ccar_variant", "paper"))
+    detach = bool(loss.get("ccar_detach_weight", False))
+    car_weight = loss.get("car_weight", 0.0) or 0.0
+    car = isinstance(car_weight, (int, float)) and car_weight > 0
+    drw = loss.get("drw_epoch")
+    parts = [base_name]
+    if ccar:
+        parts.append(f"CCAR (ω = {_fmt_number(omega)})")
+    if car:
+        parts.append(f"CAR (α = {_fmt_number(car_weight)})")
+    return {
+        "base": base,
+        "base_name": base_name,
+        "base_params": ", ".join(f"{k} = {_fmt_number(v)}" for k, v in base_params.items()),
+        "ccar": ccar,
+        "ccar_text": (
+            f"on: ω = {_fmt_number(omega)}, variant `{variant}`, weight "
+            + ("detached (pure re-weighting)" if detach else "differentiated through")
+            if ccar
+            else "off"
+        ),
+        "ccar_formula": (
+            "(e − f'_c)^(ω − p_t)" if variant == "e_minus_f" else "exp(−f'_c · (ω − p_t))"
+        ),
+        "car": car,
+        "car_text": (
+            f"on: α = {_fmt_number(car_weight)}, EMA β = {_fmt_number(loss.get('car_beta', 0.5))}, "
+            f"r₀ = {_fmt_number(loss.get('car_r0', 0.2))}, τ = {_fmt_number(loss.get('car_tau', 1.0))}"
+            if car
+            else "off"
+        ),
+        "drw_text": f"from epoch {_fmt_number(drw)}" if drw not in (None, 0, False) else "",
+        "summary": " + ".join(parts),
+        "full": [(_md(k), _md(_fmt_number(v))) for k, v in loss.items()],
+    }
+
+
+def _dataset_context(
+    run: RunDir, dataset_repo_id: str | None, counts: Mapping[str, Any]
+) -> dict[str, Any]:
+    ds = run.dataset
+    raw_name = ds.get("name")
+    short = _public_name(raw_name)
+    if looks_like_hub_id(raw_name):
+        display = f"[{raw_name}](https://huggingface.co/datasets/{raw_name})"
+        source_text = display
+    elif raw_name == "digits":
+        display = "the scikit-learn *digits* dataset"
+        source_text = f"{display} (1,797 real 8×8 digit images, embedded in hf-longtail)"
+    else:
+        display = f"the local dataset `{short}`"
+        source_text = display
+    profile = str(ds.get("profile", "exp"))
+    return {
+        "name": short,
+        "short_name": short.split("/")[-1],
+        "display": display,
+        "source_text": source_text,
+        "profile": profile,
+        "profile_formula": PROFILE_FORMULAS.get(profile, "see hf_longtail.data"),
+        "synthetic": profile in PROFILE_FORMULAS,
+        "imbalance_factor": _fmt_number(ds.get("imbalance_factor", "not recorded")),
+        "seed": _fmt_number(ds.get("seed", "not recorded")),
+        "eval_split": str(ds.get("eval_split", "test")),
+        "image_column": str(ds.get("image_column", "image")),
+        "label_column": str(ds.get("label_column", "label")),
+        "train_size": ds.get("train_size", counts["total"]),
+        "repo_link": (
+            f"[{dataset_repo_id}](https://huggingface.co/datasets/{dataset_repo_id})"
+            if dataset_repo_id
+            else ""
+        ),
+    }
+
+
+def _model_type_is_builtin(model_type: str | None) -> bool:
+    if not model_type:
+        return True
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        return True
+    return model_type in CONFIG_MAPPING_NAMES
+
+
+def _usage_snippet(run: RunDir, model_ref: str, needs_hf_longtail: bool) -> str:
+    num_labels = len(run.config.get("id2label") or {}) or run.num_classes
+    header = []
+    if needs_hf_longtail:
+        header = [
+            "import hf_longtail.models  # noqa: F401 -- registers the architecture with transformers"
+        ]
+    if any(run.has_file(name) for name in PROCESSOR_FILES):
+        return "\n".join(
+            [
+                *header,
+                "from transformers import pipeline",
+                "",
+                f'classifier = pipeline("image-classification", model="{model_ref}")',
+                f'print(classifier("path/to/image.png", top_k={min(5, num_labels)}))',
+            ]
+        )
+    size = run.config.get("image_size", 224)
+    channels = run.config.get("num_channels", 3)
+    return "\n".join(
+        [
+            *header,
+            "import torch",
+            "from transformers import AutoModelForImageClassification",
+            "",
+            f'model = AutoModelForImageClassification.from_pretrained("{model_ref}").eval()',
+            "# No image processor was saved with this model: build `pixel_values` with the same",
+            "# resizing and normalisation as in training (see 'Training procedure').",
+            f"pixel_values = torch.rand(1, {channels}, {size}, {size})",
+            "with torch.no_grad():",
+            "    probabilities = model(pixel_values=pixel_values).logits.softmax(-1)[0]",
+            "top = int(probabilities.argmax())",
+            "print(model.config.id2label[top], float(probabilities[top]))",
+        ]
+    )
+
+
+def _base_model_display(base_model: str | None, model_source: Any) -> str:
+    if base_model:
+        return f"[{base_model}](https://huggingface.co/{base_model})"
+    if isinstance(model_source, str) and ("/" in model_source or "\\" in model_source):
+        return f"a local checkpoint `{_public_name(model_source)}`"
+    # A bare name (``resnet32_cifar``, a timm architecture) may be a from-scratch model: claim
+    # no fine-tuning; the model source is still shown under 'Training procedure'.
+    return ""
+
+
+def eval_results_for_run(run: RunDir, dataset_type: str, dataset_name: str) -> list[EvalResult]:
+    """``EvalResult`` s for every long-tail metric of the run that has a finite value.
+
+    One per :data:`METRIC_SPECS` entry present in ``all_results.json`` (task
+    ``image-classification``, the evaluation split, the long-tail construction in
+    ``dataset_args``); the value is the one stored in the JSON, unchanged (fractions).
+    Null / NaN metrics (an empty class group) are left out: the Hub rejects them.
+    """
+    ds = run.dataset
+    dataset_args = {
+        k: ds[k] for k in ("imbalance_factor", "profile", "seed") if ds.get(k) is not None
+    }
+    out = []
+    for spec in METRIC_SPECS:
+        value = run.metrics.get(spec.key)
+        if value is None:
+            continue
+        metric_args = dict(spec.metric_args or {})
+        if spec.group is not None:
+            metric_args.update(
+                {"many_threshold": run.thresholds["many"], "few_threshold": run.thresholds["few"]}
+            )
+        out.append(
+            EvalResult(
+                task_type=TASK_TYPE,
+                task_name=TASK_NAME,
+                dataset_type=dataset_type,
+                dataset_name=dataset_name,
+                dataset_split=str(ds.get("eval_split", "test")),
+                dataset_args=dataset_args or None,
+                metric_type=spec.metric_type,
+                metric_name=spec.label,
+                metric_value=value,
+                metric_args=metric_args or None,
+            )
+        )
+    return out
+
+
+def build_model_card(
+    output_dir: str | Path,
+    repo_id: str | None = None,
+    *,
+    license: str = "apache-2.0",
+    base_model: str | None = None,
+    dataset_repo_id: str | None = None,
+    template: str | Path | None = None,
+) -> ModelCard:
+    """Build the long-tail model card of a run output directory (nothing is written).
+
+    Metadata: ``model-index`` with one ``EvalResult`` per long-tail metric
+    (:func:`eval_results_for_run`), tags ``long-tailed``/``image-classification``/``hf-longtail``
+    plus ``ccar``/``car`` for the parts of the recipe that were on, ``license``, ``base_model``
+    (``longtail_run.json`` ``model_name_or_path`` when it is a Hub id, or the ``base_model``
+    argument), ``library_name: transformers``, ``pipeline_tag`` and ``datasets`` (Hub ids only:
+    ``dataset_repo_id`` if the long-tailed subset was pushed, else the source dataset).
+    Body: the template (``template`` or the packaged ``longtail_model_card.md.jinja``).
+    ``repo_id`` names the model in the usage snippet (default: the local directory).
+    Raises :class:`~hf_longtail.hub.rundir.OutputDirError` for an incomplete run directory.
+    """
+    run = read_run_dir(output_dir)
+    if repo_id is not None:
+        validate_repo_id(repo_id)
+    counts = class_count_summary(run.class_counts, run.thresholds)
+    scale = _percent_scale(run)
+    loss_cfg = run.run.get("loss")
+    loss = _loss_context(loss_cfg if isinstance(loss_cfg, dict) else {})
+    dataset = _dataset_context(run, dataset_repo_id, counts)
+
+    model_source = run.run.get("model_name_or_path")
+    if base_model is None and looks_like_hub_id(model_source):
+        base_model = model_source
+    model_name = repo_id.split("/")[-1] if repo_id else run.path.name
+    raw_dataset = run.dataset.get("name")
+    dataset_ids = [d for d in (dataset_repo_id, raw_dataset) if looks_like_hub_id(d)]
+    tags = list(BASE_TAGS)
+    if loss["ccar"]:
+        tags.append("ccar")
+    if loss["car"]:
+        tags.append("car")
+    metrics_present = {s.key for s in METRIC_SPECS if run.metrics.get(s.key) is not None}
+    hub_metrics = ["accuracy"] + (["f1"] if "macro_f1" in metrics_present else [])
+
+    dataset_type = dataset_repo_id or _public_name(raw_dataset)
+    dataset_name = (
+        f"{dataset['short_name']}-LT (imbalance factor {dataset['imbalance_factor']}, "
+        f"{dataset['profile']} profile)"
+    )
+    card_data = ModelCardData(
+        base_model=base_model,
+        datasets=dataset_ids or None,
+        eval_results=eval_results_for_run(run, dataset_type, dataset_name) or None,
+        library_name="transformers",
+        license=license,
+        metrics=hub_metrics,
+        model_name=model_name,
+        pipeline_tag=TASK_TYPE,
+        tags=tags,
+    )
+
+    model_type = run.config.get("model_type")
+    needs_hf_longtail = not _model_type_is_builtin(model_type)
+    model_ref = repo_id or f"path/to/{run.path.name}"
+    architectures = run.config.get("architectures") or [model_type or "unknown"]
+    per_class_rows, truncated = _per_class_rows(run, scale)
+    results_footnote = (
+        "Accuracies and F1 in %, ECE as a fraction (0 = perfectly calibrated). The `model-index` "
+        "metadata of this card holds the same values as fractions, exactly as in "
+        "`all_results.json`."
+        if scale == 100.0
+        else "Values as reported in `all_results.json`."
+    )
+    template_file = Path(template) if template is not None else template_path(MODEL_CARD_TEMPLATE)
+    card = ModelCard.from_template(
+        card_data,
+        template_str=template_file.read_text(encoding="utf-8"),
+        model_title=model_name,
+        repo_id=repo_id,
+        base_model_display=_base_model_display(base_model, model_source),
+        model_source=_public_name(model_source, default="not recorded"),
+        hf_longtail_version=str(run.run.get("hf_longtail_version", "")),
+        dataset=dataset,
+        counts=counts,
+        loss=loss,
+        training=[
+            (_md(k), _md(_fmt_number(v))) for k, v in (run.run.get("training") or {}).items()
+        ],
+        results=_results_rows(run, counts, scale),
+        results_scope=f"{counts['num_classes']} classes, not subsampled",
+        results_footnote=results_footnote,
+        worst_class=_worst_class(run, scale),
+        extra_metrics=_extra_metrics(run),
+        has_per_class_plot=run.has_file(PER_CLASS_PLOT),
+        per_class_plot=PER_CLASS_PLOT,
+        has_confusion_plot=run.has_file(CONFUSION_PLOT),
+        confusion_plot=CONFUSION_PLOT,
+        per_class_rows=per_class_rows,
+        per_class_truncated=truncated,
+        needs_hf_longtail=needs_hf_longtail,
+        model_type=model_type,
+        usage_snippet=_usage_snippet(run, model_ref, needs_hf_longtail),
+        architecture=architectures[0],
+        num_labels=len(run.config.get("id2label") or {}) or run.num_classes,
+    )
+    card.content = tidy_markdown(card.content)
+    return card
+
+
+def write_model_card(
+    output_dir: str | Path,
+    repo_id: str | None = None,
+    *,
+    license: str = "apache-2.0",
+    base_model: str | None = None,
+    dataset_repo_id: str | None = None,
+    template: str | Path | None = None,
+) -> Path:
+    """Build the card (:func:`build_model_card`) and save it as ``README.md`` in ``output_dir``.
+
+    Returns the path written. The plots it embeds are referenced by relative name, so the card
+    renders on the Hub once they are uploaded beside it (which the push does).
+    """
+    card = build_model_card(
+        output_dir,
+        repo_id,
+        license=license,
+        base_model=base_model,
+        dataset_repo_id=dataset_repo_id,
+        template=template,
+    )
+    path = Path(output_dir).expanduser().resolve() / CARD_FILE
+    card.save(path)
+    return path
+
+
+def card_metrics(card: ModelCard) -> dict[str, float]:
+    """``{metric_type: value}`` from a card's ``model-index`` (e.g. after ``ModelCard.load``)."""
+    return {r.metric_type: r.metric_value for r in (card.data.eval_results or [])}

@@ -1,0 +1,344 @@
+"""Publish a long-tailed ``DatasetDict`` with a dataset card describing its construction.
+
+Others can then train on the exact same subset: the parquet shards come from
+``DatasetDict.push_to_hub`` and the card carries the construction (source, profile, imbalance
+factor, seed) and the per-class counts, both as a table and machine-readable in the card's YAML
+(``long_tail:``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from huggingface_hub import DatasetCard, DatasetCardData
+
+from hf_longtail.hub.card import (
+    DATASET_CARD_TEMPLATE,
+    PROFILE_FORMULAS,
+    _md,
+    _public_name,
+    class_count_summary,
+    looks_like_hub_id,
+    template_path,
+    tidy_markdown,
+)
+from hf_longtail.hub.push import PushToHubError, _describe_failure, _token_known
+
+if TYPE_CHECKING:  # pragma: no cover
+    from datasets import Dataset, DatasetDict
+    from huggingface_hub import CommitInfo, HfApi
+
+DATASET_TAGS = ("long-tailed", "imbalanced", "image-classification", "hf-longtail")
+DEFAULT_DATASET_COMMIT_MESSAGE = "Upload long-tailed dataset (hf-longtail)"
+
+
+def _label_column(dataset: Dataset, label_column: str | None, split: str) -> str:
+    from datasets import ClassLabel
+
+    class_labels = [k for k, f in dataset.features.items() if isinstance(f, ClassLabel)]
+    if label_column is not None:
+        if label_column not in dataset.features:
+            raise ValueError(
+                f"label_column {label_column!r} is not a column of split {split!r} "
+                f"(columns: {', '.join(dataset.column_names)})."
+            )
+        if not isinstance(dataset.features[label_column], ClassLabel):
+            raise ValueError(
+                f"column {label_column!r} of split {split!r} is {dataset.features[label_column]}, "
+                "not a ClassLabel: encode it first with "
+                f"`dataset_dict.class_encode_column({label_column!r})`."
+            )
+        return label_column
+    if len(class_labels) == 1:
+        return class_labels[0]
+    if not class_labels:
+        raise ValueError(
+            f"split {split!r} has no ClassLabel column (columns: {', '.join(dataset.column_names)}"
+            "); pass label_column= and encode it with `dataset_dict.class_encode_column(name)`."
+        )
+    raise ValueError(
+        f"split {split!r} has several ClassLabel columns ({', '.join(class_labels)}); pass "
+        "label_column= to say which one the long tail was built on."
+    )
+
+
+def _data_helper(name: str) -> Any:
+    """A function of ``hf_longtail.data`` (public name first), or ``None`` if unavailable."""
+    import importlib
+
+    for module in ("hf_longtail.data", "hf_longtail.data.longtail"):
+        try:
+            helper = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            helper = None
+        if helper is not None:
+            return helper
+    return None
+
+
+def _count(dataset: Dataset, label_column: str, num_classes: int) -> list[int]:
+    """Per-class counts: the ones ``hf_longtail.data`` records, else a bincount of the labels."""
+    recorded_counts = _data_helper("class_counts")
+    if recorded_counts is not None:
+        counts = [int(c) for c in recorded_counts(dataset, label_column=label_column)]
+        if len(counts) == num_classes:
+            return counts
+    # dataset[col] honours a select() indices mapping (the long-tailed subset), .data would not.
+    labels = np.asarray(dataset[label_column], dtype=np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"labels of column {label_column!r} must lie in [0, {num_classes}); found "
+            f"{labels.min()}..{labels.max()} (-1 marks a missing label: drop those rows first)."
+        )
+    return np.bincount(labels, minlength=num_classes).astype(int).tolist()
+
+
+def _recorded_construction(dataset: Dataset) -> dict[str, Any]:
+    """The provenance record ``hf_longtail.data`` stores in ``info.description`` (or ``{}``)."""
+    reader = _data_helper("longtail_record")
+    record = reader(dataset) if reader is not None else None
+    return dict(record) if isinstance(record, dict) else {}
+
+
+def _size_category(n: int) -> str:
+    for bound, name in (
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+        (10_000_000, "1M<n<10M"),
+    ):
+        if n < bound:
+            return name
+    return "10M<n<100M"
+
+
+def build_dataset_card(
+    dataset_dict: DatasetDict,
+    repo_id: str | None = None,
+    *,
+    source: str | None = None,
+    imbalance_factor: float | None = None,
+    profile: str | None = None,
+    seed: int | None = None,
+    label_column: str | None = None,
+    train_split: str = "train",
+    license: str | None = None,
+    thresholds: dict[str, int] | None = None,
+    template: str | Path | None = None,
+) -> DatasetCard:
+    """Dataset card of a long-tailed ``DatasetDict`` (nothing is uploaded or written).
+
+    The per-class counts of every split are counted from the ``ClassLabel`` column
+    (``hf_longtail.data.class_counts`` when that package is installed, else a bincount);
+    ``source``/``imbalance_factor``/``profile``/``seed`` describe the construction; each
+    defaults to the provenance record ``hf_longtail.data`` keeps in the train split's
+    ``info.description`` (``longtail_record``), else shows as "not recorded". Metadata: ``task_categories: image-classification``, tags,
+    ``size_categories``, ``source_datasets`` (if ``source`` is a Hub id), ``license`` (leave
+    ``None`` to defer to the source dataset's), and ``long_tail`` with the construction,
+    class names and training class counts. Raises ``ValueError`` for a missing train split or
+    label column.
+    """
+    from datasets import DatasetDict
+
+    if not isinstance(dataset_dict, DatasetDict):
+        raise TypeError(
+            f"dataset_dict must be a datasets.DatasetDict (got {type(dataset_dict).__name__}); "
+            "wrap a single split with DatasetDict({'train': dataset})."
+        )
+    if train_split not in dataset_dict:
+        raise ValueError(
+            f"dataset_dict has no {train_split!r} split (splits: {', '.join(dataset_dict)}); "
+            "pass train_split= naming the long-tailed training split."
+        )
+    train = dataset_dict[train_split]
+    record = _recorded_construction(train)
+    source = source if source is not None else record.get("source")
+    profile = profile if profile is not None else record.get("profile")
+    imbalance_factor = (
+        imbalance_factor if imbalance_factor is not None else record.get("imbalance_factor")
+    )
+    seed = seed if seed is not None else record.get("seed")
+    if label_column is None and record.get("label_column") in train.features:
+        label_column = record["label_column"]
+    column = _label_column(train, label_column, train_split)
+    names = list(train.features[column].names)
+    k = len(names)
+    train_counts = _count(train, column, k)
+    counts = class_count_summary(train_counts, thresholds)
+    other_splits = {}
+    for split, ds in dataset_dict.items():
+        if split == train_split or column not in ds.features:
+            continue
+        other_splits[split] = _count(ds, column, k)
+
+    pretty = _public_name(source, default=repo_id.split("/")[-1] if repo_id else "dataset")
+    pretty_name = f"{pretty.split('/')[-1]}-LT" + (
+        f" (imbalance factor {imbalance_factor:g})" if imbalance_factor is not None else ""
+    )
+    total_rows = sum(ds.num_rows for ds in dataset_dict.values())
+    construction = {
+        **{k: v for k, v in record.items() if k not in ("class_counts", "class_names")},
+        "source": _public_name(source, default="not recorded"),
+        "profile": profile,
+        "imbalance_factor": imbalance_factor,
+        "seed": seed,
+        "train_split": train_split,
+        "label_column": column,
+        "class_names": names,
+        "class_counts": train_counts,
+    }
+    card_data = DatasetCardData(
+        license=license,
+        task_categories=["image-classification"],
+        tags=list(DATASET_TAGS),
+        pretty_name=pretty_name,
+        size_categories=[_size_category(total_rows)],
+        source_datasets=[source] if looks_like_hub_id(source) else None,
+        long_tail=construction,
+    )
+    rows = [
+        {
+            "index": i,
+            "name": _md(names[i]),
+            "train": train_counts[i],
+            "others": [other_splits[s][i] for s in other_splits],
+        }
+        for i in range(k)
+    ]
+    image_columns = [name for name, f in train.features.items() if type(f).__name__ == "Image"]
+    template_file = Path(template) if template else template_path(DATASET_CARD_TEMPLATE)
+    card = DatasetCard.from_template(
+        card_data,
+        template_str=template_file.read_text(encoding="utf-8"),
+        title=pretty_name,
+        repo_ref=repo_id or "path/to/dataset",
+        source_display=(
+            f"[{source}](https://huggingface.co/datasets/{source})"
+            if looks_like_hub_id(source)
+            else f"`{construction['source']}`"
+        ),
+        profile=profile or "not recorded",
+        profile_formula=PROFILE_FORMULAS.get(profile or "", ""),
+        synthetic=profile in PROFILE_FORMULAS,
+        imbalance_factor=f"{imbalance_factor:g}"
+        if imbalance_factor is not None
+        else "not recorded",
+        seed=seed if seed is not None else "not recorded",
+        train_split=train_split,
+        label_column=column,
+        image_column=image_columns[0] if image_columns else "",
+        counts=counts,
+        splits=[(s, dataset_dict[s].num_rows) for s in dataset_dict],
+        other_split_names=list(other_splits),
+        rows=rows,
+    )
+    card.content = tidy_markdown(card.content)
+    return card
+
+
+def push_long_tailed_dataset(
+    dataset_dict: DatasetDict,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    source: str | None = None,
+    imbalance_factor: float | None = None,
+    profile: str | None = None,
+    seed: int | None = None,
+    label_column: str | None = None,
+    train_split: str = "train",
+    license: str | None = None,
+    commit_message: str = DEFAULT_DATASET_COMMIT_MESSAGE,
+    revision: str | None = None,
+    api: HfApi | None = None,
+    push_kwargs: dict[str, Any] | None = None,
+) -> CommitInfo:
+    """Push a long-tailed ``DatasetDict`` and its card to the dataset repo ``repo_id``.
+
+    The card (:func:`build_dataset_card`) is built first (bad input fails before any network
+    call), then: ``create_repo(repo_type="dataset", exist_ok=True)``, the card uploaded as
+    ``README.md``, then ``dataset_dict.push_to_hub`` which adds its ``dataset_info``/``configs``
+    metadata to that README and keeps the card's text. Returns the data commit's ``CommitInfo``.
+    ``push_kwargs`` go to ``DatasetDict.push_to_hub`` (e.g. ``max_shard_size``).
+
+    Nothing local is modified. Any Hub/network failure raises :class:`PushToHubError` (the
+    cause chained); calling again is safe: it re-uploads the card and replaces the shards.
+    """
+    from huggingface_hub.utils import validate_repo_id
+
+    call = (
+        f"push_long_tailed_dataset(dataset_dict, {repo_id!r}"
+        + (", private=True" if private else "")
+        + ", ...)"
+    )
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as err:
+        raise PushToHubError(
+            f"Cannot push the dataset to {repo_id!r}: {err} Use 'namespace/name'.", call
+        ) from err
+    card = build_dataset_card(
+        dataset_dict,
+        repo_id,
+        source=source,
+        imbalance_factor=imbalance_factor,
+        profile=profile,
+        seed=seed,
+        label_column=label_column,
+        train_split=train_split,
+        license=license,
+    )
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    stage = "creating the dataset repository"
+    try:
+        repo_url = api.create_repo(
+            repo_id, token=token, private=private, repo_type="dataset", exist_ok=True
+        )
+        target = getattr(repo_url, "repo_id", None) or repo_id
+        if revision and revision != "main" and not revision.startswith("refs/pr/"):
+            stage = f"creating the branch {revision!r}"
+            api.create_branch(
+                target, branch=revision, token=token, repo_type="dataset", exist_ok=True
+            )
+        stage = "uploading the dataset card"
+        # The card goes first: push_to_hub then merges its own metadata into this README.
+        api.upload_file(
+            path_or_fileobj=str(card).encode("utf-8"),
+            path_in_repo="README.md",
+            repo_id=target,
+            repo_type="dataset",
+            token=token,
+            revision=revision,
+            commit_message="Add long-tailed dataset card (hf-longtail)",
+        )
+        stage = "uploading the data shards"
+        return dataset_dict.push_to_hub(
+            target,
+            token=token,
+            private=private,
+            revision=revision,
+            commit_message=commit_message,
+            **(push_kwargs or {}),
+        )
+    except Exception as err:  # broad on purpose, see push_long_tail_model
+        reason = _describe_failure(err, _token_known(token, api))
+        raise PushToHubError(
+            f"Push of the long-tailed dataset to https://huggingface.co/datasets/{repo_id} failed "
+            f"while {stage}: {reason}\nNothing local was modified. Retry by calling {call} "
+            "again (it re-uploads the card and replaces the data shards).",
+            call,
+        ) from err
+
+
+def dataset_card_counts(card: DatasetCard) -> Sequence[int]:
+    """The training class counts stored in a card's ``long_tail`` metadata (see the card)."""
+    block = getattr(card.data, "long_tail", None) or {}
+    return list(block.get("class_counts", []))

@@ -1,0 +1,228 @@
+"""Push a finished run output directory to the Hugging Face Hub, safely.
+
+Everything is saved locally first (the trainer's job); the push only reads those files, writes
+the card (``README.md``) next to them before any network call, and never deletes or moves
+anything. Any failure of the network part becomes a :class:`PushToHubError` whose message says
+what failed and the exact CLI command that retries the push.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import shlex
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hf_longtail.hub.card import write_model_card
+from hf_longtail.hub.rundir import CARD_FILE, validate_output_dir
+
+if TYPE_CHECKING:  # pragma: no cover
+    from huggingface_hub import CommitInfo, HfApi
+
+DEFAULT_COMMIT_MESSAGE = "Upload long-tailed image classifier (hf-longtail)"
+DEFAULT_LICENSE = "apache-2.0"
+
+# What a published model repo needs, top-level files only: model weights and configs, the
+# processor, the card and its plots, the run's results. Sub-directories (checkpoint-*/, runs/)
+# and training state (optimizer.pt, scheduler.pt, rng_state*.pth, pickled training_args.bin)
+# never match, so they are never uploaded.
+PUSH_PATTERNS = ("*.json", "*.safetensors", "pytorch_model*.bin", "*.png", CARD_FILE)
+# Top-level JSON that is trainer-internal state rather than part of the published model.
+PUSH_EXCLUDED = ("trainer_state.json",)
+
+
+class PushToHubError(RuntimeError):
+    """A push to the Hub failed; local files are untouched and the message says how to retry.
+
+    Attributes: ``retry_command`` (the CLI line that retries, without any token) and the
+    original exception as ``__cause__``.
+    """
+
+    def __init__(self, message: str, retry_command: str) -> None:
+        super().__init__(message)
+        self.retry_command = retry_command
+
+
+def files_to_push(output_dir: str | Path) -> list[str]:
+    """The relative paths :func:`push_long_tail_model` uploads from ``output_dir``, sorted.
+
+    Top-level regular files matching :data:`PUSH_PATTERNS` (``*.json``, ``*.safetensors``,
+    ``pytorch_model*.bin``, ``*.png``, ``README.md``) minus :data:`PUSH_EXCLUDED`; never a
+    sub-directory (``checkpoint-*``, ``runs``), never optimizer/scheduler/RNG state or the
+    pickled ``training_args.bin``, never hidden files.
+    """
+    root = Path(output_dir)
+    selected = []
+    for path in root.iterdir():
+        name = path.name
+        if not path.is_file() or path.is_symlink() or name.startswith("."):
+            continue
+        if name in PUSH_EXCLUDED:
+            continue
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in PUSH_PATTERNS):
+            selected.append(name)
+    return sorted(selected)
+
+
+def retry_command(
+    output_dir: str | Path,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    license: str = DEFAULT_LICENSE,
+    dataset_repo_id: str | None = None,
+    keep_card: bool = False,
+) -> str:
+    """The shell command that pushes ``output_dir`` again with the same options (no token)."""
+    parts = ["python", "-m", "hf_longtail.hub", "push", str(output_dir), "--repo-id", repo_id]
+    if private:
+        parts.append("--private")
+    if revision:
+        parts += ["--revision", revision]
+    if license != DEFAULT_LICENSE:
+        parts += ["--license", license]
+    if dataset_repo_id:
+        parts += ["--dataset-repo-id", dataset_repo_id]
+    if keep_card:
+        parts.append("--keep-card")
+    return shlex.join(parts)
+
+
+def _describe_failure(err: BaseException, token_known: bool) -> str:
+    """What went wrong (likely cause for the Hub's typical errors, then the raw error), a few lines."""
+    from huggingface_hub import errors as hf_errors
+
+    detail = f"{type(err).__name__}: {err}".strip()
+    offline = getattr(hf_errors, "OfflineModeIsEnabled", ())
+    not_found = getattr(hf_errors, "RepositoryNotFoundError", ())
+    http_error = getattr(hf_errors, "HfHubHTTPError", ())
+    validation = getattr(hf_errors, "HFValidationError", ())
+    if offline and isinstance(err, offline):
+        hint = "the Hub is unreachable because offline mode is on (unset HF_HUB_OFFLINE)"
+    elif validation and isinstance(err, validation):
+        hint = "the repository id is not valid"
+    elif not_found and isinstance(err, not_found):
+        hint = "the repository was not found or you may not write to it (check the repo id)"
+    elif http_error and isinstance(err, http_error):
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status in (401, 403):
+            hint = "the Hub refused the token (authentication / permission error)"
+        else:
+            hint = f"the Hub answered with an HTTP error{f' {status}' if status else ''}"
+    elif isinstance(err, OSError):
+        hint = "a network or file error interrupted the upload"
+    else:
+        hint = "the upload failed"
+    lines = [f"{hint}.", f"Cause: {detail}"]
+    if not token_known:
+        lines.append(
+            "No Hugging Face token was found: pass --token, set HF_TOKEN or run `hf auth login`."
+        )
+    return "\n".join(lines)
+
+
+def _token_known(token: str | None, api: Any) -> bool:
+    if token or getattr(api, "token", None):
+        return True
+    try:
+        from huggingface_hub import get_token
+
+        return get_token() is not None
+    except Exception:  # pragma: no cover - token lookup must never break error reporting
+        return False
+
+
+def push_long_tail_model(
+    output_dir: str | Path,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = DEFAULT_COMMIT_MESSAGE,
+    revision: str | None = None,
+    license: str = DEFAULT_LICENSE,
+    base_model: str | None = None,
+    dataset_repo_id: str | None = None,
+    keep_card: bool = False,
+    api: HfApi | None = None,
+) -> CommitInfo:
+    """Push a finished run directory to the model repo ``repo_id``; return the ``CommitInfo``.
+
+    Steps: validate ``output_dir`` (:class:`~hf_longtail.hub.rundir.OutputDirError` before any
+    network call) and ``repo_id``; write the long-tail card ``README.md`` there (unless
+    ``keep_card`` and one exists); ``create_repo(exist_ok=True)``; create ``revision`` as a
+    branch if given; ``upload_folder`` restricted to :func:`files_to_push` (model, processor,
+    card, plots, ``all_results.json``, ``longtail_run.json``; no checkpoints or optimizer
+    state). ``api`` defaults to ``HfApi(token=token)``; pass one to inject a client.
+
+    Local files are only ever read (and ``README.md`` written). Any error of the Hub part
+    (offline mode, no or bad token, wrong repo id, HTTP or network error mid-upload) is raised
+    as :class:`PushToHubError` naming the cause and the retry command; the original exception
+    is its ``__cause__``.
+    """
+    from huggingface_hub.utils import validate_repo_id
+
+    path = validate_output_dir(output_dir, require_run_info=not keep_card)
+    retry = retry_command(
+        path,
+        repo_id,
+        private=private,
+        revision=revision,
+        license=license,
+        dataset_repo_id=dataset_repo_id,
+        keep_card=keep_card,
+    )
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as err:
+        raise PushToHubError(
+            f"Cannot push {path} to {repo_id!r}: {err} Use 'namespace/name', e.g. "
+            f"'your-username/{path.name}'. Nothing was uploaded; local files are intact.\n"
+            f"Retry with: {retry.replace(shlex.quote(repo_id), 'NAMESPACE/NAME', 1)}",
+            retry,
+        ) from err
+    if not (keep_card and (path / CARD_FILE).is_file()):
+        write_model_card(
+            path,
+            repo_id,
+            license=license,
+            base_model=base_model,
+            dataset_repo_id=dataset_repo_id,
+        )
+    files = files_to_push(path)
+
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    stage = "creating the repository"
+    try:
+        repo_url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+        target = getattr(repo_url, "repo_id", None) or repo_id
+        if revision and revision != "main" and not revision.startswith("refs/pr/"):
+            stage = f"creating the branch {revision!r}"
+            api.create_branch(target, branch=revision, token=token, exist_ok=True)
+        stage = f"uploading {len(files)} files"
+        # Exact names (escaped: fnmatch treats []*? as patterns) so nothing else can slip in.
+        return api.upload_folder(
+            repo_id=target,
+            folder_path=str(path),
+            allow_patterns=[glob.escape(name) for name in files],
+            commit_message=commit_message,
+            token=token,
+            revision=revision,
+        )
+    # Deliberately broad: whatever the transport raises (huggingface_hub errors, httpx/requests
+    # errors, OSError, xet upload errors), the user must get the retry path, with the cause.
+    except Exception as err:
+        reason = _describe_failure(err, _token_known(token, api))
+        raise PushToHubError(
+            f"Push of {path} to https://huggingface.co/{repo_id} failed while {stage}: {reason}\n"
+            f"All local files in {path} are intact (nothing was deleted or moved).\n"
+            f"Retry with: {retry}\n"
+            "(add --token TOKEN, or log in with `hf auth login`, if the failure was "
+            "authentication)",
+            retry,
+        ) from err
