@@ -1,0 +1,57 @@
+"""Long-tail evaluation metrics (plain numpy/torch; no trainer, losses or data import).
+
+- :func:`long_tail_metrics` -- all metrics of one set of logits or predictions;
+- :class:`LongTailMetricAccumulator` -- the same, accumulated batch by batch;
+- :func:`make_compute_metrics` -- a ``compute_metrics`` for ``transformers.Trainer``;
+- :func:`load_evaluate_metric` -- the ``evaluate.Metric`` wrapper, loaded offline;
+- :func:`plot_per_class_accuracy`, :func:`plot_confusion_matrix` -- PNG plots (matplotlib,
+  imported on first use);
+- helpers: :func:`confusion_matrix`, :func:`confusion_spectral_norm`,
+  :func:`expected_calibration_error`, :func:`logit_adjust`, :func:`shot_groups`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hf_longtail.metrics.core import (
+    LongTailMetricAccumulator,
+    confusion_matrix,
+    confusion_spectral_norm,
+    expected_calibration_error,
+    logit_adjust,
+    long_tail_metrics,
+    shot_groups,
+)
+from hf_longtail.metrics.evaluate_metric import EVALUATE_METRIC_PATH, load_evaluate_metric
+from hf_longtail.metrics.trainer_metrics import (
+    IGNORE_INDEX,
+    LongTailComputeMetrics,
+    make_compute_metrics,
+)
+
+__all__ = [
+    "EVALUATE_METRIC_PATH",
+    "IGNORE_INDEX",
+    "LongTailComputeMetrics",
+    "LongTailMetricAccumulator",
+    "confusion_matrix",
+    "confusion_spectral_norm",
+    "expected_calibration_error",
+    "load_evaluate_metric",
+    "logit_adjust",
+    "long_tail_metrics",
+    "make_compute_metrics",
+    "plot_confusion_matrix",
+    "plot_per_class_accuracy",
+    "shot_groups",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: importing matplotlib costs ~0.5 s and is only needed when a plot is written.
+    if name in ("plot_per_class_accuracy", "plot_confusion_matrix"):
+        from hf_longtail.metrics import plots
+
+        return getattr(plots, name)
+    raise AttributeError(f"module 'hf_longtail.metrics' has no attribute {name!r}")

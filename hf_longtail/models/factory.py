@@ -1,0 +1,494 @@
+"""Model factory: one ``create_model(name_or_path, num_labels, ...)`` for every model source.
+
+Resolution order of ``name_or_path`` (first match wins):
+
+1. a ``PretrainedConfig`` or a config ``dict`` (with ``model_type``) -> built from the config with
+   random weights (``AutoModelForImageClassification.from_config``);
+2. a name registered here (``list_models()``: ``resnet20_cifar`` ... ``resnet110_cifar``) -> built
+   from scratch by its entrypoint;
+3. an existing local directory -> ``AutoModelForImageClassification.from_pretrained`` (needs a
+   ``config.json``; works offline);
+4. ``timm:<arch>``, ``timm/<arch>`` or a bare architecture known to ``timm`` (``resnet50``,
+   ``vit_small_patch16_224.augreg_in21k``) -> ``TimmWrapperForImageClassification``; pretrained
+   timm weights are loaded when ``pretrained=True`` and reachable, otherwise (offline, not cached)
+   the model is randomly initialised with a warning;
+5. a Hub id ``namespace/name`` -> ``AutoModelForImageClassification.from_pretrained``; offline and
+   not cached is an error that says how to pass a local directory instead.
+
+In every case the classification head is sized to ``num_labels`` and ``config.id2label`` /
+``label2id`` are filled; a pretrained head of another size is re-initialised (logged as a
+warning with the old and new sizes).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import fnmatch
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import (
+    AutoConfig,
+    AutoModelForImageClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from hf_longtail.models.resnet_cifar import ResNetCifarConfig, ResNetCifarForImageClassification
+
+__all__ = [
+    "create_image_processor",
+    "create_model",
+    "is_model",
+    "list_models",
+    "register_model",
+    "resolve_labels",
+]
+
+logger = logging.getLogger(__name__)
+
+_MODEL_ENTRYPOINTS: dict[str, Callable[..., PreTrainedModel]] = {}
+
+_ACCEPTED_FORMS = (
+    "a registered name (see hf_longtail.models.list_models()), a local directory saved with "
+    "save_pretrained, a Hub model id 'namespace/name', a timm architecture ('timm:resnet50', "
+    "'timm/resnet50.a1_in1k' or a bare name known to timm.list_models()), or a config dict / "
+    "PretrainedConfig"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+def register_model(
+    fn: Callable[..., PreTrainedModel] | None = None, *, name: str | None = None
+) -> Any:
+    """Register a model entrypoint under ``name`` (default: the function's name), timm style.
+
+    The entrypoint is called as ``fn(num_labels=..., id2label=..., label2id=...,
+    pretrained=..., **kwargs)`` and returns a ``PreTrainedModel``. Usable as ``@register_model``,
+    ``@register_model(name="x")`` or ``register_model(fn, name="x")``. Re-registering a name
+    replaces the previous entrypoint.
+    """
+
+    def deco(f: Callable[..., PreTrainedModel]) -> Callable[..., PreTrainedModel]:
+        key = name or f.__name__
+        if not key or "/" in key or ":" in key or os.sep in key:
+            raise ValueError(
+                f"model names must be non-empty and contain no '/' or ':'; got {key!r}."
+            )
+        _MODEL_ENTRYPOINTS[key] = f
+        return f
+
+    return deco(fn) if fn is not None else deco
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted registered model names matching the shell-style ``pattern`` (timm style)."""
+    return sorted(n for n in _MODEL_ENTRYPOINTS if fnmatch.fnmatch(n, pattern))
+
+
+def is_model(name: str) -> bool:
+    """Whether ``name`` is a registered model name."""
+    return name in _MODEL_ENTRYPOINTS
+
+
+# --------------------------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------------------------
+def resolve_labels(
+    num_labels: int | None = None,
+    id2label: Mapping[Any, str] | Sequence[str] | None = None,
+    label2id: Mapping[str, Any] | None = None,
+) -> tuple[int | None, dict[int, str] | None, dict[str, int] | None]:
+    """Make ``(num_labels, id2label, label2id)`` consistent, or raise a clear error.
+
+    ``id2label`` may be a mapping with int or str keys (as in JSON) or a list of class names.
+    Missing pieces are derived from the others (``LABEL_<i>`` names when only ``num_labels`` is
+    known). Returns ``(None, None, None)`` when nothing is given.
+    """
+    if id2label is not None and not isinstance(id2label, Mapping):
+        id2label = dict(enumerate(id2label))
+    if id2label is not None:
+        try:
+            id2label = {int(k): str(v) for k, v in id2label.items()}
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"id2label keys must be class ids (ints); got {list(id2label)[:5]}."
+            ) from err
+        if sorted(id2label) != list(range(len(id2label))):
+            raise ValueError(
+                f"id2label keys must be exactly 0..{len(id2label) - 1}; got {sorted(id2label)[:10]}."
+            )
+    if label2id is not None:
+        label2id = {str(k): int(v) for k, v in label2id.items()}
+    if num_labels is None:
+        if id2label is not None:
+            num_labels = len(id2label)
+        elif label2id is not None:
+            num_labels = len(label2id)
+        else:
+            return None, None, None
+    num_labels = int(num_labels)
+    if num_labels < 1:
+        raise ValueError(f"num_labels must be >= 1; got {num_labels}.")
+    if id2label is None and label2id is not None:
+        id2label = {v: k for k, v in label2id.items()}
+    if id2label is None:
+        id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+    if len(id2label) != num_labels:
+        raise ValueError(
+            f"num_labels={num_labels} but id2label has {len(id2label)} entries; pass one name per class."
+        )
+    if label2id is None:
+        label2id = {v: k for k, v in id2label.items()}
+        if len(label2id) != num_labels:
+            raise ValueError("class names in id2label are not unique; label2id cannot be built.")
+    elif any(id2label.get(i) != n for n, i in label2id.items()) or len(label2id) != num_labels:
+        raise ValueError("label2id is not the inverse of id2label; pass consistent mappings.")
+    return num_labels, id2label, label2id
+
+
+def _apply_labels(config: PretrainedConfig, n: int, id2label: dict, label2id: dict) -> None:
+    config.num_labels = n
+    config.id2label = dict(id2label)
+    config.label2id = dict(label2id)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+def _offline() -> bool:
+    truthy = {"1", "ON", "YES", "TRUE"}
+    if any(
+        os.environ.get(v, "").upper() in truthy for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    ):
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _timm_arch(name: str) -> str | None:
+    """The timm architecture named by ``name``, or None when it is not a timm form."""
+    if name.startswith("timm:"):
+        return name[len("timm:") :]
+    if name.startswith("timm/"):
+        return name[len("timm/") :]
+    if "/" in name or ":" in name:
+        return None
+    try:
+        import timm
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return None
+    arch, _tag = timm.models.split_model_name_tag(name)
+    return name if timm.is_model(arch) else None
+
+
+def _warn_head_resize(source: str, old: int | None, new: int) -> None:
+    if old is not None and old != new:
+        logger.warning(
+            "%s: the checkpoint's classification head has %d outputs but the dataset has %d "
+            "classes; the head is re-initialized (%d -> %d) and will be trained from scratch.",
+            source,
+            old,
+            new,
+            old,
+            new,
+        )
+
+
+def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    keys = ("revision", "cache_dir", "token", "local_files_only", "trust_remote_code", "subfolder")
+    return {k: kwargs[k] for k in keys if k in kwargs}
+
+
+# --------------------------------------------------------------------------------------------
+# Model sources
+# --------------------------------------------------------------------------------------------
+def _from_config(
+    config: PretrainedConfig | Mapping[str, Any], labels: tuple, **kwargs: Any
+) -> PreTrainedModel:
+    if isinstance(config, Mapping):
+        cfg = dict(config)
+        model_type = cfg.pop("model_type", None)
+        if not model_type:
+            raise ValueError(
+                "A config dict needs a 'model_type' (e.g. {'model_type': 'vit', 'image_size': 32, "
+                "...} or {'model_type': 'resnet_cifar', 'num_blocks': [5, 5, 5]})."
+            )
+        if labels[0] is not None:  # the explicit labels win over the dict's
+            for k in ("num_labels", "id2label", "label2id"):
+                cfg.pop(k, None)
+        config = AutoConfig.for_model(model_type, **cfg)
+    else:
+        config = copy.deepcopy(config)  # never mutate the caller's config
+    if labels[0] is not None:
+        _apply_labels(config, *labels)
+    return AutoModelForImageClassification.from_config(config, **kwargs)
+
+
+def _from_pretrained(name: str, labels: tuple, pretrained: bool, **kwargs: Any) -> PreTrainedModel:
+    is_dir = os.path.isdir(name)
+    if is_dir and not os.path.isfile(os.path.join(name, "config.json")):
+        raise ValueError(
+            f"Local directory {name!r} has no config.json, so it is not a saved transformers "
+            "model. Save one with model.save_pretrained(dir), or pass " + _ACCEPTED_FORMS + "."
+        )
+    hub_kwargs = _hub_kwargs(kwargs)
+    try:
+        config = AutoConfig.from_pretrained(name, **hub_kwargs)
+    except OSError as err:
+        if not is_dir and _offline():
+            raise OSError(
+                f"Cannot load {name!r}: the Hugging Face Hub is offline (HF_HUB_OFFLINE=1 or "
+                "TRANSFORMERS_OFFLINE=1) and the model is not in the local cache. Download it "
+                f"on a connected machine (`hf download {name}`) or save it with "
+                "save_pretrained and pass that local directory instead."
+            ) from err
+        raise OSError(
+            f"Cannot load {name!r} as a Hub model id or local directory ({err}). Pass "
+            + _ACCEPTED_FORMS
+            + "."
+        ) from err
+    n, id2label, label2id = labels
+    old = getattr(config, "num_labels", None)
+    if n is not None:
+        _apply_labels(config, n, id2label, label2id)
+    if not pretrained:
+        logger.info("%s: pretrained=False, building the architecture with random weights.", name)
+        model_kwargs = {k: v for k, v in kwargs.items() if k not in hub_kwargs}
+        return AutoModelForImageClassification.from_config(config, **model_kwargs)
+    if n is not None:
+        _warn_head_resize(name, old, n)
+    return AutoModelForImageClassification.from_pretrained(
+        name, config=config, ignore_mismatched_sizes=True, **kwargs
+    )
+
+
+def _from_timm(arch: str, labels: tuple, pretrained: bool, **kwargs: Any) -> PreTrainedModel:
+    import timm
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    base, _tag = timm.models.split_model_name_tag(arch)
+    if not timm.is_model(base):
+        close = difflib.get_close_matches(base, timm.list_models(), n=5)
+        raise ValueError(
+            f"{arch!r} is not an architecture of the installed timm {timm.__version__}"
+            + (f" (close: {close})" if close else "")
+            + "; upgrade timm or check the name with timm.list_models('<pattern>')."
+        )
+    n, id2label, label2id = labels
+    if n is None:
+        raise ValueError(f"timm model {arch!r}: pass num_labels (the dataset's number of classes).")
+    model_args = dict(kwargs.pop("model_args", None) or {})
+    # pretrained_cfg in config.json is what TimmWrapperImageProcessor reads (mean/std/size), so
+    # the saved model directory yields its image processor offline.
+    pretrained_cfg = timm.models.get_pretrained_cfg(arch)
+    pcfg = pretrained_cfg.to_dict() if pretrained_cfg is not None else {"architecture": base}
+    config = TimmWrapperConfig(
+        architecture=arch,
+        num_labels=n,
+        id2label=id2label,
+        label2id=label2id,
+        model_args=model_args or None,
+        pretrained_cfg=pcfg,
+        **kwargs,
+    )
+    model = TimmWrapperForImageClassification(config)
+    if not pretrained:
+        logger.info("timm %s: pretrained=False, random initialization.", arch)
+        return model
+    try:
+        # timm resolves the weights (Hub 'timm/<arch>.<tag>' or URL) and re-initializes the head
+        # when num_classes differs from the checkpoint's.
+        src = timm.create_model(arch, pretrained=True, num_classes=n, **model_args)
+    except OSError as err:
+        logger.warning(
+            "timm %s: pretrained weights are not reachable (offline or not cached: %s). The "
+            "model is RANDOMLY INITIALIZED. Pass pretrained=False to silence this, or go online "
+            "/ pre-download the weights.",
+            arch,
+            str(err).splitlines()[0] if str(err) else type(err).__name__,
+        )
+        return model
+    except RuntimeError as err:
+        if "No pretrained weights" in str(err):
+            raise ValueError(
+                f"timm has no pretrained weights for {arch!r}; pick a tagged variant "
+                f"(timm.list_pretrained('{base}*')) or pass pretrained=False."
+            ) from err
+        raise
+    old = (pretrained_cfg.num_classes if pretrained_cfg is not None else None) or None
+    _warn_head_resize(f"timm {arch}", old, n)
+    model.timm_model.load_state_dict(src.state_dict())
+    return model
+
+
+def create_model(
+    name_or_path: str | os.PathLike | PretrainedConfig | Mapping[str, Any],
+    num_labels: int | None = None,
+    id2label: Mapping[Any, str] | Sequence[str] | None = None,
+    label2id: Mapping[str, Any] | None = None,
+    pretrained: bool = True,
+    **kwargs: Any,
+) -> PreTrainedModel:
+    """Create an image classifier sized to the dataset, from any supported source.
+
+    Args:
+        name_or_path: see the module docstring for the accepted forms and their order.
+        num_labels: number of classes of the dataset (inferred from ``id2label`` if omitted;
+            may be omitted for a pretrained checkpoint whose head is kept as is).
+        id2label: class names by id (mapping with int/str keys, or a list of names).
+        label2id: inverse mapping (derived from ``id2label`` if omitted).
+        pretrained: load pretrained weights where the source has them (local/Hub checkpoints,
+            timm). ``False`` builds the same architecture with random weights. Ignored by the
+            from-scratch registered models.
+        kwargs: for registered names, config overrides (e.g. ``normed_linear=True``); for
+            checkpoints, ``from_pretrained`` arguments (``revision``, ``cache_dir``, ``dtype``,
+            ...); for timm, ``TimmWrapperConfig`` arguments (``model_args={"drop_rate": 0.1}``);
+            for configs, ``from_config`` arguments.
+
+    Returns a ``transformers.PreTrainedModel`` whose ``forward(pixel_values, labels=None)``
+    returns an output with ``logits`` of shape ``(batch, num_labels)``.
+    """
+    labels = resolve_labels(num_labels, id2label, label2id)
+    if isinstance(name_or_path, (PretrainedConfig, Mapping)):
+        return _from_config(name_or_path, labels, **kwargs)
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(
+            f"name_or_path must be a str, path, dict or PretrainedConfig; got {type(name_or_path).__name__}."
+        )
+    name = os.fspath(name_or_path)
+    if name in _MODEL_ENTRYPOINTS:
+        return _MODEL_ENTRYPOINTS[name](
+            num_labels=labels[0],
+            id2label=labels[1],
+            label2id=labels[2],
+            pretrained=pretrained,
+            **kwargs,
+        )
+    if os.path.isdir(name):
+        return _from_pretrained(name, labels, pretrained, **kwargs)
+    arch = _timm_arch(name)
+    if arch is not None:
+        return _from_timm(arch, labels, pretrained, **kwargs)
+    if "/" in name and not name.startswith(("/", ".", "~")) and name.count("/") == 1:
+        return _from_pretrained(name, labels, pretrained, **kwargs)
+    close = difflib.get_close_matches(name, list(_MODEL_ENTRYPOINTS), n=3)
+    hint = f" Did you mean {close}?" if close else ""
+    if os.sep in name or name.startswith((".", "~")):
+        hint += f" (No directory exists at {str(Path(name).expanduser())!r}.)"
+    raise ValueError(
+        f"Unknown model {name!r}.{hint} Expected {_ACCEPTED_FORMS}. Registered names: "
+        f"{', '.join(list_models())}."
+    )
+
+
+def create_image_processor(
+    name_or_path: str | os.PathLike | PretrainedConfig | Mapping[str, Any],
+    model: PreTrainedModel | None = None,
+    **kwargs: Any,
+) -> Any:
+    """The image processor matching a model created by :func:`create_model`, or ``None``.
+
+    - registered from-scratch models (``resnet*_cifar``) and models built from a config -> ``None``
+      (the data package then applies the CIFAR protocol transform);
+    - timm models (a timm name, or ``model`` a ``TimmWrapperForImageClassification``) ->
+      ``TimmWrapperImageProcessor`` built from the architecture's timm ``pretrained_cfg``
+      (mean/std/input size), without network access;
+    - local directories and Hub ids -> ``AutoImageProcessor.from_pretrained`` (``None`` with an
+      info log when the checkpoint has no image processor config).
+
+    ``kwargs`` go to ``AutoImageProcessor.from_pretrained``.
+    """
+    from transformers import AutoImageProcessor
+
+    if isinstance(model, ResNetCifarForImageClassification):
+        return None
+    if model is not None and getattr(model.config, "model_type", None) == "timm_wrapper":
+        return _timm_processor(
+            model.config.architecture, getattr(model.config, "pretrained_cfg", None)
+        )
+    if isinstance(name_or_path, (PretrainedConfig, Mapping)):
+        return None
+    name = os.fspath(name_or_path)
+    if name in _MODEL_ENTRYPOINTS:
+        return None
+    if not os.path.isdir(name):
+        arch = _timm_arch(name)
+        if arch is not None:
+            return _timm_processor(arch, None)
+    try:
+        return AutoImageProcessor.from_pretrained(name, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        if not os.path.isdir(name) and _offline() and not isinstance(err, ValueError):
+            raise OSError(
+                f"Cannot load the image processor of {name!r}: the Hub is offline and it is not "
+                "cached. Pass a local directory saved with save_pretrained instead."
+            ) from err
+        logger.info("%s has no image processor config (%s); returning None.", name, err)
+        return None
+
+
+def _timm_processor(arch: str, pretrained_cfg: Mapping[str, Any] | None) -> Any:
+    import timm
+    from transformers import TimmWrapperImageProcessor
+
+    if pretrained_cfg is None:
+        cfg = timm.models.get_pretrained_cfg(arch)
+        pretrained_cfg = cfg.to_dict() if cfg is not None else {}
+    return TimmWrapperImageProcessor(pretrained_cfg=dict(pretrained_cfg), architecture=arch)
+
+
+# --------------------------------------------------------------------------------------------
+# Registered from-scratch models
+# --------------------------------------------------------------------------------------------
+def _resnet_cifar(
+    depth_blocks: int,
+    num_labels: int | None,
+    id2label: dict | None,
+    label2id: dict | None,
+    pretrained: bool,
+    name: str,
+    **kwargs: Any,
+) -> ResNetCifarForImageClassification:
+    if num_labels is None:
+        raise ValueError(
+            f"{name} is trained from scratch: pass num_labels (the dataset's number of classes)."
+        )
+    if pretrained:
+        logger.info(
+            "%s has no pretrained weights; it is initialized from scratch (LDAM init).", name
+        )
+    kwargs.setdefault("num_blocks", [depth_blocks] * 3)
+    config = ResNetCifarConfig(
+        num_labels=num_labels, id2label=id2label, label2id=label2id, **kwargs
+    )
+    return ResNetCifarForImageClassification(config)
+
+
+def _make_resnet_cifar_entrypoint(name: str, n: int) -> Callable[..., PreTrainedModel]:
+    def entrypoint(
+        num_labels: int | None = None,
+        id2label: dict | None = None,
+        label2id: dict | None = None,
+        pretrained: bool = False,
+        **kwargs: Any,
+    ) -> PreTrainedModel:
+        return _resnet_cifar(n, num_labels, id2label, label2id, pretrained, name, **kwargs)
+
+    entrypoint.__name__ = name
+    entrypoint.__doc__ = (
+        f"CIFAR ResNet-{6 * n + 2} (3 stages x {n} basic blocks, 16/32/64 channels, option-A "
+        "shortcuts) from scratch; kwargs override ResNetCifarConfig fields."
+    )
+    return entrypoint
+
+
+for _depth, _n in ((20, 3), (32, 5), (44, 7), (56, 9), (110, 18)):
+    register_model(_make_resnet_cifar_entrypoint(f"resnet{_depth}_cifar", _n))
