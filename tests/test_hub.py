@@ -48,6 +48,7 @@ METRIC_TYPES = {
     "worst_class_accuracy": "worst_class_accuracy",
     "balanced_accuracy": "balanced_accuracy",
     "macro_f1": "f1",
+    "confusion_spectral_norm": "confusion_spectral_norm",
     "ece": "ece",
 }
 LABELS = {
@@ -58,6 +59,7 @@ LABELS = {
     "worst_class_accuracy": "Worst-class accuracy",
     "balanced_accuracy": "Balanced accuracy",
     "macro_f1": "Macro F1",
+    "confusion_spectral_norm": "Confusion spectral norm",
     "ece": "Expected calibration error",
 }
 
@@ -80,6 +82,9 @@ def _results() -> dict:
         "test_balanced_accuracy": float(acc.mean()),
         "test_macro_f1": 0.8071,
         "test_ece": 0.0412,
+        "test_confusion_spectral_norm": 0.3127,
+        "test_num_samples": 150,
+        "test_num_many": 2,
         "test_per_class_accuracy": PER_CLASS,
         "test_confusion_matrix": np.eye(10, dtype=int).tolist(),
         "test_loss": 0.61,
@@ -298,7 +303,8 @@ def test_results_table_values_equal_the_json(run_dir):
     groups = _groups(COUNTS)
     for key, label in LABELS.items():
         value = results[f"test_{key}"]
-        expected = f"{value:.4f}" if key == "ece" else f"{100 * value:.2f}%"
+        plain = key in ("ece", "confusion_spectral_norm")
+        expected = f"{value:.4f}" if plain else f"{100 * value:.2f}%"
         row = _table_row(text, label)
         assert row[1] == expected, (label, row)
     assert _table_row(text, "Many-shot accuracy")[2] == str(groups.count("many"))
@@ -313,7 +319,14 @@ def test_results_table_values_equal_the_json(run_dir):
         assert row[1:] == [NAMES[i], str(COUNTS[i]), groups[i], f"{100 * PER_CLASS[i]:.2f}%"]
     # Lists, strings and Trainer timing are not metrics of the model.
     assert "test_loss" in text
-    for noise in ("test_runtime", "test_confusion_matrix", "peak_rss_mb", "test_worst_class_name"):
+    assert "(150 images, 10 classes, not subsampled)" in text
+    for noise in (
+        "test_runtime",
+        "test_confusion_matrix",
+        "peak_rss_mb",
+        "test_worst_class_name",
+        "test_num_many",
+    ):
         assert noise not in text
 
 

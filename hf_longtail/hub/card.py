@@ -132,6 +132,13 @@ METRIC_SPECS: tuple[MetricSpec, ...] = (
         metric_args={"average": "macro"},
     ),
     MetricSpec(
+        "confusion_spectral_norm",
+        "confusion_spectral_norm",
+        "Confusion spectral norm",
+        "spectral norm of the test confusion matrix, CAR's target (lower is better)",
+        percent=False,
+    ),
+    MetricSpec(
         "ece",
         "ece",
         "Expected calibration error",
@@ -141,8 +148,10 @@ METRIC_SPECS: tuple[MetricSpec, ...] = (
     ),
 )
 
-# Reported by the Trainer's evaluation loop, not model properties: kept out of the card.
+# Reported by the Trainer's evaluation loop, or bookkeeping counts (num_samples, num_many, ...):
+# not properties of the model, kept out of the "other metrics" line.
 _SKIPPED_EXTRA_METRICS = {"runtime", "samples_per_second", "steps_per_second", "per_class_accuracy"}
+_SKIPPED_EXTRA_PREFIXES = ("worst_class", "num_")
 
 
 def looks_like_hub_id(name: Any) -> bool:
@@ -254,23 +263,22 @@ def _fmt_metric(value: float | None, spec_percent: bool, scale: float) -> str:
 
 
 def _worst_class(run: RunDir, scale: float) -> dict[str, Any] | None:
+    """The worst class: the metrics package's ``worst_class`` (id, or name) when recorded, else
+    the arg-min of ``per_class_accuracy`` (lowest id on ties, as the metrics package does)."""
+    recorded = run.results.get(f"{run.metric_prefix}worst_class")
+    index: int | None = None
+    if isinstance(recorded, str) and recorded in run.class_names:
+        index = run.class_names.index(recorded)
+    elif isinstance(recorded, int) and not isinstance(recorded, bool):
+        index = recorded if 0 <= recorded < run.num_classes else None
     acc = run.per_class_accuracy
-    if acc and any(v is not None for v in acc):
+    if index is None and acc and any(v is not None for v in acc):
         index = min((v, i) for i, v in enumerate(acc) if v is not None)[1]
+    if index is None:
+        return None
+    value = run.metrics.get("worst_class_accuracy")
+    if value is None and acc is not None:
         value = acc[index]
-    else:
-        recorded = run.results.get(f"{run.metric_prefix}worst_class")
-        if recorded is None:
-            recorded = run.results.get(f"{run.metric_prefix}worst_class_index")
-        if isinstance(recorded, str) and recorded in run.class_names:
-            index = run.class_names.index(recorded)
-        elif isinstance(recorded, int) and not isinstance(recorded, bool):
-            index = recorded
-        else:
-            return None
-        if not 0 <= index < run.num_classes:
-            return None
-        value = run.metrics.get("worst_class_accuracy")
     return {
         "index": index,
         "name": _md(run.class_names[index]),
@@ -310,12 +318,24 @@ def _results_rows(run: RunDir, counts: Mapping[str, Any], scale: float) -> list[
     return rows
 
 
+def _results_scope(run: RunDir, counts: Mapping[str, Any]) -> str:
+    samples = run.metrics.get("num_samples")
+    evaluated = run.metrics.get("num_evaluated_classes")
+    parts = [f"{int(samples)} images" if samples is not None else None]
+    if evaluated is not None and int(evaluated) != counts["num_classes"]:
+        parts.append(f"{int(evaluated)} of the {counts['num_classes']} classes present")
+    else:
+        parts.append(f"{counts['num_classes']} classes")
+    parts.append("not subsampled")
+    return ", ".join(p for p in parts if p)
+
+
 def _extra_metrics(run: RunDir) -> list[dict[str, str]]:
     known = {s.key for s in METRIC_SPECS} | _SKIPPED_EXTRA_METRICS
     return [
         {"name": f"{run.metric_prefix}{k}", "value": f"{v:.4g}"}
         for k, v in run.metrics.items()
-        if k not in known and not k.startswith("worst_class") and v is not None
+        if k not in known and not k.startswith(_SKIPPED_EXTRA_PREFIXES) and v is not None
     ]
 
 
@@ -347,6 +367,8 @@ def _loss_context(loss: Mapping[str, Any]) -> dict[str, Any]:
     }
     if loss.get("label_smoothing"):
         base_params["label_smoothing"] = loss["label_smoothing"]
+    if isinstance(loss.get("base_options"), dict):
+        base_params.update(loss["base_options"])
     ccar = bool(loss.get("ccar", False))
     omega = loss.get("ccar_omega", 0.75)
     variant = str(loss.get("ccar_variant", "paper"))
@@ -367,6 +389,11 @@ def _loss_context(loss: Mapping[str, Any]) -> dict[str, Any]:
         "ccar_text": (
             f"on: ω = {_fmt_number(omega)}, variant `{variant}`, weight "
             + ("detached (pure re-weighting)" if detach else "differentiated through")
+            + (
+                f", p_t from the {loss['ccar_p_t_from']} logits"
+                if loss.get("ccar_p_t_from")
+                else ""
+            )
             if ccar
             else "off"
         ),
@@ -587,9 +614,9 @@ def build_model_card(
     architectures = run.config.get("architectures") or [model_type or "unknown"]
     per_class_rows, truncated = _per_class_rows(run, scale)
     results_footnote = (
-        "Accuracies and F1 in %, ECE as a fraction (0 = perfectly calibrated). The `model-index` "
-        "metadata of this card holds the same values as fractions, exactly as in "
-        "`all_results.json`."
+        "Accuracies and F1 in %; ECE (0 = perfectly calibrated) and the spectral norm as plain "
+        "numbers. The `model-index` metadata of this card holds the values exactly as in "
+        "`all_results.json` (accuracies as fractions)."
         if scale == 100.0
         else "Values as reported in `all_results.json`."
     )
@@ -609,7 +636,7 @@ def build_model_card(
             (_md(k), _md(_fmt_number(v))) for k, v in (run.run.get("training") or {}).items()
         ],
         results=_results_rows(run, counts, scale),
-        results_scope=f"{counts['num_classes']} classes, not subsampled",
+        results_scope=_results_scope(run, counts),
         results_footnote=results_footnote,
         worst_class=_worst_class(run, scale),
         extra_metrics=_extra_metrics(run),

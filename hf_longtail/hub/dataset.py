@@ -175,8 +175,11 @@ def build_dataset_card(
             continue
         other_splits[split] = _count(ds, column, k)
 
-    pretty = _public_name(source, default=repo_id.split("/")[-1] if repo_id else "dataset")
-    pretty_name = f"{pretty.split('/')[-1]}-LT" + (
+    if source:
+        pretty = _public_name(source).split("/")[-1] + "-LT"
+    else:
+        pretty = repo_id.split("/")[-1] if repo_id else "Long-tailed dataset"
+    pretty_name = pretty + (
         f" (imbalance factor {imbalance_factor:g})" if imbalance_factor is not None else ""
     )
     total_rows = sum(ds.num_rows for ds in dataset_dict.values())
@@ -219,7 +222,11 @@ def build_dataset_card(
         source_display=(
             f"[{source}](https://huggingface.co/datasets/{source})"
             if looks_like_hub_id(source)
-            else f"`{construction['source']}`"
+            else (
+                f"`{construction['source']}`"
+                if source
+                else "an image dataset (source not recorded)"
+            )
         ),
         profile=profile or "not recorded",
         profile_formula=PROFILE_FORMULAS.get(profile or "", ""),
