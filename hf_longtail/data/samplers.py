@@ -1,0 +1,247 @@
+"""Class-aware samplers (class-balanced, square-root, progressive) that are correct under DDP.
+
+Target distribution over classes for a dataset with class counts ``n_c``:
+
+- ``instance``:       ``q_c = n_c / sum(n)`` (what plain shuffling gives);
+- ``class_balanced``: ``q_c = 1 / C'`` over the ``C'`` classes with ``n_c > 0``;
+- ``sqrt``:           ``q_c = sqrt(n_c) / sum(sqrt(n))`` (square-root sampling, Mahajan et al.);
+- ``progressive``:    ``q_c(t) = (1 - t / T) * q_c^instance + (t / T) * q_c^class_balanced`` with
+  ``t`` the epoch and ``T = total_epochs`` (Kang et al. 2020, "Decoupling"), ``t / T`` clipped
+  to [0, 1].
+
+One epoch = one GLOBAL order of ``num_samples`` indices, a pure function of ``(seed, epoch)``:
+
+1. class quotas: systematic sampling of the cumulative ``q`` with one random offset
+   ``u ~ U[0, 1)``: ``k_c = floor(N * Q_c + u) - floor(N * Q_{c-1} + u)`` (``Q`` the cumulative
+   sum), so each class gets ``floor`` or ``ceil`` of ``N * q_c`` and exactly ``N * q_c`` in
+   expectation;
+2. within class ``c``, its ``k_c`` slots take the class's images in successive fresh random
+   permutations (every image of a tail class is drawn once before any repeats);
+3. the ``N`` slots are shuffled.
+
+Sharding, like ``torch.utils.data.DistributedSampler``: the order is padded by wrapping to a
+multiple of ``num_replicas`` (or truncated with ``drop_last``) and rank ``r`` takes positions
+``r, r + R, r + 2R, ...``, so ranks read disjoint positions of the same order and all have the same
+length. ``num_replicas``/``rank`` default to ``torch.distributed`` when it is initialised.
+
+With ``accelerate`` (and therefore ``transformers.Trainer``) pass ``num_replicas=1, rank=0``: the
+prepared DataLoader already splits the batches of the sampler's order across processes
+(``BatchSamplerShard``), and because the order depends only on ``(seed, epoch)`` every process
+builds the same one, so each rank again gets a disjoint share of one global order. accelerate calls
+``set_epoch`` on the sampler each epoch.
+
+All randomness is NumPy ``Generator(PCG64(SeedSequence([seed, epoch])))`` with ``random()``
+draws only (keys + argsort for permutations), identical across machines.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+__all__ = ["SAMPLING_MODES", "ClassAwareSampler", "create_sampler", "sampling_distribution"]
+
+SAMPLING_MODES = ("instance", "class_balanced", "sqrt", "progressive")
+
+
+def sampling_distribution(
+    class_counts: Sequence[int] | np.ndarray,
+    mode: str = "class_balanced",
+    epoch: float = 0,
+    total_epochs: int | None = None,
+) -> np.ndarray:
+    """Per-class sampling probabilities ``q`` (float64, sums to 1) for ``mode`` (module docstring).
+    Classes with ``n_c = 0`` get ``q_c = 0``.
+
+    Raises:
+        ValueError: unknown mode, negative or all-zero counts, ``progressive`` without a positive
+            ``total_epochs``.
+    """
+    n = np.asarray(class_counts, dtype=np.float64)
+    if n.ndim != 1 or n.size == 0 or (n < 0).any() or n.sum() <= 0:
+        raise ValueError(f"class_counts must be non-negative with a positive sum; got {n.tolist()}")
+    present = (n > 0).astype(np.float64)
+    instance = n / n.sum()
+    balanced = present / present.sum()
+    if mode == "instance":
+        return instance
+    if mode == "class_balanced":
+        return balanced
+    if mode == "sqrt":
+        root = np.sqrt(n)
+        return root / root.sum()
+    if mode == "progressive":
+        if total_epochs is None or total_epochs <= 0:
+            raise ValueError("mode='progressive' needs total_epochs > 0 (T of q(t) = (1-t/T) ...)")
+        w = min(max(float(epoch) / float(total_epochs), 0.0), 1.0)
+        return (1.0 - w) * instance + w * balanced
+    raise ValueError(f"unknown sampling mode {mode!r}; choose one of {SAMPLING_MODES}")
+
+
+def _labels_of(labels: object, label_column: str | None) -> np.ndarray:
+    try:
+        from datasets import Dataset
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        Dataset = ()  # type: ignore[assignment]
+    if isinstance(labels, Dataset):
+        from hf_longtail.data.columns import detect_label_column, label_array
+
+        column = detect_label_column(labels.features, label_column)
+        values = label_array(labels, column)
+        if values.dtype == object:
+            raise ValueError(
+                f"label column {column!r} holds strings; encode it with ensure_class_label first"
+            )
+        return values.astype(np.int64)
+    values = np.asarray(labels)
+    if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
+        raise ValueError("labels must be a 1-D sequence of integer class ids or a datasets.Dataset")
+    if values.size and values.min() < 0:
+        row = int(np.flatnonzero(values < 0)[0])
+        raise ValueError(f"negative label {int(values[row])} at index {row}")
+    return values.astype(np.int64)
+
+
+class ClassAwareSampler(Sampler[int]):
+    """Distributed class-aware sampler; see the module docstring for the exact scheme.
+
+    Args:
+        labels: class id per dataset row (sequence / array), or a ``datasets.Dataset`` (its label
+            column is read from Arrow, nothing decoded).
+        mode: ``"class_balanced"`` (default), ``"sqrt"``, ``"instance"`` or ``"progressive"``.
+        num_samples: length of the global order per epoch (default: ``len(labels)``).
+        num_replicas, rank: default to ``torch.distributed`` world size / rank when initialised,
+            else 1 / 0. Use ``num_replicas=1`` when accelerate shards the DataLoader.
+        seed: base seed; the epoch order is seeded by ``(seed, epoch)``.
+        total_epochs: ``T`` for ``progressive``.
+        drop_last: truncate the global order to a multiple of ``num_replicas`` instead of
+            padding it by wrapping.
+        label_column: label column when ``labels`` is a Dataset (default: detected).
+
+    ``len(sampler)`` is the number of indices this rank yields per epoch. Call ``set_epoch``
+    before each epoch (accelerate and the Trainer do), as with ``DistributedSampler``.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | np.ndarray | object,
+        mode: str = "class_balanced",
+        num_samples: int | None = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        seed: int = 0,
+        total_epochs: int | None = None,
+        drop_last: bool = False,
+        label_column: str | None = None,
+    ):
+        if mode not in SAMPLING_MODES:
+            raise ValueError(f"unknown sampling mode {mode!r}; choose one of {SAMPLING_MODES}")
+        self.labels = _labels_of(labels, label_column)
+        if self.labels.size == 0:
+            raise ValueError("cannot sample from an empty dataset")
+        self.mode = mode
+        self.total_epochs = total_epochs
+        self.class_counts = np.bincount(self.labels)
+        # Validate the configuration now (e.g. progressive without total_epochs).
+        sampling_distribution(self.class_counts, mode, 0, total_epochs)
+        n = len(self.labels) if num_samples is None else num_samples
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}")
+        self.num_samples_global = int(n)
+        dist = torch.distributed
+        initialised = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if initialised else 1
+        if rank is None:
+            rank = dist.get_rank() if initialised else 0
+        if num_replicas < 1 or not (0 <= rank < num_replicas):
+            raise ValueError(
+                f"need num_replicas >= 1 and 0 <= rank < num_replicas; got "
+                f"num_replicas={num_replicas}, rank={rank}"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
+        self.num_replicas, self.rank, self.seed = int(num_replicas), int(rank), int(seed)
+        self.drop_last = bool(drop_last)
+        if self.drop_last:
+            self.num_samples = self.num_samples_global // self.num_replicas
+            if self.num_samples == 0:
+                raise ValueError(
+                    f"drop_last with num_samples={self.num_samples_global} < num_replicas="
+                    f"{self.num_replicas} leaves no sample per rank"
+                )
+        else:
+            self.num_samples = math.ceil(self.num_samples_global / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+        # Row indices grouped by class (stable, so the grouping itself is deterministic).
+        self._by_class = np.argsort(self.labels, kind="stable")
+        self._starts = np.concatenate(([0], np.cumsum(self.class_counts)[:-1]))
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose global order ``__iter__`` yields (and ``q(t)`` if progressive)."""
+        self.epoch = int(epoch)
+
+    def probabilities(self, epoch: int | None = None) -> np.ndarray:
+        """Class sampling distribution ``q`` used at ``epoch`` (default: the current epoch)."""
+        e = self.epoch if epoch is None else epoch
+        return sampling_distribution(self.class_counts, self.mode, e, self.total_epochs)
+
+    def global_order(self, epoch: int | None = None) -> np.ndarray:
+        """The full order of ``num_samples`` dataset indices for ``epoch`` (before padding or
+        sharding); identical on every rank and machine for the same ``(seed, epoch)``."""
+        e = self.epoch if epoch is None else int(epoch)
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, e])))
+        q = self.probabilities(e)
+        total = self.num_samples_global
+        cum = np.floor(np.cumsum(q) * total + rng.random())
+        cum[-1] = total  # Q_C = 1 exactly; float rounding of cumsum must not lose a slot
+        quotas = np.diff(np.concatenate(([0.0], cum))).astype(np.int64)
+        slots = np.empty(total, dtype=np.int64)
+        pos = 0
+        for c in np.flatnonzero(quotas):
+            k = int(quotas[c])
+            n_c = int(self.class_counts[c])
+            members = self._by_class[self._starts[c] : self._starts[c] + n_c]
+            rounds = -(-k // n_c)
+            picks = np.concatenate(
+                [members[np.argsort(rng.random(n_c), kind="stable")] for _ in range(rounds)]
+            )
+            slots[pos : pos + k] = picks[:k]
+            pos += k
+        return slots[np.argsort(rng.random(total), kind="stable")]
+
+    def rank_indices(self, epoch: int | None = None) -> np.ndarray:
+        """The indices this rank yields for ``epoch``: positions ``rank::num_replicas`` of the
+        global order padded by wrapping (or truncated with ``drop_last``) to ``total_size``."""
+        order = self.global_order(epoch)
+        if self.drop_last:
+            order = order[: self.total_size]
+        elif self.total_size > order.size:
+            reps = -(-self.total_size // order.size)
+            order = np.tile(order, reps)[: self.total_size]
+        return order[self.rank : self.total_size : self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.rank_indices().tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def create_sampler(
+    name: str, labels: Sequence[int] | np.ndarray | object, **kwargs: object
+) -> ClassAwareSampler:
+    """Factory by name: ``"class_balanced"`` (alias ``"balanced"``, ``"cb"``), ``"sqrt"``
+    (``"square_root"``), ``"instance"``, ``"progressive"``; ``kwargs`` go to
+    :class:`ClassAwareSampler`."""
+    aliases = {"balanced": "class_balanced", "cb": "class_balanced", "square_root": "sqrt"}
+    mode = aliases.get(name.lower(), name.lower())
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLING_MODES}")
+    return ClassAwareSampler(labels, mode=mode, **kwargs)  # type: ignore[arg-type]

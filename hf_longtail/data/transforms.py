@@ -1,0 +1,445 @@
+"""Train/eval image transforms and their lazy application to ``datasets`` splits.
+
+Three ways to get a ``(train_transform, eval_transform)`` pair of PIL -> float tensor (C x H x W)
+callables, all starting with :class:`ToRGB` (grayscale, RGBA, palette, CMYK and 16-bit images
+become 3-channel RGB):
+
+- :func:`cifar_transforms`: the CIFAR-LT protocol for 32x32 from-scratch training
+  (random crop 32 with 4-pixel zero padding, horizontal flip, normalise with the CIFAR
+  mean/std of the LDAM reference code); eval only normalises.
+- :func:`transforms_from_image_processor`: size / crop / mean / std / resample of a transformers
+  image processor (train: RandomResizedCrop + flip; eval: resize + centre crop).
+- :func:`transforms_from_timm`: ``timm.data.resolve_data_config`` + ``create_transform``.
+
+:func:`build_transforms` picks one of them from a name or an object. Optional ``auto_augment``:
+``"randaugment"`` (torchvision ``RandAugment(num_ops=2, magnitude=9)``) or ``"trivialaugment"``
+(``TrivialAugmentWide``); for timm they map to ``rand-m9-mstd0.5-inc1`` and the TrivialAugment-
+style ``rand-n1-m10-mstd101-p1.0-inc1`` (one op, always applied, uniform magnitude), and any
+other timm string is passed through.
+
+:func:`with_transforms` / :func:`apply_transforms` attach them with ``Dataset.with_transform`` so
+images are decoded and transformed only when a row is read; rows come out as
+``{"pixel_values": FloatTensor[C, H, W], "labels": int}``. When the dataset is given to a
+``transformers.Trainer``, set ``remove_unused_columns=False``: the Trainer would otherwise drop
+the raw image/label columns that the transform reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict
+from PIL import Image as PILImage
+from torchvision.transforms import InterpolationMode, v2
+
+from hf_longtail.data.columns import detect_columns
+
+__all__ = [
+    "AUTO_AUGMENT",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageClassificationTransform",
+    "ResizeIfNeeded",
+    "ToRGB",
+    "apply_transforms",
+    "build_transforms",
+    "cifar_transforms",
+    "to_rgb",
+    "transforms_from_image_processor",
+    "transforms_from_timm",
+    "with_transforms",
+]
+
+#: Normalisation of the CIFAR-LT reference code (LDAM-DRW), used for CIFAR-10 and CIFAR-100 there.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+#: Per-channel statistics of the CIFAR-100 training set.
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Names accepted by ``auto_augment`` (torchvision ops; timm strings map in ``_TIMM_AUTO_AUGMENT``).
+AUTO_AUGMENT = ("randaugment", "trivialaugment")
+_TIMM_AUTO_AUGMENT = {
+    "randaugment": "rand-m9-mstd0.5-inc1",
+    "trivialaugment": "rand-n1-m10-mstd101-p1.0-inc1",
+}
+# PIL resample codes (what image processors store) -> torchvision modes.
+_PIL_TO_TV = {
+    0: InterpolationMode.NEAREST,
+    1: InterpolationMode.LANCZOS,
+    2: InterpolationMode.BILINEAR,
+    3: InterpolationMode.BICUBIC,
+    4: InterpolationMode.BOX,
+    5: InterpolationMode.HAMMING,
+}
+
+
+def to_rgb(image: Any) -> PILImage.Image:
+    """Return ``image`` as an 8-bit RGB PIL image.
+
+    - ``RGB``: returned as is.
+    - ``RGBA`` / ``LA`` / palette with transparency: alpha-composited onto white (what
+      transformers' ``convert_to_rgb`` does), so transparent pixels do not turn black.
+    - ``I;16*`` (16-bit grayscale): divided by 257 to 0..255; ``I`` / ``F``: clipped to 0..255
+      (``F`` in [0, 1] is first scaled by 255).
+    - everything else (``L``, ``1``, ``P``, ``CMYK``, ``YCbCr``, ...): ``Image.convert("RGB")``.
+    - NumPy arrays (H x W, H x W x 1/3/4; uint8, or float in [0, 1]) are converted first.
+    """
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.dtype != np.uint8:
+            scale = 255.0 if array.size and float(np.nanmax(array)) <= 1.0 else 1.0
+            array = np.clip(np.rint(array.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[:, :, 0]
+        image = PILImage.fromarray(array)
+    if not isinstance(image, PILImage.Image):
+        raise TypeError(
+            f"expected a PIL image or a NumPy array, got {type(image).__name__}; is the image "
+            f"column a datasets.Image feature?"
+        )
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PILImage.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and array.size and array.max() > 255):
+            array = array / 257.0
+        elif mode == "F" and array.size and array.max() <= 1.0:
+            array = array * 255.0
+        gray = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+        return PILImage.fromarray(gray).convert("RGB")
+    return image.convert("RGB")
+
+
+class ToRGB:
+    """Transform wrapper of :func:`to_rgb` (picklable, for DataLoader workers)."""
+
+    def __call__(self, image: Any) -> PILImage.Image:
+        return to_rgb(image)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ResizeIfNeeded:
+    """Resize a PIL image to ``(size, size)`` only when it is not already that size (CIFAR images
+    pass through untouched; e.g. 8x8 digits are upsampled so that the 32x32 crop applies)."""
+
+    def __init__(self, size: int, interpolation: InterpolationMode = InterpolationMode.BILINEAR):
+        self.size = int(size)
+        self.resize = v2.Resize((self.size, self.size), interpolation=interpolation, antialias=True)
+
+    def __call__(self, image: PILImage.Image) -> PILImage.Image:
+        if image.size == (self.size, self.size):
+            return image
+        return self.resize(image)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+
+class _Rescale:
+    """Multiply a float tensor by ``factor`` (image processors with ``rescale_factor != 1/255``)."""
+
+    def __init__(self, factor: float):
+        self.factor = float(factor)
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor * self.factor
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.factor:g})"
+
+
+def _auto_augment_op(auto_augment: str | None, interpolation: InterpolationMode) -> list[Any]:
+    if auto_augment is None:
+        return []
+    name = auto_augment.lower()
+    if name == "randaugment":
+        return [v2.RandAugment(num_ops=2, magnitude=9, interpolation=interpolation)]
+    if name == "trivialaugment":
+        return [v2.TrivialAugmentWide(interpolation=interpolation)]
+    raise ValueError(f"unknown auto_augment {auto_augment!r}; choose one of {AUTO_AUGMENT} or None")
+
+
+def _to_tensor(mean: Sequence[float] | None, std: Sequence[float] | None) -> list[Any]:
+    ops: list[Any] = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    if mean is not None and std is not None:
+        ops.append(v2.Normalize(mean=list(mean), std=list(std)))
+    return ops
+
+
+def _check_mean_std(mean: Sequence[float], std: Sequence[float]) -> None:
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values (RGB); got mean={mean}, std={std}")
+    if any(s <= 0 for s in std):
+        raise ValueError(f"std must be positive; got {std}")
+
+
+def cifar_transforms(
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
+    *,
+    size: int = 32,
+    padding: int = 4,
+    auto_augment: str | None = None,
+) -> tuple[v2.Compose, v2.Compose]:
+    """The CIFAR-LT protocol (Cao et al. 2019):
+
+    - train: ``ToRGB`` -> resize to ``size`` if needed -> ``RandomCrop(size, padding=4)`` (zero
+      padding) -> ``RandomHorizontalFlip(0.5)`` -> [auto_augment] -> float in [0, 1] ->
+      ``Normalize(mean, std)``;
+    - eval: ``ToRGB`` -> resize to ``size`` if needed -> float -> ``Normalize(mean, std)``.
+    """
+    _check_mean_std(mean, std)
+    bilinear = InterpolationMode.BILINEAR
+    train = v2.Compose(
+        [
+            ToRGB(),
+            ResizeIfNeeded(size),
+            v2.RandomCrop(size, padding=padding),
+            v2.RandomHorizontalFlip(0.5),
+            *_auto_augment_op(auto_augment, bilinear),
+            *_to_tensor(mean, std),
+        ]
+    )
+    eval_ = v2.Compose([ToRGB(), ResizeIfNeeded(size), *_to_tensor(mean, std)])
+    return train, eval_
+
+
+def _size_fields(size: Any) -> dict[str, int]:
+    """Normalise an image-processor ``size`` (``SizeDict``, dict, int or (h, w)) to a dict with
+    some of ``height``, ``width``, ``shortest_edge``, ``longest_edge``."""
+    if size is None:
+        return {}
+    if isinstance(size, int):
+        return {"height": size, "width": size}
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        return {"height": int(size[0]), "width": int(size[1])}
+    keys = ("height", "width", "shortest_edge", "longest_edge")
+    if isinstance(size, dict):
+        values = {k: size.get(k) for k in keys}
+    else:
+        values = {k: getattr(size, k, None) for k in keys}
+    return {k: int(v) for k, v in values.items() if v is not None}
+
+
+def transforms_from_image_processor(
+    processor: Any, *, auto_augment: str | None = None
+) -> tuple[v2.Compose, v2.Compose]:
+    """Train/eval transforms matching a transformers image processor.
+
+    Output resolution ``(H, W)``: ``crop_size`` when ``do_center_crop``; else ``size`` as
+    ``height``/``width``, or ``(s, s)`` for ``shortest_edge = s`` (or ``longest_edge = s``).
+    Eval: ``size`` height/width -> ``Resize((h, w))``; ``shortest_edge = s`` -> ``Resize(s)`` (or
+    ``Resize(int(s / crop_pct))`` when the processor has a ``crop_pct``, as ConvNeXt does) followed
+    by a centre crop to ``(H, W)`` so that every image in a batch has the same shape. Train:
+    ``RandomResizedCrop((H, W))`` + horizontal flip + [auto_augment]. Both: ``ToRGB`` first, then
+    ``pixel = (x * rescale_factor - image_mean) / image_std`` like the processor (no
+    normalisation when ``do_normalize`` is False), with the processor's ``resample``.
+
+    Raises:
+        ValueError: the processor has no usable ``size``/``crop_size``.
+    """
+    fields = _size_fields(getattr(processor, "size", None))
+    crop = _size_fields(getattr(processor, "crop_size", None))
+    do_crop = bool(getattr(processor, "do_center_crop", False)) and bool(crop)
+    resample = getattr(processor, "resample", None)
+    interpolation = (
+        resample
+        if isinstance(resample, InterpolationMode)
+        else _PIL_TO_TV.get(
+            int(resample) if resample is not None else 2, InterpolationMode.BILINEAR
+        )
+    )
+    if "height" in fields and "width" in fields:
+        resize: Any = v2.Resize((fields["height"], fields["width"]), interpolation, antialias=True)
+        out = (fields["height"], fields["width"])
+    elif "shortest_edge" in fields or "longest_edge" in fields:
+        edge = fields.get("shortest_edge", fields.get("longest_edge"))
+        crop_pct = getattr(processor, "crop_pct", None)
+        resize_to = int(edge / crop_pct) if crop_pct else edge
+        if "shortest_edge" in fields:
+            resize = v2.Resize(resize_to, interpolation, antialias=True)
+        else:
+            resize = v2.Resize((resize_to, resize_to), interpolation, antialias=True)
+        out = (edge, edge)
+    else:
+        raise ValueError(
+            f"cannot read the image size of {type(processor).__name__}: size={processor.size!r}; "
+            f"expected height/width, shortest_edge or longest_edge"
+        )
+    if do_crop:
+        out = (crop["height"], crop["width"]) if "height" in crop else (crop["shortest_edge"],) * 2
+    mean = getattr(processor, "image_mean", None) or IMAGENET_MEAN
+    std = getattr(processor, "image_std", None) or IMAGENET_STD
+    if not getattr(processor, "do_normalize", True):
+        mean = std = None
+    else:
+        _check_mean_std(mean, std)
+    tail: list[Any] = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    factor = getattr(processor, "rescale_factor", 1 / 255)
+    if not getattr(processor, "do_rescale", True):
+        tail.append(_Rescale(255.0))
+    elif factor is not None and abs(float(factor) * 255.0 - 1.0) > 1e-6:
+        tail.append(_Rescale(float(factor) * 255.0))
+    if mean is not None:
+        tail.append(v2.Normalize(mean=list(mean), std=list(std)))
+    train = v2.Compose(
+        [
+            ToRGB(),
+            v2.RandomResizedCrop(out, interpolation=interpolation, antialias=True),
+            v2.RandomHorizontalFlip(0.5),
+            *_auto_augment_op(auto_augment, interpolation),
+            *tail,
+        ]
+    )
+    eval_ = v2.Compose([ToRGB(), resize, v2.CenterCrop(out), *tail])
+    return train, eval_
+
+
+def transforms_from_timm(
+    model_or_config: Any, *, auto_augment: str | None = None
+) -> tuple[Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor]]:
+    """Train/eval transforms from a timm model or data config.
+
+    ``model_or_config``: a timm model (``timm.data.resolve_data_config(model=model)``), a dict
+    already in data-config form (``input_size``, ``interpolation``, ``mean``, ``std``,
+    ``crop_pct``, ``crop_mode``) or a ``pretrained_cfg`` dict (resolved). The transforms are
+    ``timm.data.create_transform(**config, is_training=True/False)`` (train: random-resized crop,
+    flip, [auto_augment]; eval: resize + centre crop by ``crop_pct``), preceded by ``ToRGB``.
+    """
+    from timm.data import create_transform, resolve_data_config
+
+    if isinstance(model_or_config, dict):
+        if "input_size" in model_or_config:
+            config = dict(model_or_config)
+        else:
+            config = resolve_data_config(pretrained_cfg=model_or_config)
+    elif isinstance(model_or_config, torch.nn.Module):
+        config = resolve_data_config(model=model_or_config)
+    else:
+        raise TypeError(
+            f"expected a timm model or a data-config dict, got {type(model_or_config).__name__}"
+        )
+    keep = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    config = {k: v for k, v in config.items() if k in keep}
+    aa = None
+    if auto_augment is not None:
+        aa = _TIMM_AUTO_AUGMENT.get(auto_augment.lower(), auto_augment)
+    train = v2.Compose([ToRGB(), create_transform(**config, is_training=True, auto_augment=aa)])
+    eval_ = v2.Compose([ToRGB(), create_transform(**config, is_training=False)])
+    return train, eval_
+
+
+def build_transforms(
+    source: Any = "cifar", *, auto_augment: str | None = None
+) -> tuple[Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor]]:
+    """``(train_transform, eval_transform)`` from ``source``:
+
+    - ``"cifar"`` / ``"cifar10"``: :func:`cifar_transforms` with ``CIFAR10_MEAN/STD``;
+      ``"cifar100"``: with ``CIFAR100_MEAN/STD``;
+    - a transformers image processor (has ``image_mean`` and ``size``):
+      :func:`transforms_from_image_processor`;
+    - a timm model (``pretrained_cfg`` attribute) or a data-config dict: :func:`transforms_from_timm`.
+    """
+    if isinstance(source, str):
+        key = source.lower().replace("-", "").replace("_", "")
+        if key in ("cifar", "cifar10"):
+            return cifar_transforms(CIFAR10_MEAN, CIFAR10_STD, auto_augment=auto_augment)
+        if key == "cifar100":
+            return cifar_transforms(CIFAR100_MEAN, CIFAR100_STD, auto_augment=auto_augment)
+        raise ValueError(
+            f"unknown transform preset {source!r}; use 'cifar10', 'cifar100', an image processor, "
+            f"a timm model or a timm data config"
+        )
+    if hasattr(source, "image_mean") and hasattr(source, "size"):
+        return transforms_from_image_processor(source, auto_augment=auto_augment)
+    if isinstance(source, dict) or hasattr(source, "pretrained_cfg"):
+        return transforms_from_timm(source, auto_augment=auto_augment)
+    raise TypeError(
+        f"cannot build transforms from {type(source).__name__}; pass 'cifar10', 'cifar100', a "
+        f"transformers image processor, a timm model or a timm data-config dict"
+    )
+
+
+class ImageClassificationTransform:
+    """Batch transform for ``Dataset.set_transform``: reads ``image_column`` and ``label_column``
+    of a batch (lists) and returns ``{"pixel_values": [FloatTensor[C,H,W], ...],
+    "labels": [int, ...]}``. Picklable, so it works in DataLoader worker processes."""
+
+    def __init__(
+        self, transform: Callable[[Any], torch.Tensor], image_column: str, label_column: str
+    ):
+        self.transform = transform
+        self.image_column = image_column
+        self.label_column = label_column
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        images = batch[self.image_column]
+        return {
+            "pixel_values": [self.transform(image) for image in images],
+            "labels": [int(y) for y in batch[self.label_column]],
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(image_column={self.image_column!r}, "
+            f"label_column={self.label_column!r}, transform={self.transform!r})"
+        )
+
+
+def with_transforms(
+    dataset: Dataset,
+    transform: Callable[[Any], torch.Tensor],
+    image_column: str | None = None,
+    label_column: str | None = None,
+) -> Dataset:
+    """A copy of ``dataset`` whose rows are transformed on access (``Dataset.with_transform``,
+    restricted to the image and label columns so no other column is decoded): rows read as
+    ``{"pixel_values": FloatTensor[C,H,W], "labels": int}``. Columns are detected as in
+    ``detect_columns`` unless given."""
+    image_column, label_column = detect_columns(dataset, image_column, label_column)
+    fn = ImageClassificationTransform(transform, image_column, label_column)
+    return dataset.with_transform(fn, columns=[image_column, label_column])
+
+
+def apply_transforms(
+    dataset: DatasetDict,
+    train_transform: Callable[[Any], torch.Tensor],
+    eval_transform: Callable[[Any], torch.Tensor],
+    image_column: str | None = None,
+    label_column: str | None = None,
+    *,
+    train_split: str = "train",
+) -> DatasetDict:
+    """A new ``DatasetDict``: ``train_split`` with ``train_transform`` and every other split with
+    ``eval_transform``, via :func:`with_transforms` (lazy; the splits' data are shared)."""
+    image_column, label_column = detect_columns(dataset, image_column, label_column)
+    return DatasetDict(
+        {
+            name: with_transforms(
+                split,
+                train_transform if name == train_split else eval_transform,
+                image_column,
+                label_column,
+            )
+            for name, split in dataset.items()
+        }
+    )
