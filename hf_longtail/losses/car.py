@@ -274,8 +274,9 @@ class ConfusionSpectralRegularizer(nn.Module):
         batch = cols.detach() * (1.0 - beta)
         coef = beta * float(self.ema_scale)
         E = self.ema_columns if beta > 0 and int(self.num_steps) > 0 else None
-        u = self.u.to(dtype)
-        v = self.v.to(dtype)
+        # Copies: the state is updated in place later while autograd may still hold u.
+        u = self.u.to(dtype, copy=True)
+        v = self.v.to(dtype, copy=True)
         dense = None
         wv_b = w_b
         for _ in range(self.power_iterations):
