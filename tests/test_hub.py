@@ -384,7 +384,9 @@ def test_empty_groups_are_na_in_the_table_and_absent_from_model_index(run_dir):
 
 def test_custom_architecture_local_paths_and_no_processor(run_dir):
     (run_dir / "preprocessor_config.json").unlink()
-    _edit_json(run_dir / "config.json", lambda c: c.update(model_type="resnet32_cifar"))
+    _edit_json(
+        run_dir / "config.json", lambda c: c.update(model_type="resnet_cifar", image_size=None)
+    )
 
     def local(run):
         run["model_name_or_path"] = "resnet32_cifar"
@@ -392,6 +394,8 @@ def test_custom_architecture_local_paths_and_no_processor(run_dir):
         run["loss"].update(ccar=False, car_weight=0.0)
 
     _edit_json(run_dir / "longtail_run.json", local)
+    # Without the metrics package's worst_class id, the worst class is the arg-min accuracy.
+    _edit_json(run_dir / "all_results.json", lambda r: r.pop("test_worst_class"))
     card = build_model_card(run_dir)  # no repo id: a local reference in the snippet
     text = str(card)
     assert "/home/someone" not in text  # local paths never leak into a public card
@@ -403,6 +407,9 @@ def test_custom_architecture_local_paths_and_no_processor(run_dir):
     assert "import hf_longtail.models" in card.text
     assert 'AutoModelForImageClassification.from_pretrained("path/to/digits-ccar-car")' in text
     assert "pipeline(" not in text
+    assert "torch.rand(1, 3, 32, 32)" in text
+    worst = int(np.argmin(PER_CLASS))
+    assert f"**{NAMES[worst]}** (label {worst}, {COUNTS[worst]} training images)" in text
 
 
 def test_class_count_summary_against_reference():
@@ -609,3 +616,13 @@ def test_cli_push_offline_in_a_subprocess(run_dir):
     assert proc.returncode == 1, proc.stderr
     assert re.search(r"Retry with: python -m hf_longtail\.hub push \S+ --repo-id me/m", proc.stderr)
     assert (run_dir / "model.safetensors").is_file() and (run_dir / "README.md").is_file()
+
+
+def test_a_custom_template_replaces_the_packaged_one(run_dir, tmp_path):
+    template = tmp_path / "mine.md.jinja"
+    template.write_text(
+        "---\n{{ card_data }}\n---\n# {{ model_title }}: {{ counts.few }} few-shot\n"
+    )
+    card = build_model_card(run_dir, "me/custom", template=template)
+    assert card.text.strip() == f"# custom: {_groups(COUNTS).count('few')} few-shot"
+    assert card_metrics(card)["accuracy"] == _results()["test_accuracy"]

@@ -442,7 +442,6 @@ def _dataset_context(
         "eval_split": str(ds.get("eval_split", "test")),
         "image_column": str(ds.get("image_column", "image")),
         "label_column": str(ds.get("label_column", "label")),
-        "train_size": ds.get("train_size", counts["total"]),
         "repo_link": (
             f"[{dataset_repo_id}](https://huggingface.co/datasets/{dataset_repo_id})"
             if dataset_repo_id
@@ -478,7 +477,10 @@ def _usage_snippet(run: RunDir, model_ref: str, needs_hf_longtail: bool) -> str:
                 f'print(classifier("path/to/image.png", top_k={min(5, num_labels)}))',
             ]
         )
-    size = run.config.get("image_size", 224)
+    # CIFAR-style from-scratch models (hf-longtail's resnet_cifar) take 32x32 inputs.
+    size = run.config.get("image_size") or (
+        32 if "cifar" in str(run.config.get("model_type")) else 224
+    )
     channels = run.config.get("num_channels", 3)
     return "\n".join(
         [
@@ -536,6 +538,7 @@ def eval_results_for_run(run: RunDir, dataset_type: str, dataset_name: str) -> l
                 task_name=TASK_NAME,
                 dataset_type=dataset_type,
                 dataset_name=dataset_name,
+                dataset_config=ds.get("config_name") or None,
                 dataset_split=str(ds.get("eval_split", "test")),
                 dataset_args=dataset_args or None,
                 metric_type=spec.metric_type,
@@ -623,7 +626,7 @@ def build_model_card(
     template_file = Path(template) if template is not None else template_path(MODEL_CARD_TEMPLATE)
     card = ModelCard.from_template(
         card_data,
-        template_str=template_file.read_text(encoding="utf-8"),
+        template_path=str(template_file),
         model_title=model_name,
         repo_id=repo_id,
         base_model_display=_base_model_display(base_model, model_source),

@@ -216,7 +216,7 @@ def build_dataset_card(
     template_file = Path(template) if template else template_path(DATASET_CARD_TEMPLATE)
     card = DatasetCard.from_template(
         card_data,
-        template_str=template_file.read_text(encoding="utf-8"),
+        template_path=str(template_file),
         title=pretty_name,
         repo_ref=repo_id or "path/to/dataset",
         source_display=(

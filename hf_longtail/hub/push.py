@@ -73,6 +73,7 @@ def retry_command(
     revision: str | None = None,
     license: str = DEFAULT_LICENSE,
     dataset_repo_id: str | None = None,
+    base_model: str | None = None,
     keep_card: bool = False,
 ) -> str:
     """The shell command that pushes ``output_dir`` again with the same options (no token)."""
@@ -85,6 +86,8 @@ def retry_command(
         parts += ["--license", license]
     if dataset_repo_id:
         parts += ["--dataset-repo-id", dataset_repo_id]
+    if base_model:
+        parts += ["--base-model", base_model]
     if keep_card:
         parts.append("--keep-card")
     return shlex.join(parts)
@@ -172,6 +175,7 @@ def push_long_tail_model(
         revision=revision,
         license=license,
         dataset_repo_id=dataset_repo_id,
+        base_model=base_model,
         keep_card=keep_card,
     )
     try:
