@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from hf_longtail.data.samplers import (
         SAMPLING_MODES,
         ClassAwareSampler,
+        build_class_aware_sampler,
         create_sampler,
         sampling_distribution,
     )
@@ -71,6 +72,7 @@ _EXPORTS: dict[str, str] = {
     "SAMPLING_MODES": "hf_longtail.data.samplers",
     "SplitFileError": "hf_longtail.data.sources",
     "apply_transforms": "hf_longtail.data.transforms",
+    "build_class_aware_sampler": "hf_longtail.data.samplers",
     "build_transforms": "hf_longtail.data.transforms",
     "cifar_transforms": "hf_longtail.data.transforms",
     "class_counts": "hf_longtail.data.longtail",
@@ -108,6 +110,7 @@ __all__ = [
     "MixupCollator",
     "SplitFileError",
     "apply_transforms",
+    "build_class_aware_sampler",
     "build_transforms",
     "cifar_transforms",
     "class_counts",

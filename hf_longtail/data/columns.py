@@ -12,8 +12,10 @@ Detection rules (``detect_columns``):
 Conversions (``ensure_class_label``), applied jointly to all splits so that ids agree:
 
 - integer labels -> ``ClassLabel(names=[str(i) for i in range(max_label + 1)])`` (ids unchanged);
-- string labels -> ``datasets.Dataset.class_encode_column`` (names sorted alphabetically, ids
-  are their positions);
+- string labels -> ``ClassLabel(names=sorted(all distinct strings of all splits))``, the encoding
+  of ``datasets.Dataset.class_encode_column`` but computed over all splits jointly (the
+  ``DatasetDict`` method encodes each split on its own, which shifts the ids of a split that
+  lacks a class);
 - negative, null or out-of-range labels are errors naming the split, row and value.
 
 Label values are always read from the Arrow column, never by decoding rows.
@@ -233,7 +235,8 @@ def ensure_class_label(dataset: Dataset | DatasetDict, label_column: str) -> Dat
     - ``ClassLabel``: kept; every value must be in ``[0, num_classes)``.
     - integers: cast to ``ClassLabel(names=[str(i) for i in range(m + 1)])``, ``m`` the largest
       label over all splits (ids unchanged; unused ids in between get a zero count).
-    - strings: ``class_encode_column`` over all splits jointly (sorted names, id = position).
+    - strings: ``ClassLabel(names=sorted(distinct strings over all splits))`` (the
+      ``class_encode_column`` encoding, computed jointly so ids agree between splits).
 
     Raises:
         ValueError: null, negative or out-of-range labels (split, row and value named), or a
@@ -261,9 +264,12 @@ def ensure_class_label(dataset: Dataset | DatasetDict, label_column: str) -> Dat
         class_label = ClassLabel(names=[str(i) for i in range(top + 1)])
         return dataset.cast_column(label_column, class_label)
     if _is_str(feature):
+        # Not DatasetDict.class_encode_column: it encodes each split on its own, so a class
+        # missing from one split would shift the ids of that split. One sorted name list for all.
+        names: set[str] = set()
         for split in splits.values():
-            label_array(split, label_column)  # raises on nulls, naming the row
-        return dataset.class_encode_column(label_column)
+            names.update(str(v) for v in np.unique(label_array(split, label_column)))
+        return dataset.cast_column(label_column, ClassLabel(names=sorted(names)))
     raise ValueError(
         f"label column {label_column!r} has feature {feature!r}; class labels must be a "
         f"ClassLabel, an integer or a string column"

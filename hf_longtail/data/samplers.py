@@ -44,7 +44,13 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-__all__ = ["SAMPLING_MODES", "ClassAwareSampler", "create_sampler", "sampling_distribution"]
+__all__ = [
+    "SAMPLING_MODES",
+    "ClassAwareSampler",
+    "build_class_aware_sampler",
+    "create_sampler",
+    "sampling_distribution",
+]
 
 SAMPLING_MODES = ("instance", "class_balanced", "sqrt", "progressive")
 
@@ -53,7 +59,7 @@ def sampling_distribution(
     class_counts: Sequence[int] | np.ndarray,
     mode: str = "class_balanced",
     epoch: float = 0,
-    total_epochs: int | None = None,
+    total_epochs: float | None = None,
 ) -> np.ndarray:
     """Per-class sampling probabilities ``q`` (float64, sums to 1) for ``mode`` (module docstring).
     Classes with ``n_c = 0`` get ``q_c = 0``.
@@ -135,7 +141,7 @@ class ClassAwareSampler(Sampler[int]):
         num_replicas: int | None = None,
         rank: int | None = None,
         seed: int = 0,
-        total_epochs: int | None = None,
+        total_epochs: float | None = None,
         drop_last: bool = False,
         label_column: str | None = None,
     ):
@@ -245,3 +251,32 @@ def create_sampler(
     if mode not in SAMPLING_MODES:
         raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLING_MODES}")
     return ClassAwareSampler(labels, mode=mode, **kwargs)  # type: ignore[arg-type]
+
+
+def build_class_aware_sampler(
+    dataset: object,
+    strategy: str = "class_balanced",
+    *,
+    label_column: str | None = None,
+    seed: int = 0,
+    num_epochs: float | None = None,
+    num_replicas: int | None = None,
+    rank: int | None = None,
+    num_samples: int | None = None,
+    drop_last: bool = False,
+) -> ClassAwareSampler:
+    """Sampler for a training ``datasets.Dataset`` (or label sequence) by strategy name, as the
+    Trainer needs it: ``strategy`` as in :func:`create_sampler`, ``num_epochs`` is ``T`` of the
+    progressive schedule (ignored otherwise). Pass ``num_replicas=1, rank=0`` when accelerate
+    shards the DataLoader (see the module docstring)."""
+    return create_sampler(
+        strategy,
+        dataset,
+        label_column=label_column,
+        seed=seed,
+        total_epochs=num_epochs if strategy.lower() == "progressive" else None,
+        num_replicas=num_replicas,
+        rank=rank,
+        num_samples=num_samples,
+        drop_last=drop_last,
+    )
