@@ -193,7 +193,9 @@ def confusion_spectral_norm(confusion: Any) -> float:
     ``n_t = sum_p M[t, p]`` (rows predicted, columns true, each column normalised by its true-class
     count) and ``C[c, c] = 0``. The result is the largest singular value ``||C||_2``; classes
     with no sample give a zero column. Transposing does not change the spectral norm, so only
-    the normalisation by true-class count matters.
+    the normalisation by true-class count matters. This is the hard-prediction, unweighted
+    counterpart of the matrix CAR regularises (``hf_longtail.losses``: same orientation and
+    normalisation, soft probabilities, EMA, and columns scaled by class weights ``w``).
     """
     m = _to_numpy(confusion, "confusion").astype(np.float64)
     if m.ndim != 2 or m.shape[0] != m.shape[1]:

@@ -338,7 +338,7 @@ class ResNetCifarForImageClassification(ResNetCifarPreTrainedModel):
             out = (logits,) + (
                 (outputs.hidden_states,) if outputs.hidden_states is not None else ()
             )
-            return ((loss, *out)) if loss is not None else out
+            return (loss, *out) if loss is not None else out
         return ImageClassifierOutputWithNoAttention(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states
         )
