@@ -9,11 +9,9 @@ losses should not be combined with mixup.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 __all__ = ["MixupCollator", "collate_fn"]
@@ -57,9 +55,8 @@ class MixupCollator:
     ``FloatTensor[B, K]``: the losses receive soft targets.
 
     timm requires an even batch; for an odd batch the last row is kept unmixed with the target
-    ``onehot_s`` (use ``drop_last=True`` to avoid it). In DataLoader worker processes NumPy's global
-    RNG (which timm uses) is re-seeded once per worker from ``torch.initial_seed()``, since forked
-    workers would otherwise share one NumPy state and draw the same ``lam``.
+    ``onehot_s`` (use ``drop_last=True`` to avoid it). timm draws ``lam`` from NumPy's global RNG,
+    which torch's DataLoader seeds differently in each worker process.
 
     Args:
         num_classes: K.
@@ -96,13 +93,6 @@ class MixupCollator:
             label_smoothing=label_smoothing,
             num_classes=num_classes,
         )
-        self._seeded_pid: int | None = None
-
-    def _seed_worker_numpy(self) -> None:
-        info = torch.utils.data.get_worker_info()
-        if info is not None and self._seeded_pid != os.getpid():
-            np.random.seed(torch.initial_seed() % 2**32)  # noqa: NPY002 -- timm reads the global RNG
-            self._seeded_pid = os.getpid()
 
     def _soft(self, labels: torch.Tensor) -> torch.Tensor:
         off = self.label_smoothing / self.num_classes
@@ -116,7 +106,6 @@ class MixupCollator:
             raise ValueError("MixupCollator expects integer class labels, got soft labels")
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             raise ValueError(f"labels must be in [0, {self.num_classes}); got {y.tolist()}")
-        self._seed_worker_numpy()
         n_even = x.shape[0] - x.shape[0] % 2
         soft = self._soft(y)
         if n_even >= 2:

@@ -248,8 +248,10 @@ def transforms_from_image_processor(
     Output resolution ``(H, W)``: ``crop_size`` when ``do_center_crop``; else ``size`` as
     ``height``/``width``, or ``(s, s)`` for ``shortest_edge = s`` (or ``longest_edge = s``).
     Eval: ``size`` height/width -> ``Resize((h, w))``; ``shortest_edge = s`` -> ``Resize(s)`` (or
-    ``Resize(int(s / crop_pct))`` when the processor has a ``crop_pct``, as ConvNeXt does) followed
-    by a centre crop to ``(H, W)`` so that every image in a batch has the same shape. Train:
+    ``Resize(int(s / crop_pct))`` when the processor has a ``crop_pct``, as ConvNeXt does below
+    384, and ``Resize((s, s))`` with a ``crop_pct`` at ``s >= 384``, ConvNeXt's warp) followed by a
+    centre crop to ``(H, W)`` so that every image in a batch has the same shape; ``longest_edge``
+    only -> ``Resize((s, s))``. Train:
     ``RandomResizedCrop((H, W))`` + horizontal flip + [auto_augment]. Both: ``ToRGB`` first, then
     ``pixel = (x * rescale_factor - image_mean) / image_std`` like the processor (no
     normalisation when ``do_normalize`` is False), with the processor's ``resample``.
@@ -274,11 +276,14 @@ def transforms_from_image_processor(
     elif "shortest_edge" in fields or "longest_edge" in fields:
         edge = fields.get("shortest_edge", fields.get("longest_edge"))
         crop_pct = getattr(processor, "crop_pct", None)
-        resize_to = int(edge / crop_pct) if crop_pct else edge
-        if "shortest_edge" in fields:
-            resize = v2.Resize(resize_to, interpolation, antialias=True)
+        if "longest_edge" in fields and "shortest_edge" not in fields:
+            resize = v2.Resize((edge, edge), interpolation, antialias=True)
+        elif crop_pct and edge >= 384:
+            # ConvNeXt's rule: at >= 384 the image is warped to a square, no crop.
+            resize = v2.Resize((edge, edge), interpolation, antialias=True)
         else:
-            resize = v2.Resize((resize_to, resize_to), interpolation, antialias=True)
+            resize_to = int(edge / crop_pct) if crop_pct else edge
+            resize = v2.Resize(resize_to, interpolation, antialias=True)
         out = (edge, edge)
     else:
         raise ValueError(
