@@ -309,6 +309,16 @@ def test_timm_architecture_forward_and_roundtrip(tmp_path, name):
     assert isinstance(create_image_processor(name, m), TimmWrapperImageProcessor)
 
 
+def test_download_options_never_leak_into_configs(tmp_path):
+    hub = {"revision": "main", "cache_dir": str(tmp_path / "cache"), "token": None}
+    for name in ("timm:test_resnet", "resnet20_cifar"):
+        m = create_model(name, num_labels=3, pretrained=False, **hub)
+        assert not any(hasattr(m.config, k) for k in ("revision", "cache_dir", "token")), name
+    _tiny_vit(3).save_pretrained(tmp_path / "vit")
+    m = create_model(tmp_path / "vit", num_labels=3, **hub)
+    assert "revision" not in m.config.to_dict()
+
+
 def test_timm_pretrained_offline_falls_back_to_random_with_warning(monkeypatch, caplog):
     import huggingface_hub.constants
 

@@ -202,9 +202,12 @@ def _warn_head_resize(source: str, old: int | None, new: int) -> None:
         )
 
 
-def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    keys = ("revision", "cache_dir", "token", "local_files_only", "trust_remote_code", "subfolder")
-    return {k: kwargs[k] for k in keys if k in kwargs}
+# Download options: used by the checkpoint sources, never written into a config.
+_HUB_KEYS = ("revision", "cache_dir", "token", "local_files_only", "trust_remote_code", "subfolder")
+
+
+def _pop_hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: kwargs.pop(k) for k in _HUB_KEYS if k in kwargs}
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,14 +235,15 @@ def _from_config(
     return AutoModelForImageClassification.from_config(config, **kwargs)
 
 
-def _from_pretrained(name: str, labels: tuple, pretrained: bool, **kwargs: Any) -> PreTrainedModel:
+def _from_pretrained(
+    name: str, labels: tuple, pretrained: bool, hub_kwargs: dict[str, Any], **kwargs: Any
+) -> PreTrainedModel:
     is_dir = os.path.isdir(name)
     if is_dir and not os.path.isfile(os.path.join(name, "config.json")):
         raise ValueError(
             f"Local directory {name!r} has no config.json, so it is not a saved transformers "
             "model. Save one with model.save_pretrained(dir), or pass " + _ACCEPTED_FORMS + "."
         )
-    hub_kwargs = _hub_kwargs(kwargs)
     try:
         config = AutoConfig.from_pretrained(name, **hub_kwargs)
     except OSError as err:
@@ -261,16 +265,17 @@ def _from_pretrained(name: str, labels: tuple, pretrained: bool, **kwargs: Any) 
         _apply_labels(config, n, id2label, label2id)
     if not pretrained:
         logger.info("%s: pretrained=False, building the architecture with random weights.", name)
-        model_kwargs = {k: v for k, v in kwargs.items() if k not in hub_kwargs}
-        return AutoModelForImageClassification.from_config(config, **model_kwargs)
+        return AutoModelForImageClassification.from_config(config, **kwargs)
     if n is not None:
         _warn_head_resize(name, old, n)
     return AutoModelForImageClassification.from_pretrained(
-        name, config=config, ignore_mismatched_sizes=True, **kwargs
+        name, config=config, ignore_mismatched_sizes=True, **hub_kwargs, **kwargs
     )
 
 
-def _from_timm(arch: str, labels: tuple, pretrained: bool, **kwargs: Any) -> PreTrainedModel:
+def _from_timm(
+    arch: str, labels: tuple, pretrained: bool, hub_kwargs: dict[str, Any], **kwargs: Any
+) -> PreTrainedModel:
     import timm
     from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 
@@ -306,7 +311,8 @@ def _from_timm(arch: str, labels: tuple, pretrained: bool, **kwargs: Any) -> Pre
     try:
         # timm resolves the weights (Hub 'timm/<arch>.<tag>' or URL) and re-initializes the head
         # when num_classes differs from the checkpoint's.
-        src = timm.create_model(arch, pretrained=True, num_classes=n, **model_args)
+        timm_kwargs = {"cache_dir": hub_kwargs["cache_dir"]} if hub_kwargs.get("cache_dir") else {}
+        src = timm.create_model(arch, pretrained=True, num_classes=n, **timm_kwargs, **model_args)
     except OSError as err:
         logger.warning(
             "timm %s: pretrained weights are not reachable (offline or not cached: %s). The "
@@ -348,15 +354,18 @@ def create_model(
         pretrained: load pretrained weights where the source has them (local/Hub checkpoints,
             timm). ``False`` builds the same architecture with random weights. Ignored by the
             from-scratch registered models.
-        kwargs: for registered names, config overrides (e.g. ``normed_linear=True``); for
-            checkpoints, ``from_pretrained`` arguments (``revision``, ``cache_dir``, ``dtype``,
-            ...); for timm, ``TimmWrapperConfig`` arguments (``model_args={"drop_rate": 0.1}``);
-            for configs, ``from_config`` arguments.
+        kwargs: download options (``revision``, ``cache_dir``, ``token``, ``local_files_only``,
+            ``trust_remote_code``, ``subfolder``) are used by the checkpoint sources (timm uses
+            ``cache_dir``) and ignored by the others, so a script may always pass them. The
+            rest go to: for registered names, the config (e.g. ``normed_linear=True``); for
+            checkpoints, ``from_pretrained`` (``dtype``, ...); for timm, ``TimmWrapperConfig``
+            (``model_args={"drop_rate": 0.1}``); for configs, ``from_config``.
 
     Returns a ``transformers.PreTrainedModel`` whose ``forward(pixel_values, labels=None)``
     returns an output with ``logits`` of shape ``(batch, num_labels)``.
     """
     labels = resolve_labels(num_labels, id2label, label2id)
+    hub_kwargs = _pop_hub_kwargs(kwargs)
     if isinstance(name_or_path, (PretrainedConfig, Mapping)):
         return _from_config(name_or_path, labels, **kwargs)
     if not isinstance(name_or_path, (str, os.PathLike)):
@@ -373,12 +382,12 @@ def create_model(
             **kwargs,
         )
     if os.path.isdir(name):
-        return _from_pretrained(name, labels, pretrained, **kwargs)
+        return _from_pretrained(name, labels, pretrained, hub_kwargs, **kwargs)
     arch = _timm_arch(name)
     if arch is not None:
-        return _from_timm(arch, labels, pretrained, **kwargs)
+        return _from_timm(arch, labels, pretrained, hub_kwargs, **kwargs)
     if "/" in name and not name.startswith(("/", ".", "~")) and name.count("/") == 1:
-        return _from_pretrained(name, labels, pretrained, **kwargs)
+        return _from_pretrained(name, labels, pretrained, hub_kwargs, **kwargs)
     close = difflib.get_close_matches(name, list(_MODEL_ENTRYPOINTS), n=3)
     hint = f" Did you mean {close}?" if close else ""
     if os.sep in name or name.startswith((".", "~")):
