@@ -211,6 +211,16 @@ def test_resnet_cifar_save_load_roundtrip_via_auto_classes(tmp_path, normed_line
     torch.testing.assert_close(m(x).logits, loaded(x).logits, rtol=0, atol=0)
 
 
+def test_trainer_scales_resnet_cifar_loss_for_gradient_accumulation(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = create_model("resnet20_cifar", 4)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    # forward(**kwargs) would otherwise make the Trainer pass num_items_in_batch and skip the
+    # division by gradient_accumulation_steps, inflating accumulated gradients.
+    assert Trainer(model=model, args=args).model_accepts_loss_kwargs is False
+
+
 # ------------------------------------------------------------------ factory: checkpoints
 def _tiny_vit(num_labels=10):
     cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,

@@ -208,6 +208,9 @@ class ResNetCifarPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = False
+    # forward() takes **kwargs but its loss is a per-batch mean that ignores num_items_in_batch:
+    # tell the Trainer so it scales the loss for gradient accumulation itself.
+    accepts_loss_kwargs = False
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
