@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -90,11 +91,9 @@ def sampling_distribution(
 
 
 def _labels_of(labels: object, label_column: str | None) -> np.ndarray:
-    try:
-        from datasets import Dataset
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        Dataset = ()  # type: ignore[assignment]
-    if isinstance(labels, Dataset):
+    # A datasets.Dataset can only exist if datasets was imported: no import cost otherwise.
+    datasets_module = sys.modules.get("datasets")
+    if datasets_module is not None and isinstance(labels, datasets_module.Dataset):
         from hf_longtail.data.columns import detect_label_column, label_array
 
         column = detect_label_column(labels.features, label_column)
