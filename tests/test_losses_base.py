@@ -193,7 +193,9 @@ def test_drw_epoch_survives_state_dict():
     loss = create_base_loss("ldam", COUNTS, drw_epoch=3)
     loss.set_epoch(4.25)
     restored = create_base_loss("ldam", COUNTS, drw_epoch=3)
-    restored.load_state_dict(loss.state_dict())
+    state = loss.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())  # safetensors-friendly
+    restored.load_state_dict(state)
     assert restored.epoch == 4.25 and restored.weights_active
 
 

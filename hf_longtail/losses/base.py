@@ -183,13 +183,16 @@ class BaseLoss(nn.Module):
         """Set the (possibly fractional) training epoch; drives the DRW switch."""
         self.epoch = float(epoch)
 
-    def get_extra_state(self) -> dict[str, float]:
-        """The epoch, so that a restored loss resumes the DRW schedule where it was."""
-        return {"epoch": self.epoch}
+    def get_extra_state(self) -> torch.Tensor:
+        """The epoch as a float64 tensor, so a restored loss resumes the DRW schedule.
 
-    def set_extra_state(self, state: dict[str, float]) -> None:
+        A tensor (not a dict) keeps ``state_dict()`` all-tensor, e.g. for safetensors.
+        """
+        return torch.tensor(self.epoch, dtype=torch.float64)
+
+    def set_extra_state(self, state: torch.Tensor | float) -> None:
         """Restore :meth:`get_extra_state`."""
-        self.epoch = float(state["epoch"])
+        self.epoch = float(state)
 
     # ----------------------------------------------------------------------------- math
     def adjust_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
