@@ -207,6 +207,29 @@ def test_image_folder_and_save_to_disk_roundtrip(tmp_path):
     assert class_counts(as_is["train"]) == [8, 4]
 
 
+def test_unlabelled_test_split_is_dropped_and_replaced(tmp_path):
+    # ImageNet-1k style: the published test split has label -1 everywhere.
+    train = _toy((30, 30))
+    test = _toy((2, 2)).cast_column("label", Value("int64"))
+    test = test.map(lambda row: {"label": -1}).cast_column("label", ClassLabel(num_classes=2))
+    partly = _toy((2, 2))
+    path = tmp_path / "unlabelled"
+    DatasetDict({"train": train, "test": test}).save_to_disk(str(path))
+    dd = load_long_tailed(str(path), imbalance_factor=1)
+    assert list(dd) == ["train", "test"] and longtail_record(dd)["eval_split_created"] is True
+    assert np.bincount(np.asarray(dd["test"]["label"])).tolist() == [6, 6]
+    # Partly unlabelled: an error naming the split, row and value.
+    rows = np.asarray(partly["label"])
+    rows[1] = -1
+    bad = partly.cast_column("label", Value("int64")).map(
+        lambda row, i: {"label": int(rows[i])}, with_indices=True
+    )
+    bad = bad.cast_column("label", ClassLabel(num_classes=2))
+    DatasetDict({"train": train, "validation": bad}).save_to_disk(str(tmp_path / "partly"))
+    with pytest.raises(ValueError, match=r"split 'validation' has negative label -1 at row 1"):
+        load_long_tailed(str(tmp_path / "partly"), imbalance_factor=1)
+
+
 def test_hub_id_offline_message():
     # conftest sets HF_DATASETS_OFFLINE=1: no network call is attempted.
     with pytest.raises(ConnectionError, match=r"offline mode is on.*local path.*'digits'"):

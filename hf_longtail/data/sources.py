@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 
 from hf_longtail.data.columns import (
@@ -349,6 +350,26 @@ def _as_dict(loaded: Any, train_split: str) -> DatasetDict:
     )
 
 
+def _drop_unlabelled_splits(raw: DatasetDict, train_split: str, label_col: str) -> DatasetDict:
+    """Remove evaluation splits whose labels are all -1 / null (e.g. ImageNet-1k's test split,
+    published without labels): they cannot be evaluated. Partly unlabelled splits are kept, so
+    that ``ensure_class_label`` reports the first bad row."""
+    keep = {}
+    for name, split in raw.items():
+        if name != train_split and label_col in split.column_names and len(split):
+            column = split.data.column(label_col)
+            if column.null_count == len(column):
+                logger.warning("dropping split %r: its labels are all missing", name)
+                continue
+            if pa.types.is_integer(column.type):
+                values = label_array(split, label_col)
+                if (values == -1).all():
+                    logger.warning("dropping split %r: its labels are all -1 (unlabelled)", name)
+                    continue
+        keep[name] = split
+    return DatasetDict(keep)
+
+
 def _looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or os.path.isabs(name)
 
@@ -380,11 +401,13 @@ def load_long_tailed(
       ``label_column``; a string column of paths becomes a lazy ``Image``; integer/string labels
       are converted jointly over all splits (``ensure_class_label``). Column names are kept and
       recorded (``longtail_record(ds)["image_column"]`` / ``["label_column"]``).
-    - Evaluation split: every split other than ``train_split`` is kept as is. A source with only
-      a training split gets a stratified ``test`` split (``stratified_split_indices`` with
-      ``test_size``, default 0.3 for ``digits`` and 0.2 otherwise, and ``split_seed``), made
-      before subsampling so that it stays balanced; ``split_seed`` is separate from ``seed`` so
-      that all long-tailed seeds share one test set.
+    - Evaluation split: every split other than ``train_split`` is kept as is, except a split
+      whose labels are all -1 or missing (an unlabelled test set such as ImageNet-1k's), which is
+      dropped with a warning. A source left with only a training split gets a stratified
+      ``test`` split (``stratified_split_indices`` with ``test_size``, default 0.3 for
+      ``digits`` and 0.2 otherwise, and ``split_seed``), made before subsampling so that it
+      stays balanced (``split_seed`` is separate from ``seed`` so that all long-tailed seeds
+      share one test set). Evaluation splits are returned in the order test, validation, others.
     - Long tail: ``make_long_tailed(train, imbalance_factor, profile, seed)``. Not applied (the
       record notes it) when ``imbalance_factor is None`` (use the source as it is), for the
       ImageNet-LT / Places-LT / iNaturalist-2018 protocols (the long tail is in the split file,
@@ -454,6 +477,7 @@ def load_long_tailed(
             f"train_split=<name of the training split>."
         )
     image_col, label_col = detect_columns(raw[train_split], image_column, label_column)
+    raw = _drop_unlabelled_splits(raw, train_split, label_col)
     raw = ensure_image_feature(raw, image_col)
     raw = ensure_class_label(raw, label_col)
 
