@@ -205,6 +205,7 @@ def test_image_folder_and_save_to_disk_roundtrip(tmp_path):
         load_long_tailed(str(tmp_path / "saved"), imbalance_factor=8)
     as_is = load_long_tailed(str(tmp_path / "saved"), imbalance_factor=None)
     assert class_counts(as_is["train"]) == [8, 4]
+    assert longtail_record(as_is)["imbalance_factor"] == 2.0  # provenance kept
 
 
 def test_unlabelled_test_split_is_dropped_and_replaced(tmp_path):

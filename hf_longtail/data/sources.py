@@ -494,7 +494,29 @@ def load_long_tailed(
     eval_names.sort(key=lambda s: _EVAL_SPLIT_ORDER.index(s) if s in _EVAL_SPLIT_ORDER else 99)
 
     previous = longtail_record(train)
-    if kind == "protocol" or imbalance_factor is None:
+    if (
+        kind != "protocol"
+        and previous is not None
+        and previous.get("profile") not in (None, "none")
+        and sum(previous.get("class_counts") or []) == len(train)
+    ):
+        # A reloaded output of this function: reuse it (and its record) rather than subsample
+        # a long-tailed set a second time.
+        wanted = (profile, imbalance_factor, seed)
+        have = (previous.get("profile"), previous.get("imbalance_factor"), previous.get("seed"))
+        if (
+            imbalance_factor is not None
+            and previous.get("profile") != "protocol"
+            and wanted != have
+        ):
+            raise ValueError(
+                f"{source_name!r} is already long-tailed (profile, IF, seed = {have}); asked for "
+                f"{wanted}. Pass imbalance_factor=None to use it as it is, or load the balanced "
+                f"source."
+            )
+        lt = train
+        record = dict(previous)
+    elif kind == "protocol" or imbalance_factor is None:
         lt = train
         counts = np.bincount(
             label_array(lt, label_col), minlength=lt.features[label_col].num_classes
@@ -517,18 +539,6 @@ def load_long_tailed(
                 source_name,
                 imbalance_factor,
             )
-        lt = write_longtail_record(lt, record)
-    elif previous is not None and previous.get("profile") not in (None, "none"):
-        wanted = (profile, imbalance_factor, seed)
-        have = (previous.get("profile"), previous.get("imbalance_factor"), previous.get("seed"))
-        if previous.get("profile") != "protocol" and wanted != have:
-            raise ValueError(
-                f"{source_name!r} is already long-tailed (profile, IF, seed = {have}); asked for "
-                f"{wanted}. Pass imbalance_factor=None to use it as it is, or load the balanced "
-                f"source."
-            )
-        lt = train
-        record = dict(previous)
     else:
         lt = make_long_tailed(
             train,
@@ -547,7 +557,8 @@ def load_long_tailed(
             "label_column": label_col,
             "train_split": train_split,
             "eval_splits": eval_names,
-            "eval_split_created": created_split,
+            # A reloaded output keeps the fact that its test split was made by us.
+            "eval_split_created": created_split or bool(record.get("eval_split_created")),
         }
     )
     if created_split or kind == "digits":
