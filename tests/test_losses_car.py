@@ -111,6 +111,19 @@ def test_value_matches_matrix_norm_after_warmup_on_a_fixed_matrix():
     )
 
 
+def test_power_iteration_stops_early_once_converged():
+    z, y = _batch(2, b=64, dtype=torch.float32)
+    fixed = ConfusionSpectralRegularizer(COUNTS, power_iterations=5, power_tol=0.0)
+    fixed(z, y)
+    assert fixed.last_iterations == 5
+    reg = ConfusionSpectralRegularizer(COUNTS, power_iterations=5)  # power_tol = 1e-4
+    reg(z, y)
+    assert reg.last_iterations > 1  # cold start
+    for _ in range(40):
+        reg(z, y)
+    assert reg.last_iterations == 1  # warm start on a converged, fixed matrix
+
+
 @pytest.mark.parametrize("detach_gate", [True, False])
 def test_gradient_matches_autograd_through_exact_svd_after_warmup(detach_gate):
     reg = ConfusionSpectralRegularizer(COUNTS, alpha=1.0, detach_gate=detach_gate)
@@ -133,7 +146,7 @@ def test_value_and_gradient_vs_exact_svd_on_a_random_history():
     for step in range(8):  # a changing EMA: u, v are not converged for the next batch
         reg(*_batch(step))
     reg.eval()
-    reg.power_iterations = 300
+    reg.power_iterations, reg.power_tol = 300, 0.0
     z, y = _batch(100)
     z.requires_grad_(True)
     value = reg(z, y)
@@ -234,6 +247,8 @@ def test_errors():
         ConfusionSpectralRegularizer(COUNTS, tau=0)
     with pytest.raises(ValueError, match="power_iterations"):
         ConfusionSpectralRegularizer(COUNTS, power_iterations=0)
+    with pytest.raises(ValueError, match="power_tol"):
+        ConfusionSpectralRegularizer(COUNTS, power_tol=-1.0)
     reg = ConfusionSpectralRegularizer(COUNTS)
     with pytest.raises(ValueError, match="logits have 3 columns but class_counts has 10"):
         reg(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))

@@ -65,6 +65,7 @@ def test_from_dict_rejects_unknown_keys_by_name():
         ({"label_smoothing": 1.0}, ValueError, "label_smoothing"),
         ({"drw_epoch": -2}, ValueError, "drw_epoch"),
         ({"car_power_iterations": 0}, ValueError, "car_power_iterations"),
+        ({"car_power_tol": -1e-3}, ValueError, "car_power_tol"),
         ({"ccar": "yes"}, TypeError, "ccar must be a bool"),
         ({"car_weight": "0.5"}, TypeError, "car_weight must be a number"),
         ({"base": "focal", "base_options": {"gama": 1}}, ValueError, r"base_options \['gama'\]"),

@@ -34,7 +34,9 @@ Class weights and the batch reduction (``weight_reduction``):
 - ``"auto"`` (default): ``"mean"`` for ``cb``, ``"weighted_mean"`` for DRW on the other bases.
 
 Both are written per sample (for ``"weighted_mean"`` the weights are renormalized within the
-batch, ``w_i B / sum_b w_b``) so CCAR can wrap them.
+batch, ``w_i B / sum_b w_b``) so CCAR can wrap them. Under DDP that renormalization uses each
+rank's own batch (like ``F.cross_entropy(weight=...)`` does), so it is not exactly the
+single-process weighted mean of the global batch; ``"mean"`` is.
 
 Soft targets (B, K) from mixup/cutmix are supported by ``ce``, ``focal``, ``cb``, ``la``, ``bs``
 (``-sum_c t_c log p_c`` and its focal/sigmoid analogues; class weights become ``sum_c t_c w_c``);

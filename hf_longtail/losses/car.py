@@ -30,7 +30,9 @@ Speed. The authors build ``C_t`` with a dense ``K x K`` matmul and run a full SV
   ``u <- M v / |M v|``, then ``sigma = u^T M v``. Each iteration is two matrix-vector products,
   ``O(K^2)`` memory-bound, against the ``O(K^3)`` SVD. With ``u, v`` detached the gradient of
   ``u^T M v`` is ``u v^T``, the exact gradient of ``sigma_max`` once the iteration has converged;
-  since ``M`` changes slowly, one iteration per step tracks it (``power_iterations``). Only the
+  ``M`` changes by a fraction ``1 - beta`` per step, so a few warm-started iterations track it:
+  the loop stops once ``|M^T u|`` and ``|M v|`` (two lower bounds of ``sigma``, equal at
+  convergence) agree to ``power_tol`` (1e-4), after at most ``power_iterations`` (3). Only the
   current batch's columns carry a gradient (the EMA history is stop-gradient), so the backward
   pass is ``O(B K)``.
 
@@ -114,11 +116,11 @@ def confusion_batch_columns(
     return classes, sums, counts
 
 
-def _normalize(x: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+def _normalize(x: torch.Tensor, fallback: torch.Tensor) -> tuple[torch.Tensor, float]:
     # Keep the previous vector if M maps it to 0 (e.g. an all-zero confusion at extreme logits),
     # rather than collapsing the persistent state to 0 forever.
     norm = float(torch.linalg.vector_norm(x))
-    return x / norm if norm > 0 else fallback
+    return (x / norm if norm > 0 else fallback), norm
 
 
 class ConfusionSpectralRegularizer(nn.Module):
@@ -134,8 +136,10 @@ class ConfusionSpectralRegularizer(nn.Module):
         r0: weight offset in ``w_j = (m_j + r0)^{-1/2}``.
         tau: softmax temperature of the surrogate.
         detach_gate: detach the sigmoid gate (authors' choice).
-        power_iterations: power-iteration steps per call (warm-started; 1 tracks a slowly changing
-            EMA, more for a cold start or a fast-moving EMA).
+        power_iterations: most power-iteration steps per call (warm-started).
+        power_tol: stop iterating once the two estimates of ``sigma`` of an iteration,
+            ``|M^T u|`` and ``|M v|`` (equal at convergence), agree to this relative tolerance;
+            ``0`` always runs ``power_iterations`` steps.
         distributed: ``None`` = all-reduce when ``torch.distributed`` is initialized with world
             size > 1; ``False`` never; ``True`` requires it.
         process_group: the group to reduce over (default: the world).
@@ -154,7 +158,8 @@ class ConfusionSpectralRegularizer(nn.Module):
         tau: float = 1.0,
         *,
         detach_gate: bool = True,
-        power_iterations: int = 1,
+        power_iterations: int = 3,
+        power_tol: float = 1e-4,
         distributed: bool | None = None,
         process_group: Any = None,
         validate: bool = True,
@@ -169,6 +174,8 @@ class ConfusionSpectralRegularizer(nn.Module):
             raise ValueError(f"CAR tau must be > 0; got {tau}")
         if int(power_iterations) < 1:
             raise ValueError(f"power_iterations must be >= 1; got {power_iterations}")
+        if not power_tol >= 0:
+            raise ValueError(f"power_tol must be >= 0; got {power_tol}")
         k = counts.numel()
         self.num_classes = k
         self.alpha = float(alpha)
@@ -177,6 +184,8 @@ class ConfusionSpectralRegularizer(nn.Module):
         self.tau = float(tau)
         self.detach_gate = bool(detach_gate)
         self.power_iterations = int(power_iterations)
+        self.power_tol = float(power_tol)
+        self.last_iterations = 0
         self.distributed = distributed
         self.process_group = process_group
         self.validate = bool(validate)
@@ -258,8 +267,8 @@ class ConfusionSpectralRegularizer(nn.Module):
         )
         total = sums.detach().clone()
         dist.all_reduce(total, group=group)
-        # Value of the global sum, gradient of the local part only.
-        sums = sums + (total - sums.detach())
+        # Value exactly the global sum (identical bits on every rank), gradient of the local part.
+        sums = total + (sums - sums.detach())
         return classes, sums, per_class[classes]
 
     def _power_iteration(
@@ -279,21 +288,27 @@ class ConfusionSpectralRegularizer(nn.Module):
         v = self.v.to(dtype, copy=True)
         dense = None
         wv_b = w_b
+        done = 0
         for _ in range(self.power_iterations):
+            done += 1
             # v <- M^T u / |M^T u|, (M^T u)_j = w_j <Cbar[:, j], u>
             if E is None:
                 mtu = u.new_zeros(self.num_classes)
             else:
                 mtu = (E.mv(u.to(E.dtype)) * coef).to(dtype)
             mtu.index_add_(0, classes, batch.mv(u))
-            v = _normalize(mtu.mul_(w), v)
+            v, est_v = _normalize(mtu.mul_(w), v)
             # u <- M v / |M v|, M v = Cbar (w * v)
             wv_b = w_b * v[classes]
             mv = batch.T.mv(wv_b)
             if E is not None:
                 dense = (E.T.mv((w * v).to(E.dtype)) * coef).to(dtype)
                 mv = mv + dense
-            u = _normalize(mv, u)
+            u, est_u = _normalize(mv, u)
+            # |M^T u| <= sigma and |M v| <= sigma, both equal to it at convergence.
+            if abs(est_u - est_v) <= self.power_tol * est_u:
+                break
+        self.last_iterations = done
         # sigma = u^T M v; only the current batch's columns carry a gradient.
         batch_term = (1.0 - beta) * cols.mv(u).dot(wv_b)
         sigma = batch_term if dense is None else batch_term + u.dot(dense)
@@ -322,5 +337,5 @@ class ConfusionSpectralRegularizer(nn.Module):
         return (
             f"num_classes={self.num_classes}, alpha={self.alpha}, beta={self.beta}, "
             f"r0={self.r0}, tau={self.tau}, detach_gate={self.detach_gate}, "
-            f"power_iterations={self.power_iterations}"
+            f"power_iterations={self.power_iterations}, power_tol={self.power_tol}"
         )

@@ -47,6 +47,7 @@ _NUMERIC_FIELDS = (
     "car_beta",
     "car_r0",
     "car_tau",
+    "car_power_tol",
 )
 _COMMON_FIELDS = {
     "drw_epoch": "drw_epoch",
@@ -75,7 +76,8 @@ class LongTailLossConfig:
     ``ccar_detach_weight``, ``ccar_p_t_from`` (``adjusted``/``raw``).
 
     CAR: ``car_weight`` = alpha >= 0 (0 disables), ``car_beta`` in [0, 1), ``car_r0`` >= 0,
-    ``car_tau`` > 0, ``car_detach_gate``, ``car_power_iterations`` >= 1.
+    ``car_tau`` > 0, ``car_detach_gate``, ``car_power_iterations`` >= 1 (most power-iteration
+    steps per call), ``car_power_tol`` >= 0 (early stop).
 
     ``validate``: check labels and logits on every call (one device sync per step).
     """
@@ -102,7 +104,8 @@ class LongTailLossConfig:
     car_r0: float = 0.2
     car_tau: float = 1.0
     car_detach_gate: bool = True
-    car_power_iterations: int = 1
+    car_power_iterations: int = 3
+    car_power_tol: float = 1e-4
     validate: bool = True
 
     def __post_init__(self) -> None:
@@ -162,6 +165,7 @@ class LongTailLossConfig:
         _check(0.0 <= self.car_beta < 1.0, "car_beta", "in [0, 1)", self.car_beta)
         _check(self.car_r0 >= 0, "car_r0", ">= 0", self.car_r0)
         _check(self.car_tau > 0, "car_tau", "> 0", self.car_tau)
+        _check(self.car_power_tol >= 0, "car_power_tol", ">= 0", self.car_power_tol)
         _check(
             isinstance(self.car_power_iterations, int) and self.car_power_iterations >= 1,
             "car_power_iterations",

@@ -165,6 +165,7 @@ def build_loss(
             tau=config.car_tau,
             detach_gate=config.car_detach_gate,
             power_iterations=config.car_power_iterations,
+            power_tol=config.car_power_tol,
             validate=config.validate,
         )
     return LongTailLoss(criterion, regularizer, config=config)
