@@ -8,9 +8,12 @@ Measures
      normalise) on real CIFAR-10-LT through a torch DataLoader (batch 128, 2 workers), images/s;
   3. for comparison, one ResNet-32 (CIFAR, 0.46M parameters, defined inline: this script imports
      no other hf_longtail sub-package) SGD training step on batch 128 on the same CPU, images/s,
-     and the same training loop fed by the DataLoader of (2).
+     and the same training loop fed by the DataLoader of (2). Subnormal floats are flushed to
+     zero (``torch.set_flush_denormal``) so that the synthetic batch does not time the CPU's
+     slow subnormal path.
 
 Usage:  python scripts/bench_data.py [--cifar10 PATH] [--batches 40] [--steps 5] [--device cpu]
+                                    [--threads N]
 """
 
 from __future__ import annotations
@@ -158,7 +161,8 @@ def bench_step(steps: int, device: str, batch: int = 128) -> float:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    _train_step(model, opt, x, y)  # warm-up
+    for _ in range(2):  # warm-up: kernel selection and first allocations
+        _train_step(model, opt, x, y)
     times = []
     for _ in range(steps):
         if device.startswith("cuda"):
@@ -205,7 +209,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="ResNet-32 steps timed")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="device of the ResNet-32 step")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads for the ResNet-32 step (default: torch's). On a busy "
+        "machine use 1: a 2-thread OpenMP region whose second thread is descheduled spins ~5x "
+        "slower than one thread",
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Repeated SGD steps on one random batch drive some values subnormal, which x86 CPUs
+    # process ~10x slower; real training does not sit there, so time with flush-to-zero.
+    torch.set_flush_denormal(True)
     print(
         f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -178,7 +179,7 @@ def test_indices_identical_across_processes_and_pinned():
         capture_output=True,
         text=True,
         check=True,
-        env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"},
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
         timeout=120,
     )
     assert out.stdout.strip() == here == _GOLDEN_SHA256
