@@ -1,0 +1,400 @@
+"""``LongTailTrainer``: a ``transformers.Trainer`` that trains with the long-tail losses.
+
+It composes the independent parts of the package:
+
+- the loss (:func:`hf_longtail.losses.build_loss`: base loss, optional CCAR reweighting and the
+  CAR spectral regularizer) replaces the model's own loss in :meth:`LongTailTrainer.compute_loss`;
+- the training-set class counts come from the long-tailed dataset
+  (:func:`hf_longtail.data.class_counts`) unless given;
+- an optional class-aware sampler (:mod:`hf_longtail.data.samplers`) replaces the random one.
+
+A plain ``Trainer`` user switches by changing one class name::
+
+    trainer = LongTailTrainer(model=model, args=args, train_dataset=ds["train"],
+                              eval_dataset=ds["test"], loss_config=LongTailLossConfig(ccar=True,
+                              car_weight=0.5))
+
+Contract of the training step (what is identical to the parent class and what is not):
+
+- The loss is the batch mean of the per-sample loss plus the CAR term, computed in float32 with
+  autocast disabled (the logits are upcast), whatever ``bf16``/``fp16`` says.
+- Gradient accumulation: the loss is a per-micro-batch mean and the parent divides it by the
+  number of accumulation steps, so ``k`` equal micro-batches of size ``b`` give the same gradient
+  as one batch of ``k * b`` for every per-sample loss (CE, focal, CB, LDAM, LA, BS, with or without
+  CCAR). The CAR regularizer treats each micro-batch as one CAR batch (its EMA advances once per
+  micro-batch), which is the only way to keep its memory at one micro-batch.
+- ``compute_loss`` also runs on evaluation batches: there the loss module is in eval mode, so
+  the CAR EMA and the DRW schedule never advance outside training steps.
+- The loss state (CAR EMA confusion matrix, singular vectors, step) is written into every
+  checkpoint as ``longtail_loss_state.pt`` and restored by ``resume_from_checkpoint`` on every
+  process.
+- Logged with the Trainer's own ``log`` (so every ``report_to`` integration gets them), averaged
+  over the logging window and across processes: ``base_loss``, ``ccar_weight_mean``,
+  ``ccar_weight_head``, ``ccar_weight_tail``, ``car_sigma``, ``car_loss``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from hf_longtail.losses import LongTailLossConfig, build_loss
+
+logger = logging.getLogger(__name__)
+
+LOSS_STATE_NAME = "longtail_loss_state.pt"
+NONFINITE_POLICIES = ("raise", "skip")
+SAMPLERS = ("random", "class_balanced", "sqrt", "progressive")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a training step produces a non-finite loss (``nonfinite_loss="raise"``)."""
+
+
+class _EpochCallback(TrainerCallback):
+    """Drives epoch-based loss schedules (DRW) from the Trainer's own epoch counter."""
+
+    def __init__(self, trainer: LongTailTrainer) -> None:
+        self._trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # On resume ``state.epoch`` is restored from trainer_state.json before this fires.
+        self._trainer.loss_fn.set_epoch(float(state.epoch or 0.0))
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._trainer.loss_fn.set_epoch(float(state.epoch or 0.0))
+
+
+class LongTailTrainer(Trainer):
+    """``transformers.Trainer`` whose loss is the configured long-tail loss.
+
+    Args:
+        model, args, **kwargs: as for :class:`transformers.Trainer`.
+        loss_config: a :class:`~hf_longtail.losses.LongTailLossConfig` (or its ``dict``) naming
+            the base loss and the CCAR / CAR settings. ``None`` means plain cross-entropy.
+        class_counts: training-set images per class (length = number of labels). ``None`` takes
+            them from ``train_dataset`` via :func:`hf_longtail.data.class_counts`.
+        sampler: ``"random"`` (the parent's), ``"class_balanced"``, ``"sqrt"`` or
+            ``"progressive"``: a class-aware order drawn identically on every process from
+            ``(args.seed, epoch)``; ``accelerate`` then hands each process a disjoint share.
+        label_column: the label column of ``train_dataset`` (for the class counts and the
+            sampler); detected from the ``ClassLabel`` feature when ``None``.
+        nonfinite_loss: ``"raise"`` stops at the first non-finite training loss, naming the step
+            and the loss part; ``"skip"`` zeroes that step's gradient contribution and counts it
+            in ``skipped_nonfinite_steps``.
+        lr_milestones: epochs at which the learning rate is multiplied by ``lr_gamma`` after a
+            linear warm-up of ``args.warmup_steps`` (the LDAM-DRW CIFAR recipe: warm-up 5 epochs,
+            milestones 160 and 180, gamma 0.1). ``None`` keeps ``args.lr_scheduler_type``.
+        lr_gamma: the factor applied at each milestone.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: Any = None,
+        *,
+        loss_config: LongTailLossConfig | dict | None = None,
+        class_counts: Sequence[int] | None = None,
+        sampler: str = "random",
+        label_column: str | None = None,
+        nonfinite_loss: str = "raise",
+        lr_milestones: Sequence[float] | None = None,
+        lr_gamma: float = 0.1,
+        **kwargs: Any,
+    ) -> None:
+        if nonfinite_loss not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"nonfinite_loss={nonfinite_loss!r} is not valid; use one of {NONFINITE_POLICIES}."
+            )
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler={sampler!r} is not valid; use one of {SAMPLERS}.")
+        if isinstance(loss_config, dict):
+            loss_config = LongTailLossConfig.from_dict(loss_config)
+        self.loss_config = loss_config if loss_config is not None else LongTailLossConfig()
+        self.sampler_name = sampler
+        self.label_column = label_column
+        self.nonfinite_loss = nonfinite_loss
+        self.lr_milestones = list(lr_milestones) if lr_milestones else None
+        self.lr_gamma = float(lr_gamma)
+        self.skipped_nonfinite_steps = 0
+        self._stat_sums: dict[str, float] = {}
+        self._stat_steps = 0
+
+        train_dataset = kwargs.get("train_dataset")
+        if class_counts is None:
+            if train_dataset is None:
+                raise ValueError(
+                    "LongTailTrainer needs the training class counts: pass class_counts=[...] or a "
+                    "train_dataset with a ClassLabel column."
+                )
+            from hf_longtail.data import class_counts as dataset_class_counts
+
+            class_counts = dataset_class_counts(train_dataset, label_column=label_column)
+        self.class_counts = [int(c) for c in class_counts]
+        _check_num_labels(model, len(self.class_counts))
+        # Built before super().__init__ so a bad config fails before any device work starts.
+        self.loss_fn = build_loss(self.loss_config, self.class_counts)
+
+        super().__init__(model=model, args=args, **kwargs)
+        self.loss_fn.to(self.args.device)
+        # compute_loss returns a per-micro-batch mean: the parent divides it by the accumulation
+        # steps, which makes equal micro-batches sum to the large-batch mean.
+        self.loss_is_scaled_for_ga = False
+        self.add_callback(_EpochCallback(self))
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """Run ``model`` without its labels and apply the long-tail loss to its logits.
+
+        Returns the float32 scalar ``base (+CCAR) + CAR`` for the batch, a per-batch mean
+        (``num_items_in_batch`` is not used: see the module docstring on accumulation).
+        """
+        if "labels" not in inputs:
+            raise KeyError(
+                "LongTailTrainer.compute_loss needs a 'labels' entry in the batch; check the "
+                "data collator / transform output keys (expected 'pixel_values' and 'labels')."
+            )
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**model_inputs)
+        logits = _logits_of(outputs)
+
+        training = model.training
+        self.loss_fn.train(training)
+        device_type = logits.device.type
+        # The loss always runs in float32: autocast would otherwise re-lower the matmuls of
+        # the CAR power iteration and the log-softmax of the base loss.
+        with torch.autocast(device_type=device_type, enabled=False):
+            loss = self.loss_fn(logits.float(), labels)
+
+        if training:
+            loss = self._check_finite(loss)
+            self._accumulate_stats()
+        return (loss, outputs) if return_outputs else loss
+
+    def _check_finite(self, loss: torch.Tensor) -> torch.Tensor:
+        if bool(torch.isfinite(loss)):
+            return loss
+        parts = {k: float(v) for k, v in self.loss_fn.last_stats.items()}
+        bad = [k for k, v in parts.items() if not math.isfinite(v)] or ["total"]
+        step = self.state.global_step + 1
+        if self.nonfinite_loss == "raise":
+            raise NonFiniteLossError(
+                f"Non-finite loss at training step {step} (epoch {self.state.epoch:.3f}); "
+                f"non-finite part(s): {', '.join(bad)}; all parts: {parts}. Lower the learning "
+                "rate, enable gradient clipping (max_grad_norm) or pass nonfinite_loss='skip'."
+            )
+        self.skipped_nonfinite_steps += 1
+        logger.warning("Skipping non-finite loss at step %d (parts: %s)", step, ", ".join(bad))
+        # A zero that keeps the graph: the optimizer step sees no contribution from this batch.
+        return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
+
+    def _accumulate_stats(self) -> None:
+        for key, value in self.loss_fn.last_stats.items():
+            self._stat_sums[key] = self._stat_sums.get(key, 0.0) + float(value)
+        self._stat_steps += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the loss parts (window mean, averaged across processes) to training logs."""
+        if "loss" in logs and self._stat_steps > 0:
+            keys = sorted(self._stat_sums)
+            local = torch.tensor(
+                [self._stat_sums[k] / self._stat_steps for k in keys], device=self.args.device
+            )
+            reduced = self.accelerator.reduce(local, reduction="mean")
+            for key, value in zip(keys, reduced.tolist()):
+                logs[key] = round(value, 6)
+            if self.skipped_nonfinite_steps:
+                logs["skipped_nonfinite_steps"] = self.skipped_nonfinite_steps
+            self._stat_sums.clear()
+            self._stat_steps = 0
+        super().log(logs, start_time)
+
+    # ----------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            run_dir = self._get_output_dir(trial=trial)
+            folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            save_loss_state(self.loss_fn, folder)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        load_loss_state(self.loss_fn, resume_from_checkpoint, device=self.args.device)
+
+    # -------------------------------------------------------------- sampling
+    def _get_train_sampler(self, train_dataset=None):
+        if self.sampler_name == "random":
+            return super()._get_train_sampler(train_dataset)
+        from hf_longtail.data.samplers import build_class_aware_sampler
+
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        # One global order on every process (num_replicas=1); accelerate's dataloader
+        # preparation then gives each process a disjoint share of its batches.
+        return build_class_aware_sampler(
+            dataset,
+            strategy=self.sampler_name,
+            label_column=self.label_column,
+            seed=self.args.seed,
+            num_epochs=self.args.num_train_epochs,
+            num_replicas=1,
+            rank=0,
+        )
+
+    # ------------------------------------------------------------- scheduler
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """Milestone (step) decay by epoch when ``lr_milestones`` is set, else the parent's."""
+        if self.lr_milestones is None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            optimizer = self.optimizer if optimizer is None else optimizer
+            epochs = max(float(self.args.num_train_epochs), 1e-12)
+            steps_per_epoch = num_training_steps / epochs
+            warmup = self.args.get_warmup_steps(num_training_steps)
+            milestones = [round(m * steps_per_epoch) for m in self.lr_milestones]
+            gamma = self.lr_gamma
+
+            def factor(step: int) -> float:
+                if warmup > 0 and step < warmup:
+                    return (step + 1) / warmup
+                return gamma ** sum(step >= m for m in milestones)
+
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+
+def save_loss_state(loss_fn: nn.Module, folder: str | os.PathLike) -> str:
+    """Write ``loss_fn.state_dict()`` (CAR EMA, singular vectors, step) into ``folder``."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOSS_STATE_NAME)
+    # Tensors move to CPU so a checkpoint written on GPU loads anywhere; the extra state
+    # (plain Python values such as the DRW epoch) is saved as is.
+    state = {
+        k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
+        for k, v in loss_fn.state_dict().items()
+    }
+    torch.save(state, path)
+    return path
+
+
+def load_loss_state(
+    loss_fn: nn.Module, folder: str | os.PathLike, device: torch.device | str | None = None
+) -> bool:
+    """Restore the loss state saved by :func:`save_loss_state`; ``False`` if there is none.
+
+    A checkpoint without the file (written by a plain ``Trainer``) is accepted with a warning:
+    the loss state then starts fresh, which only matters when CAR is on.
+    """
+    path = os.path.join(folder, LOSS_STATE_NAME)
+    if not os.path.isfile(path):
+        if len(loss_fn.state_dict()):
+            logger.warning("%s has no %s: the loss state starts fresh.", folder, LOSS_STATE_NAME)
+        return False
+    state = torch.load(path, map_location=device or "cpu", weights_only=True)
+    loss_fn.load_state_dict(state)
+    return True
+
+
+def _logits_of(outputs: Any) -> torch.Tensor:
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = outputs.get("logits") if hasattr(outputs, "get") else None
+    if logits is None:
+        logits = outputs[0] if isinstance(outputs, (tuple, list)) else None
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            "The model output has no 'logits'; LongTailTrainer needs an image classifier that "
+            "returns logits (e.g. AutoModelForImageClassification)."
+        )
+    return logits
+
+
+def _check_num_labels(model: nn.Module | None, num_classes: int) -> None:
+    config = getattr(model, "config", None)
+    num_labels = getattr(config, "num_labels", None)
+    if num_labels is not None and num_labels != num_classes:
+        raise ValueError(
+            f"The model has {num_labels} output labels but the training data has {num_classes} "
+            "classes. Build the model with num_labels equal to the dataset's class count "
+            "(hf_longtail.models.create_model does this and re-initialises the head)."
+        )
+
+
+class SignalCheckpointCallback(TrainerCallback):
+    """Checkpoint and stop cleanly at the end of the current step on SIGTERM / SIGINT.
+
+    The first signal only sets a flag (a handler must not do I/O mid-step); at the next step end
+    the Trainer saves a full checkpoint (model, optimizer, scheduler, RNG, loss state, sampler
+    position via ``global_step``) and stops. A second signal falls back to the previous handler,
+    so an impatient Ctrl-C still kills the run. Under ``torch.distributed`` the flag is max-reduced
+    every step so all ranks stop at the same step even if only one received the signal.
+    """
+
+    def __init__(self, trainer: LongTailTrainer, signals: Sequence[int] | None = None) -> None:
+        import signal
+
+        self._trainer = trainer
+        self._signal = signal
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+        for sig in signals if signals is not None else (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            previous = self._previous.get(signum)
+            self.restore()
+            if callable(previous):
+                previous(signum, frame)
+            raise KeyboardInterrupt
+        self.received = signum
+        logger.warning("Received signal %d: checkpointing at the end of this step.", signum)
+
+    def restore(self) -> None:
+        """Put the previous signal handlers back."""
+        for sig, handler in self._previous.items():
+            self._signal.signal(sig, handler)
+
+    def _agreed_signal(self, args) -> int:
+        flag = torch.tensor([self.received or 0], device=args.device)
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        signum = self._agreed_signal(args)
+        if signum:
+            control.should_save = True
+            control.should_training_stop = True
+            self._trainer.stopped_by_signal = self._signal.Signals(signum).name
+            self._trainer.stopped_by_signal_number = signum
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+
+def install_signal_checkpointing(
+    trainer: LongTailTrainer, signals: Sequence[int] | None = None
+) -> SignalCheckpointCallback:
+    """Make ``trainer`` save a checkpoint and stop on SIGTERM/SIGINT (see the callback)."""
+    callback = SignalCheckpointCallback(trainer, signals)
+    trainer.stopped_by_signal = None
+    trainer.stopped_by_signal_number = 0
+    trainer.add_callback(callback)
+    return callback
