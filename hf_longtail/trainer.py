@@ -21,8 +21,11 @@ Contract of the training step (what is identical to the parent class and what is
 - Gradient accumulation: the loss is a per-micro-batch mean and the parent divides it by the
   number of accumulation steps, so ``k`` equal micro-batches of size ``b`` give the same gradient
   as one batch of ``k * b`` for every per-sample loss (CE, focal, CB, LDAM, LA, BS, with or without
-  CCAR). The CAR regularizer treats each micro-batch as one CAR batch (its EMA advances once per
-  micro-batch), which is the only way to keep its memory at one micro-batch.
+  CCAR). Two parts are per micro-batch instead: the CAR regularizer treats each micro-batch as one
+  CAR batch (its EMA advances once per micro-batch), which keeps its memory at one micro-batch;
+  and DRW's ``weight_reduction="weighted_mean"`` (the LDAM-DRW default) renormalises the class
+  weights within each micro-batch, as it does within each process under DDP
+  (``weight_reduction="mean"`` is exact).
 - ``compute_loss`` also runs on evaluation batches: there the loss module is in eval mode, so
   the CAR EMA and the DRW schedule never advance outside training steps.
 - The loss state (CAR EMA confusion matrix, singular vectors, step) is written into every
@@ -60,7 +63,12 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _EpochCallback(TrainerCallback):
-    """Drives epoch-based loss schedules (DRW) from the Trainer's own epoch counter."""
+    """Drives epoch-based loss schedules (DRW) from the Trainer's own epoch counter.
+
+    The loss sees the fractional epoch ``state.epoch`` at the start of every optimizer step (a
+    pure function of the global step), so a fractional ``drw_epoch`` switches at the right step
+    and a run resumed mid-epoch sees exactly the epochs of the uninterrupted run.
+    """
 
     def __init__(self, trainer: LongTailTrainer) -> None:
         self._trainer = trainer
@@ -70,6 +78,9 @@ class _EpochCallback(TrainerCallback):
         self._trainer.loss_fn.set_epoch(float(state.epoch or 0.0))
 
     def on_epoch_begin(self, args, state, control, **kwargs):
+        self._trainer.loss_fn.set_epoch(float(state.epoch or 0.0))
+
+    def on_step_begin(self, args, state, control, **kwargs):
         self._trainer.loss_fn.set_epoch(float(state.epoch or 0.0))
 
 
@@ -92,7 +103,9 @@ class LongTailTrainer(Trainer):
             in ``skipped_nonfinite_steps``.
         lr_milestones: epochs at which the learning rate is multiplied by ``lr_gamma`` after a
             linear warm-up of ``args.warmup_steps`` (the LDAM-DRW CIFAR recipe: warm-up 5 epochs,
-            milestones 160 and 180, gamma 0.1). ``None`` keeps ``args.lr_scheduler_type``.
+            milestones 160 and 180, gamma 0.01 in its code, i.e. lr x0.01 then x0.0001). Epochs
+            are counted in real optimizer steps per epoch, also when ``max_steps`` is set.
+            ``None`` keeps ``args.lr_scheduler_type``.
         lr_gamma: the factor applied at each milestone.
     """
 
@@ -234,7 +247,16 @@ class LongTailTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None):
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        reload_renamed_weights(target, resume_from_checkpoint)
         load_loss_state(self.loss_fn, resume_from_checkpoint, device=self.args.device)
+
+    def set_initial_training_values(self, args, dataloader):
+        values = super().set_initial_training_values(args, dataloader)
+        # The real optimizer steps per epoch (index 1): the milestone scheduler needs it, and
+        # num_training_steps / num_train_epochs is wrong whenever max_steps is set.
+        self._update_steps_per_epoch = int(values[1])
+        return values
 
     # -------------------------------------------------------------- sampling
     def _get_train_sampler(self, train_dataset=None):
@@ -262,8 +284,9 @@ class LongTailTrainer(Trainer):
             return super().create_scheduler(num_training_steps, optimizer)
         if self.lr_scheduler is None:
             optimizer = self.optimizer if optimizer is None else optimizer
-            epochs = max(float(self.args.num_train_epochs), 1e-12)
-            steps_per_epoch = num_training_steps / epochs
+            steps_per_epoch = getattr(self, "_update_steps_per_epoch", None)
+            if not steps_per_epoch:  # called outside train(): fall back on the arguments
+                steps_per_epoch = num_training_steps / max(float(self.args.num_train_epochs), 1e-12)
             warmup = self.args.get_warmup_steps(num_training_steps)
             milestones = [round(m * steps_per_epoch) for m in self.lr_milestones]
             gamma = self.lr_gamma
@@ -307,6 +330,41 @@ def load_loss_state(
         return False
     state = torch.load(path, map_location=device or "cpu", weights_only=True)
     loss_fn.load_state_dict(state)
+    return True
+
+
+def reload_renamed_weights(model: nn.Module, folder: str | os.PathLike) -> bool:
+    """Reload a checkpoint whose weight names differ from the model's; ``True`` if it did.
+
+    ``transformers`` v5 ``save_pretrained`` writes some models (ViT among them) under their
+    legacy parameter names, while ``Trainer`` resumes with a non-strict ``load_state_dict`` of
+    the raw file, which silently skips every renamed weight (huggingface/transformers#43701,
+    #48805). When the checkpoint's names are not all names of the model, the weights are read
+    again with ``from_pretrained`` (which applies the renaming) and copied in strictly.
+    """
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return False
+    single = os.path.join(folder, "model.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt") as f:
+            saved = set(f.keys())
+    elif os.path.isfile(index):
+        import json
+
+        with open(index, encoding="utf-8") as f:
+            saved = set(json.load(f)["weight_map"])
+    else:
+        return False
+    if saved <= set(model.state_dict()):
+        return False  # the parent's load matched every saved weight
+    fresh = type(model).from_pretrained(folder, config=model.config)
+    model.load_state_dict(fresh.state_dict(), strict=True)
+    del fresh
     return True
 
 

@@ -1,0 +1,128 @@
+"""Shared pieces of the trainer / train-script tests: a tiny model, a tiny image dataset, args.
+
+Everything is built locally (no Hub access) and sized so that a Trainer step takes milliseconds
+on one CPU thread: a one-layer ViT on 8x8 images (LayerNorm only, no BatchNorm, no dropout, so
+the loss is a per-sample function of the input and gradient accumulation can be exact).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+#: Long-tailed class counts of the synthetic training set (head 12 .. tail 2; 36 images).
+COUNTS = (12, 8, 6, 4, 4, 2)
+
+
+def tiny_vit(num_labels: int = len(COUNTS), image_size: int = 8, seed: int = 0):
+    """A randomly initialised one-layer ViT image classifier (about 3k parameters)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=image_size,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+        id2label={i: f"class_{i}" for i in range(num_labels)},
+        label2id={f"class_{i}": i for i in range(num_labels)},
+    )
+    torch.manual_seed(seed)
+    return ViTForImageClassification(config)
+
+
+def image_dataset(counts: Sequence[int] = COUNTS, size: int = 8, seed: int = 0):
+    """A ``datasets.Dataset`` of RGB PIL images (``image``) and a ``ClassLabel`` (``label``).
+
+    Class ``c`` has ``counts[c]`` images whose mean colour depends on ``c`` (so there is a
+    signal to fit), rows are shuffled.
+    """
+    from datasets import ClassLabel, Dataset, Features, Image
+
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(counts)), counts)
+    rng.shuffle(labels)
+    palette = rng.uniform(40, 215, size=(len(counts), 3))
+    images = []
+    for y in labels:
+        pixels = palette[y] + rng.normal(0, 30, size=(size, size, 3))
+        images.append(np.clip(pixels, 0, 255).astype(np.uint8))
+    features = Features(
+        {"image": Image(), "label": ClassLabel(names=[f"class_{i}" for i in range(len(counts))])}
+    )
+    from PIL import Image as PILImage
+
+    return Dataset.from_dict(
+        {"image": [PILImage.fromarray(a) for a in images], "label": labels.tolist()},
+        features=features,
+    )
+
+
+def eval_transform():
+    """Deterministic PIL -> normalised float tensor (no augmentation: runs must be comparable)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25]),
+        ]
+    )
+
+
+def train_dataset(counts: Sequence[int] = COUNTS, seed: int = 0):
+    """:func:`image_dataset` with the lazy ``pixel_values``/``labels`` transform attached."""
+    from hf_longtail.data import with_transforms
+
+    return with_transforms(image_dataset(counts, seed=seed), eval_transform())
+
+
+def training_args(output_dir, **overrides: Any):
+    """``TrainingArguments`` for fast, deterministic CPU test runs (plain SGD, constant lr)."""
+    from transformers import TrainingArguments
+
+    values: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 16,
+        "learning_rate": 0.1,
+        "optim": "sgd",
+        "lr_scheduler_type": "constant",
+        "weight_decay": 0.0,
+        "max_grad_norm": 0.0,
+        "num_train_epochs": 1,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "logging_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "use_cpu": True,
+        "seed": 0,
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": False,
+        "remove_unused_columns": False,
+    }
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def loss_state(trainer) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the trainer's loss-module state (CAR EMA, u, v, step, DRW epoch)."""
+    return {
+        k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
+        for k, v in trainer.loss_fn.state_dict().items()
+    }
+
+
+def model_state(model) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of ``model.state_dict()``."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
