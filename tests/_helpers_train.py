@@ -126,3 +126,68 @@ def loss_state(trainer) -> dict[str, torch.Tensor]:
 def model_state(model) -> dict[str, torch.Tensor]:
     """A detached CPU copy of ``model.state_dict()``."""
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------ 2-process worker
+def distributed_worker(out_dir: str) -> None:
+    """One rank of the 2-process test (run under ``accelerate launch --multi_gpu``, CPU/gloo).
+
+    Trains the tiny ViT with CE + CCAR + CAR and the class-balanced sampler for 4 steps, logging
+    every 2, and writes ``rank{r}.pt``: the loss state, the model state, the log history and,
+    per training step, the rank's labels, logits and ``last_stats``.
+    """
+    import os
+
+    from hf_longtail import LongTailTrainer
+    from hf_longtail.data import collate_fn
+
+    torch.set_num_threads(1)
+    records: list[dict[str, Any]] = []
+
+    class Recorder(LongTailTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            if model.training:
+                records.append(
+                    {
+                        "labels": inputs["labels"].detach().cpu(),
+                        "logits": outputs.logits.detach().cpu(),
+                        "stats": {k: float(v) for k, v in self.loss_fn.last_stats.items()},
+                    }
+                )
+            return (loss, outputs) if return_outputs else loss
+
+    args = training_args(
+        out_dir,
+        per_device_train_batch_size=4,
+        max_steps=4,
+        logging_strategy="steps",
+        logging_steps=2,
+    )
+    trainer = Recorder(
+        model=tiny_vit(),
+        args=args,
+        train_dataset=train_dataset(),
+        data_collator=collate_fn,
+        loss_config={"base": "ce", "ccar": True, "car_weight": 0.5},
+        sampler="class_balanced",
+    )
+    trainer.train()
+    rank = args.process_index
+    torch.save(
+        {
+            "world_size": args.world_size,
+            "distributed_type": str(trainer.accelerator.distributed_type),
+            "loss_state": loss_state(trainer),
+            "model_state": model_state(trainer.accelerator.unwrap_model(trainer.model)),
+            "log_history": trainer.state.log_history,
+            "records": records,
+        },
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
+
+
+if __name__ == "__main__":
+    import sys
+
+    distributed_worker(sys.argv[1])
