@@ -9,7 +9,7 @@ Knows nothing of losses, the Trainer or the Hub helpers. Main entry points:
   :func:`longtail_record` -- the long-tail builder and its recorded provenance;
 - :func:`detect_columns`, :func:`ensure_class_label` -- column detection and label conversion;
 - :func:`build_transforms`, :func:`apply_transforms`, :func:`collate_fn`, :class:`MixupCollator`
-  -- feeding a model;
+  -- feeding a model (``on_bad_image="raise"|"skip"`` for unreadable files; :func:`find_bad_images`);
 - :class:`ClassAwareSampler` -- class-balanced / square-root / progressive sampling under DDP.
 """
 
@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from hf_longtail.data.profiles import PROFILES, long_tailed_counts, validate_imbalance_factor
     from hf_longtail.data.samplers import (
         SAMPLING_MODES,
+        BatchSeededSampler,
         ClassAwareSampler,
         build_class_aware_sampler,
         create_sampler,
@@ -53,9 +54,13 @@ if TYPE_CHECKING:  # pragma: no cover
         load_split_file,
     )
     from hf_longtail.data.transforms import (
+        ON_BAD_IMAGE,
+        BadImageError,
         apply_transforms,
+        bad_image_count,
         build_transforms,
         cifar_transforms,
+        find_bad_images,
         to_rgb,
         transforms_from_image_processor,
         transforms_from_timm,
@@ -65,13 +70,17 @@ if TYPE_CHECKING:  # pragma: no cover
 # Names are imported on first access (PEP 562) so that e.g. the samplers or the long-tail
 # builder do not pay for importing torchvision / timm.
 _EXPORTS: dict[str, str] = {
+    "BadImageError": "hf_longtail.data.transforms",
+    "BatchSeededSampler": "hf_longtail.data.samplers",
     "ClassAwareSampler": "hf_longtail.data.samplers",
     "MixupCollator": "hf_longtail.data.collate",
+    "ON_BAD_IMAGE": "hf_longtail.data.transforms",
     "PROFILES": "hf_longtail.data.profiles",
     "PROTOCOLS": "hf_longtail.data.sources",
     "SAMPLING_MODES": "hf_longtail.data.samplers",
     "SplitFileError": "hf_longtail.data.sources",
     "apply_transforms": "hf_longtail.data.transforms",
+    "bad_image_count": "hf_longtail.data.transforms",
     "build_class_aware_sampler": "hf_longtail.data.samplers",
     "build_transforms": "hf_longtail.data.transforms",
     "cifar_transforms": "hf_longtail.data.transforms",
@@ -83,6 +92,7 @@ _EXPORTS: dict[str, str] = {
     "detect_label_column": "hf_longtail.data.columns",
     "ensure_class_label": "hf_longtail.data.columns",
     "ensure_image_feature": "hf_longtail.data.columns",
+    "find_bad_images": "hf_longtail.data.transforms",
     "label_array": "hf_longtail.data.columns",
     "load_digits_dataset": "hf_longtail.data.sources",
     "load_long_tailed": "hf_longtail.data.sources",
@@ -103,13 +113,17 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "ON_BAD_IMAGE",
     "PROFILES",
     "PROTOCOLS",
     "SAMPLING_MODES",
+    "BadImageError",
+    "BatchSeededSampler",
     "ClassAwareSampler",
     "MixupCollator",
     "SplitFileError",
     "apply_transforms",
+    "bad_image_count",
     "build_class_aware_sampler",
     "build_transforms",
     "cifar_transforms",
@@ -121,6 +135,7 @@ __all__ = [
     "detect_label_column",
     "ensure_class_label",
     "ensure_image_feature",
+    "find_bad_images",
     "label_array",
     "load_digits_dataset",
     "load_long_tailed",

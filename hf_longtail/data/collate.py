@@ -21,10 +21,14 @@ def collate_fn(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack rows ``{"pixel_values": Tensor[C,H,W], "labels": int | Tensor}`` into
     ``{"pixel_values": Tensor[B,C,H,W], "labels": Tensor[B] (long) or Tensor[B,K] (float)}``.
 
+    Rows whose ``pixel_values`` is ``None`` (unreadable images skipped by a transform with
+    ``on_bad_image="skip"``) are dropped, so the batch is smaller by that many rows.
+
     Raises:
         ValueError: an empty batch, or a row without ``pixel_values`` / ``labels`` (e.g. the
             transform was not attached, or the Trainer dropped the columns: set
             ``remove_unused_columns=False``).
+        BadImageError: every image of the batch was unreadable.
     """
     if not examples:
         raise ValueError("cannot collate an empty batch")
@@ -35,6 +39,16 @@ def collate_fn(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
             f"with hf_longtail.data.with_transforms / apply_transforms, and with a Trainer set "
             f"remove_unused_columns=False"
         )
+    kept = [e for e in examples if e["pixel_values"] is not None]
+    if not kept:
+        from hf_longtail.data.transforms import BadImageError
+
+        raise BadImageError(
+            f"all {len(examples)} images of this batch are unreadable (skipped with "
+            "on_bad_image='skip'); the data is badly damaged: list the bad rows with "
+            "hf_longtail.data.find_bad_images(dataset)"
+        )
+    examples = kept
     pixel_values = torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples])
     first = examples[0]["labels"]
     if isinstance(first, torch.Tensor) and first.ndim > 0:

@@ -47,6 +47,7 @@ from torch.utils.data import Sampler
 
 __all__ = [
     "SAMPLING_MODES",
+    "BatchSeededSampler",
     "ClassAwareSampler",
     "build_class_aware_sampler",
     "create_sampler",
@@ -279,3 +280,70 @@ def build_class_aware_sampler(
         num_samples=num_samples,
         drop_last=drop_last,
     )
+
+
+def seed_host_rngs(*entropy: int) -> None:
+    """Seed Python's ``random``, NumPy's global RNG and torch's CPU generator from ``entropy``
+    (non-negative integers) through ``numpy.random.SeedSequence``, so that each gets an
+    independent, platform-stable stream. CUDA generators are left alone."""
+    import random
+
+    words = np.random.SeedSequence([int(e) for e in entropy]).generate_state(4, np.uint32)
+    random.seed(int(words[0]) << 32 | int(words[1]))
+    np.random.seed(words[:2])  # noqa: NPY002 -- transforms/collators (timm Mixup) read it
+    torch.default_generator.manual_seed(int(words[2]) << 32 | int(words[3]))
+
+
+class BatchSeededSampler(Sampler[int]):
+    """Wraps a training sampler so that the data randomness of every batch depends only on
+    ``(seed, epoch, batch index)``, which makes a resumed run draw what the uninterrupted run drew.
+
+    Before the first index of batch ``b`` (positions ``b * batch_size ...``) is handed out, the host
+    RNGs are re-seeded with :func:`seed_host_rngs` ``(seed, epoch, 1, b)``; ``set_epoch`` and the
+    start of an iteration re-seed them with ``(seed, epoch, 0, 0)``. In a single-process
+    ``DataLoader`` (``num_workers=0``) a batch is fetched right after its indices are drawn, so its
+    transforms (random crops, flips, RandAugment, timm's Python/NumPy draws) and collator (mixup)
+    see a seeded state. Why it matters: ``transformers.Trainer`` resumes mid-epoch by skipping the
+    first batches without loading them and restoring the checkpoint's RNG state only after it has
+    prefetched the next ones, so with a plain global RNG every later augmentation is shifted.
+
+    With ``num_workers > 0`` the workers' RNGs are seeded from the host state at iterator creation,
+    which ``set_epoch`` makes a function of ``(seed, epoch)``: a resume at an epoch boundary is
+    exact, a resume mid-epoch is exact in order and loss state but not in augmentation draws.
+
+    Args:
+        sampler: the wrapped sampler (its ``set_epoch`` is forwarded when it has one).
+        batch_size: the per-process batch size of the ``DataLoader``.
+        seed: base seed (``TrainingArguments.data_seed`` or ``seed``).
+    """
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, seed: int = 0) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+            raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
+        self.sampler = sampler
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (forwarded to the wrapped sampler) and re-seed the host RNGs."""
+        self.epoch = int(epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        seed_host_rngs(self.seed, self.epoch, 0, 0)
+
+    def __iter__(self) -> Iterator[int]:
+        # Seeded before the wrapped iterator starts: a RandomSampler draws its permutation seed
+        # from the global torch RNG at its first step.
+        seed_host_rngs(self.seed, self.epoch, 0, 0)
+        for position, index in enumerate(self.sampler):
+            if position % self.batch_size == 0:
+                seed_host_rngs(self.seed, self.epoch, 1, position // self.batch_size)
+            yield index
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]

@@ -22,16 +22,27 @@ images are decoded and transformed only when a row is read; rows come out as
 ``{"pixel_values": FloatTensor[C, H, W], "labels": int}``. When the dataset is given to a
 ``transformers.Trainer``, set ``remove_unused_columns=False``: the Trainer would otherwise drop
 the raw image/label columns that the transform reads.
+
+Unreadable images (truncated or corrupt files, missing files, unknown formats) are decoded by the
+transform itself, not by ``datasets``, so that ``on_bad_image`` decides what happens when a batch
+meets one: ``"raise"`` (default) raises :class:`BadImageError` (or ``FileNotFoundError``) naming
+the file, or for an embedded image its size, hash and label; ``"skip"`` logs it, counts it
+(:func:`bad_image_count`) and returns the row with ``pixel_values=None``, which
+:func:`~hf_longtail.data.collate.collate_fn` drops from the batch. :func:`find_bad_images` scans a
+dataset up front and returns the row index of every unreadable image.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
+from datasets import Image as ImageFeature
 from PIL import Image as PILImage
 from torchvision.transforms import InterpolationMode, v2
 
@@ -45,12 +56,16 @@ __all__ = [
     "CIFAR100_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "ON_BAD_IMAGE",
+    "BadImageError",
     "ImageClassificationTransform",
     "ResizeIfNeeded",
     "ToRGB",
     "apply_transforms",
+    "bad_image_count",
     "build_transforms",
     "cifar_transforms",
+    "find_bad_images",
     "to_rgb",
     "transforms_from_image_processor",
     "transforms_from_timm",
@@ -65,6 +80,19 @@ CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+logger = logging.getLogger(__name__)
+
+#: Policies for an image that cannot be read (see the module docstring).
+ON_BAD_IMAGE = ("raise", "skip")
+# What PIL / datasets raise for a file that is missing, truncated, corrupt or not an image.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, PILImage.DecompressionBombError)
+
+
+class BadImageError(OSError):
+    """An image that cannot be decoded (truncated or corrupt file, unknown format) was met with
+    ``on_bad_image="raise"``; the message names the file (or the embedded image) and the fix."""
+
 
 #: Names accepted by ``auto_augment`` (torchvision ops; timm strings map in ``_TIMM_AUTO_AUGMENT``).
 AUTO_AUGMENT = ("randaugment", "trivialaugment")
@@ -384,30 +412,137 @@ def build_transforms(
     )
 
 
+def _describe_image(value: Any, label: Any) -> str:
+    if isinstance(value, str):
+        return f"image file {value!r} (label {label})"
+    if isinstance(value, dict):
+        path, data = value.get("path"), value.get("bytes")
+        if data is None and path:
+            return f"image file {path!r} (label {label})"
+        if data is not None:
+            digest = hashlib.sha1(data).hexdigest()[:12]
+            name = f" {path!r}" if path else ""
+            return f"embedded image{name} ({len(data)} bytes, sha1 {digest}..., label {label})"
+    return f"image of type {type(value).__name__} (label {label})"
+
+
+def _decode_image(decoder: ImageFeature, value: Any) -> Any:
+    if isinstance(value, str):
+        value = {"path": value, "bytes": None}
+    if isinstance(value, dict):
+        return decoder.decode_example(value)
+    return value  # already decoded (PIL image or array)
+
+
 class ImageClassificationTransform:
     """Batch transform for ``Dataset.set_transform``: reads ``image_column`` and ``label_column``
     of a batch (lists) and returns ``{"pixel_values": [FloatTensor[C,H,W], ...],
-    "labels": [int, ...]}``. Picklable, so it works in DataLoader worker processes."""
+    "labels": [int, ...]}``. Picklable, so it works in DataLoader worker processes.
+
+    Images may arrive decoded (PIL / NumPy) or undecoded (``{"bytes", "path"}`` dicts of an
+    ``Image(decode=False)`` column, or path strings); undecoded ones are decoded here exactly as
+    ``datasets.Image(mode=image_mode)`` would, and an unreadable one follows ``on_bad_image``:
+    ``"raise"`` raises :class:`BadImageError` (``FileNotFoundError`` for a missing file) naming
+    it; ``"skip"`` logs it, adds 1 to ``num_bad_images`` (a per-process count: each DataLoader
+    worker has its own copy) and returns ``None`` as its ``pixel_values``.
+    """
 
     def __init__(
-        self, transform: Callable[[Any], torch.Tensor], image_column: str, label_column: str
+        self,
+        transform: Callable[[Any], torch.Tensor],
+        image_column: str,
+        label_column: str,
+        *,
+        on_bad_image: str = "raise",
+        image_mode: str | None = None,
     ):
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}; got {on_bad_image!r}")
         self.transform = transform
         self.image_column = image_column
         self.label_column = label_column
+        self.on_bad_image = on_bad_image
+        self.num_bad_images = 0
+        self._decoder = ImageFeature(mode=image_mode)
+
+    def _pixels(self, value: Any, label: Any) -> torch.Tensor | None:
+        try:
+            image = _decode_image(self._decoder, value)
+        except _DECODE_ERRORS as err:
+            what = _describe_image(value, label)
+            if self.on_bad_image == "skip":
+                self.num_bad_images += 1
+                logger.warning(
+                    "skipping unreadable %s: %s: %s (%d skipped so far in this process)",
+                    what,
+                    type(err).__name__,
+                    err,
+                    self.num_bad_images,
+                )
+                return None
+            fix = (
+                "Replace or remove it (hf_longtail.data.find_bad_images(dataset) lists the row "
+                "of every unreadable image), or pass on_bad_image='skip' to drop such images "
+                "from their batch."
+            )
+            if isinstance(err, FileNotFoundError):
+                raise FileNotFoundError(f"{what} does not exist. {fix}") from err
+            raise BadImageError(
+                f"cannot decode {what}: {type(err).__name__}: {err}. {fix}"
+            ) from err
+        return self.transform(image)
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        labels = [int(y) for y in batch[self.label_column]]
         images = batch[self.image_column]
         return {
-            "pixel_values": [self.transform(image) for image in images],
-            "labels": [int(y) for y in batch[self.label_column]],
+            "pixel_values": [self._pixels(image, y) for image, y in zip(images, labels)],
+            "labels": labels,
         }
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(image_column={self.image_column!r}, "
-            f"label_column={self.label_column!r}, transform={self.transform!r})"
+            f"label_column={self.label_column!r}, on_bad_image={self.on_bad_image!r}, "
+            f"transform={self.transform!r})"
         )
+
+
+def bad_image_count(dataset: Dataset) -> int:
+    """How many unreadable images the transform attached by :func:`with_transforms` (with
+    ``on_bad_image="skip"``) has skipped so far in this process (0 if no such transform)."""
+    transform = (dataset.format.get("format_kwargs") or {}).get("transform")
+    return int(getattr(transform, "num_bad_images", 0))
+
+
+def find_bad_images(
+    dataset: Dataset, image_column: str | None = None, *, batch_size: int = 256
+) -> list[tuple[int, str]]:
+    """Decode every image of ``dataset`` and return ``(row, error)`` for each unreadable one
+    (missing, truncated or corrupt file, unknown format), row indices in ``dataset`` order.
+
+    A pre-flight scan (it decodes the whole column once, any transform set on the dataset is
+    ignored); drop the rows with ``dataset.select(sorted(set(range(len(dataset))) - bad_rows))``.
+    """
+    if image_column is None:
+        from hf_longtail.data.columns import detect_image_column
+
+        image_column = detect_image_column(dataset.features)
+    feature = dataset.features[image_column]
+    mode = feature.mode if isinstance(feature, ImageFeature) else None
+    raw = dataset.with_format(None).select_columns([image_column])
+    if isinstance(feature, ImageFeature):
+        raw = raw.cast_column(image_column, ImageFeature(mode=mode, decode=False))
+    decoder = ImageFeature(mode=mode)
+    bad: list[tuple[int, str]] = []
+    for start in range(0, len(raw), batch_size):
+        values = raw[start : start + batch_size][image_column]
+        for offset, value in enumerate(values):
+            try:
+                _decode_image(decoder, value)
+            except _DECODE_ERRORS as err:
+                bad.append((start + offset, f"{type(err).__name__}: {err}"))
+    return bad
 
 
 def with_transforms(
@@ -415,13 +550,27 @@ def with_transforms(
     transform: Callable[[Any], torch.Tensor],
     image_column: str | None = None,
     label_column: str | None = None,
+    *,
+    on_bad_image: str = "raise",
 ) -> Dataset:
     """A copy of ``dataset`` whose rows are transformed on access (``Dataset.with_transform``,
     restricted to the image and label columns so no other column is decoded): rows read as
     ``{"pixel_values": FloatTensor[C,H,W], "labels": int}``. Columns are detected as in
-    ``detect_columns`` unless given."""
+    ``detect_columns`` unless given.
+
+    The copy's image column is ``Image(decode=False)`` (a metadata cast, nothing is copied) and
+    the transform decodes each image, so ``on_bad_image`` (``"raise"`` or ``"skip"``, see
+    :class:`ImageClassificationTransform`) governs unreadable files."""
     image_column, label_column = detect_columns(dataset, image_column, label_column)
-    fn = ImageClassificationTransform(transform, image_column, label_column)
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}; got {on_bad_image!r}")
+    feature = dataset.features[image_column]
+    mode = feature.mode if isinstance(feature, ImageFeature) else None
+    if isinstance(feature, ImageFeature) and feature.decode:
+        dataset = dataset.cast_column(image_column, ImageFeature(mode=mode, decode=False))
+    fn = ImageClassificationTransform(
+        transform, image_column, label_column, on_bad_image=on_bad_image, image_mode=mode
+    )
     return dataset.with_transform(fn, columns=[image_column, label_column])
 
 
@@ -433,9 +582,11 @@ def apply_transforms(
     label_column: str | None = None,
     *,
     train_split: str = "train",
+    on_bad_image: str = "raise",
 ) -> DatasetDict:
     """A new ``DatasetDict``: ``train_split`` with ``train_transform`` and every other split with
-    ``eval_transform``, via :func:`with_transforms` (lazy; the splits' data are shared)."""
+    ``eval_transform``, via :func:`with_transforms` (lazy; the splits' data are shared;
+    ``on_bad_image`` as there)."""
     image_column, label_column = detect_columns(dataset, image_column, label_column)
     return DatasetDict(
         {
@@ -444,6 +595,7 @@ def apply_transforms(
                 train_transform if name == train_split else eval_transform,
                 image_column,
                 label_column,
+                on_bad_image=on_bad_image,
             )
             for name, split in dataset.items()
         }
