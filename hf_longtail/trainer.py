@@ -26,6 +26,14 @@ Contract of the training step (what is identical to the parent class and what is
   and DRW's ``weight_reduction="weighted_mean"`` (the LDAM-DRW default) renormalises the class
   weights within each micro-batch, as it does within each process under DDP
   (``weight_reduction="mean"`` is exact).
+- Non-finite training steps (``nonfinite_loss``): NaN/inf logits are detected before the loss
+  runs (so the CAR EMA never absorbs them), a non-finite loss after it names the loss part(s);
+  ``"raise"`` raises :class:`NonFiniteLossError` with the step number, ``"skip"`` gives every
+  parameter an exact zero gradient for that batch and counts it.
+- Data randomness: the training sampler is wrapped in
+  :class:`~hf_longtail.data.BatchSeededSampler`, which re-seeds the host RNGs before each batch
+  from ``(seed, epoch, batch index)``; with ``dataloader_num_workers=0`` a run resumed mid-epoch
+  then reproduces the uninterrupted run exactly (order, augmentation, loss state).
 - ``compute_loss`` also runs on evaluation batches: there the loss module is in eval mode, so
   the CAR EMA and the DRW schedule never advance outside training steps.
 - The loss state (CAR EMA confusion matrix, singular vectors, step) is written into every
@@ -187,6 +195,14 @@ class LongTailTrainer(Trainer):
         logits = _logits_of(outputs)
 
         training = model.training
+        # Non-finite logits are caught before the loss sees them: the CAR EMA would otherwise
+        # absorb the NaN (poisoning every later step) and the loss's own check would raise
+        # without the step number. One reduction, like the loss's validation.
+        if training and not bool(torch.isfinite(logits.detach().float().sum())):
+            n_bad = int((~torch.isfinite(logits.detach())).sum())
+            if n_bad:  # (a finite batch whose sum overflowed is not an error)
+                loss = self._nonfinite_step(model, ["logits"], {"nonfinite_logits": n_bad})
+                return (loss, outputs) if return_outputs else loss
         self.loss_fn.train(training)
         device_type = logits.device.type
         # The loss always runs in float32: autocast would otherwise re-lower the matmuls of
@@ -195,26 +211,35 @@ class LongTailTrainer(Trainer):
             loss = self.loss_fn(logits.float(), labels)
 
         if training:
-            loss = self._check_finite(loss)
-            self._accumulate_stats()
+            loss = self._check_finite(loss, model)
         return (loss, outputs) if return_outputs else loss
 
-    def _check_finite(self, loss: torch.Tensor) -> torch.Tensor:
+    def _check_finite(self, loss: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         if bool(torch.isfinite(loss)):
+            self._accumulate_stats()
             return loss
         parts = {k: float(v) for k, v in self.loss_fn.last_stats.items()}
         bad = [k for k, v in parts.items() if not math.isfinite(v)] or ["total"]
+        return self._nonfinite_step(model if model is not None else self.model, bad, parts)
+
+    def _nonfinite_step(self, model: nn.Module, bad: list[str], parts: dict) -> torch.Tensor:
+        """Apply ``nonfinite_loss`` to a training step whose ``bad`` parts are not finite."""
         step = self.state.global_step + 1
+        epoch = float(self.state.epoch or 0.0)
         if self.nonfinite_loss == "raise":
             raise NonFiniteLossError(
-                f"Non-finite loss at training step {step} (epoch {self.state.epoch:.3f}); "
-                f"non-finite part(s): {', '.join(bad)}; all parts: {parts}. Lower the learning "
-                "rate, enable gradient clipping (max_grad_norm) or pass nonfinite_loss='skip'."
+                f"Non-finite loss at training step {step} (epoch {epoch:.3f}); non-finite "
+                f"part(s): {', '.join(bad)}; details: {parts}. Lower the learning rate, enable "
+                "gradient clipping (max_grad_norm), check the batch for NaN/inf pixels, or pass "
+                "nonfinite_loss='skip'."
             )
         self.skipped_nonfinite_steps += 1
         logger.warning("Skipping non-finite loss at step %d (parts: %s)", step, ", ".join(bad))
-        # A zero that keeps the graph: the optimizer step sees no contribution from this batch.
-        return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
+        # A zero built from the parameters, not from the non-finite loss: every parameter gets
+        # an exact zero gradient (0 * NaN would be NaN), so this batch contributes nothing and
+        # under DDP every gradient hook still fires.
+        params = [p for p in model.parameters() if p.requires_grad]
+        return sum((p.sum() * 0.0 for p in params), torch.zeros((), device=self.args.device))
 
     def _accumulate_stats(self) -> None:
         for key, value in self.loss_fn.last_stats.items():
@@ -239,11 +264,14 @@ class LongTailTrainer(Trainer):
 
     # ----------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
+        # The loss state goes in first: the parent writes trainer_state.json (the marker of a
+        # complete checkpoint) last and then deletes older checkpoints, so a run killed at any
+        # moment never leaves a "complete" checkpoint without its CAR state.
         if self.args.should_save:
             run_dir = self._get_output_dir(trial=trial)
             folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             save_loss_state(self.loss_fn, folder)
+        super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None):
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
@@ -260,22 +288,57 @@ class LongTailTrainer(Trainer):
 
     # -------------------------------------------------------------- sampling
     def _get_train_sampler(self, train_dataset=None):
-        if self.sampler_name == "random":
-            return super()._get_train_sampler(train_dataset)
-        from hf_longtail.data.samplers import build_class_aware_sampler
+        """The training sampler wrapped in a :class:`~hf_longtail.data.BatchSeededSampler`.
 
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        # One global order on every process (num_replicas=1); accelerate's dataloader
-        # preparation then gives each process a disjoint share of its batches.
-        return build_class_aware_sampler(
-            dataset,
-            strategy=self.sampler_name,
-            label_column=self.label_column,
-            seed=self.args.seed,
-            num_epochs=self.args.num_train_epochs,
-            num_replicas=1,
-            rank=0,
-        )
+        The wrapper re-seeds the host RNGs (Python, NumPy, torch CPU) before each batch from
+        ``(data_seed or seed, epoch, batch index)``, so data augmentation is a function of the
+        batch position and a run resumed mid-epoch (``dataloader_num_workers=0``) sees exactly
+        the batches of the uninterrupted run. ``"random"`` order is then drawn from that seeded
+        state, identically on every process.
+        """
+        from hf_longtail.data.samplers import BatchSeededSampler, build_class_aware_sampler
+
+        if self.sampler_name == "random":
+            sampler = super()._get_train_sampler(train_dataset)
+        else:
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            # One global order on every process (num_replicas=1); accelerate's dataloader
+            # preparation then gives each process a disjoint share of its batches.
+            sampler = build_class_aware_sampler(
+                dataset,
+                strategy=self.sampler_name,
+                label_column=self.label_column,
+                seed=self.args.seed,
+                num_epochs=self.args.num_train_epochs,
+                num_replicas=1,
+                rank=0,
+            )
+        strategy = getattr(self.args, "train_sampling_strategy", "random")
+        if (
+            sampler is None
+            or isinstance(sampler, torch.utils.data.BatchSampler)
+            or strategy == "batch_rebalance"  # a batch sampler: batches are not index runs
+        ):
+            return sampler
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        self._data_rng_seeded = True
+        return BatchSeededSampler(sampler, batch_size=self._train_batch_size, seed=seed)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        # With the seeded sampler the host RNGs are re-derived before every batch; the parent
+        # would restore the checkpoint's copy *after* the resumed loader has prefetched its
+        # first batches, desynchronising them. Device RNGs (CUDA dropout) are restored as usual.
+        if not getattr(self, "_data_rng_seeded", False):
+            return super()._load_rng_state(checkpoint)
+        import random
+
+        import numpy as np
+
+        host = (random.getstate(), np.random.get_state(), torch.get_rng_state())  # noqa: NPY002
+        super()._load_rng_state(checkpoint)
+        random.setstate(host[0])
+        np.random.set_state(host[1])  # noqa: NPY002 -- the legacy global RNG is what is restored
+        torch.set_rng_state(host[2])
 
     # ------------------------------------------------------------- scheduler
     def create_scheduler(self, num_training_steps: int, optimizer=None):
