@@ -1,0 +1,304 @@
+"""scripts/train.py end to end (in-process ``main([...])``) and the ready configs.
+
+Runs are tiny (a few optimizer steps of a CIFAR ResNet-20 or a one-layer ViT) but go through
+everything the README main job does: data, model factory, LongTailTrainer, final evaluation,
+``all_results.json``, ``longtail_run.json`` and the two plots.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "scripts" / "configs").glob("*.yaml"))
+TEST_METRICS = (
+    "test_accuracy",
+    "test_many_shot_accuracy",
+    "test_medium_shot_accuracy",
+    "test_few_shot_accuracy",
+    "test_worst_class_accuracy",
+    "test_balanced_accuracy",
+    "test_macro_f1",
+    "test_ece",
+    "test_per_class_accuracy",
+)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: CIFAR-10-LT, imbalance factor 100 (Cao et al. 2019): int(5000 * 0.01 ** (c / 9)).
+CIFAR10_LT_100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+
+
+def _load_script():
+    name = "hf_longtail_train_script"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "train.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while being created
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def train_script():
+    return _load_script()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+#: Flags that make any run tiny and quiet on CPU.
+FAST = [
+    "--max_steps", "3",
+    "--per_device_train_batch_size", "16",
+    "--per_device_eval_batch_size", "128",
+    "--save_strategy", "no",
+    "--eval_strategy", "no",
+    "--logging_strategy", "no",
+    "--report_to", "none",
+    "--disable_tqdm", "true",
+    "--use_cpu", "true",
+    "--dataloader_num_workers", "0",
+]  # fmt: skip
+
+
+def _digits_run(train_script, out: Path, *extra: str) -> dict:
+    """The README main-job config, shrunk: ResNet-20 on 16x16 digits, 3 steps."""
+    argv = [
+        str(REPO / "scripts" / "configs" / "digits_ccar_car.yaml"),
+        "--output_dir", str(out),
+        "--model_name_or_path", "resnet20_cifar",
+        "--image_size", "16",
+        *FAST,
+        *extra,
+    ]  # fmt: skip
+    return train_script.main(argv)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory, train_script):
+    """One shared digits run (module scope: several tests inspect the same output dir)."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("digits") / "run"
+    results = _digits_run(train_script, out)
+    return out, results
+
+
+def _check_results(results: dict, num_classes: int) -> None:
+    for key in TEST_METRICS:
+        assert key in results, key
+    per_class = results["test_per_class_accuracy"]
+    assert isinstance(per_class, list) and len(per_class) == num_classes
+    present = [a for a in per_class if a is not None]
+    assert results["test_balanced_accuracy"] == pytest.approx(float(np.mean(present)))
+    assert results["test_worst_class_accuracy"] == pytest.approx(min(present))
+    assert 0.0 <= results["test_accuracy"] <= 1.0
+    assert 0.0 <= results["test_ece"] <= 1.0
+
+
+# ------------------------------------------------------------------ (a) digits, output files
+def test_digits_run_writes_the_documented_run_directory(digits_run):
+    out, results = digits_run
+    for name in ("config.json", "model.safetensors", "all_results.json", "longtail_run.json"):
+        assert (out / name).is_file(), name
+    for name in ("per_class_accuracy.png", "confusion_matrix.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+
+    saved = json.loads((out / "all_results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    _check_results(saved, num_classes=10)
+    assert saved["train_samples"] > 0 and "train_runtime" in saved
+
+    run = json.loads((out / "longtail_run.json").read_text())
+    assert {"hf_longtail_version", "model_name_or_path", "dataset", "loss", "training"} <= set(run)
+    assert run["metric_thresholds"] == {"many": 60, "few": 20}  # from the digits config
+    data = run["dataset"]
+    assert data["name"] == "digits" and data["imbalance_factor"] == 10
+    assert data["profile"] == "exp" and data["eval_split"] == "test"
+    assert sum(data["class_counts"]) == data["train_size"]
+    assert max(data["class_counts"]) / min(data["class_counts"]) == pytest.approx(10, rel=0.1)
+    assert data["class_names"] == [str(d) for d in range(10)]
+    assert run["loss"]["ccar"] is True and run["loss"]["car_weight"] == 0.5
+    assert run["training"]["max_steps"] == 3 and run["training"]["world_size"] == 1
+
+
+def test_digits_run_accuracy_matches_the_saved_model(digits_run):
+    """Independent check: reload the saved model, evaluate the test split, same accuracy."""
+    from transformers import AutoModelForImageClassification
+
+    import hf_longtail.models  # noqa: F401  (registers the CIFAR ResNets with the Auto classes)
+    from hf_longtail.data import collate_fn, load_long_tailed, with_transforms
+    from hf_longtail.data.transforms import CIFAR10_MEAN, CIFAR10_STD, cifar_transforms
+
+    out, results = digits_run
+    model = AutoModelForImageClassification.from_pretrained(out).eval()
+    test = load_long_tailed("digits", imbalance_factor=10)["test"]
+    test = with_transforms(test, cifar_transforms(CIFAR10_MEAN, CIFAR10_STD, size=16)[1])
+    batch = collate_fn([test[i] for i in range(len(test))])
+    with torch.no_grad():
+        predicted = model(pixel_values=batch["pixel_values"]).logits.argmax(-1)
+    accuracy = float((predicted == batch["labels"]).float().mean())
+    assert results["test_accuracy"] == pytest.approx(accuracy, abs=1.5 / len(test))
+
+
+# ------------------------------------------------------------------ (e) output-dir safety
+def test_output_dir_of_a_different_run_is_refused_unless_overwrite(
+    digits_run, train_script, tmp_path
+):
+    out = tmp_path / "run"
+    shutil.copytree(digits_run[0], out)
+    before = (out / "all_results.json").read_bytes()
+    flags = ["--overwrite_output_dir", "false", "--loss", "la"]
+    with pytest.raises(FileExistsError, match="different run") as err:
+        _digits_run(train_script, out, *flags)
+    assert "--overwrite_output_dir" in str(err.value)
+    assert (out / "all_results.json").read_bytes() == before  # untouched
+
+    _digits_run(train_script, out, "--overwrite_output_dir", "true", "--loss", "la")
+    run = json.loads((out / "longtail_run.json").read_text())
+    assert run["loss"]["base"] == "la"
+
+
+# ------------------------------------------------------------------ (b) real CIFAR-10
+@pytest.mark.cifar10
+def test_real_cifar10_few_steps(cifar10_dir, train_script, tmp_path):
+    out = tmp_path / "c10"
+    argv = [
+        "--dataset_name", str(cifar10_dir),
+        "--imbalance_factor", "100",
+        "--model_name_or_path", "resnet20_cifar",
+        "--train_transform", "cifar10",
+        "--loss", "ce", "--ccar", "true", "--car_weight", "0.5",
+        "--max_eval_samples", "200",
+        "--learning_rate", "0.05",
+        "--output_dir", str(out),
+        *FAST,
+    ]  # fmt: skip
+    results = train_script.main(argv)
+    _check_results(results, num_classes=10)
+    run = json.loads((out / "longtail_run.json").read_text())
+    assert run["dataset"]["class_counts"] == CIFAR10_LT_100
+    assert run["dataset"]["class_names"][:3] == ["airplane", "automobile", "bird"]
+    assert run["dataset"]["image_column"] == "img" and run["dataset"]["label_column"] == "label"
+    assert run["dataset"]["eval_size"] == 200
+    assert results["test_num_samples"] == 200
+    # CIFAR-10-LT shot groups (>100 / 20..100 / <20 images): 8 many, 2 medium, 0 few classes.
+    groups = (results["test_num_many"], results["test_num_medium"], results["test_num_few"])
+    assert groups == (8, 2, 0)
+    assert results["test_few_shot_accuracy"] is None  # no few-shot class: reported as missing
+    assert (out / "confusion_matrix.png").read_bytes()[:8] == PNG_MAGIC
+
+
+# ------------------------------------------------------------------ (c) local ViT, new head
+def test_local_vit_checkpoint_gets_a_head_for_the_dataset(train_script, tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    source = tmp_path / "vit-3"
+    config = ViTConfig(
+        image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ViTForImageClassification(config).save_pretrained(source)
+    processor = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3)
+    processor.save_pretrained(source)
+
+    out = tmp_path / "run"
+    argv = [
+        "--dataset_name", "digits",
+        "--imbalance_factor", "10",
+        "--model_name_or_path", str(source),
+        "--optim", "adamw_torch", "--learning_rate", "0.001",
+        "--ccar", "true", "--car_weight", "0.5",
+        "--output_dir", str(out),
+        *FAST,
+    ]  # fmt: skip
+    results = train_script.main(argv)
+    _check_results(results, num_classes=10)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["id2label"] == {str(i): str(i) for i in range(10)}
+    assert (out / "preprocessor_config.json").is_file()
+    model = ViTForImageClassification.from_pretrained(out)
+    assert model.classifier.weight.shape == (10, 16)
+
+
+# ------------------------------------------------------------------ (d) config files
+def test_unknown_yaml_key_is_an_error_naming_it(train_script, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("dataset_name: digits\nlearning_rat: 0.1\nccar: true\n")
+    with pytest.raises(ValueError, match="learning_rat") as err:
+        train_script.parse_args([str(config)])
+    assert "learning_rate" in str(err.value)  # the suggestion
+
+
+def test_flags_after_the_config_override_it(train_script):
+    parsed = train_script.parse_args(
+        [str(REPO / "scripts" / "configs" / "digits_ccar_car.yaml"), "--car_weight", "0.25"]
+    )
+    loss_args, training_args = parsed[2], parsed[4]
+    assert loss_args.car_weight == 0.25 and loss_args.ccar is True
+    assert training_args.num_train_epochs == 30
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_ready_config_parses_and_builds_its_loss(train_script, path):
+    from hf_longtail.losses import LongTailLossConfig, build_loss
+
+    # --use_cpu: a bf16 GPU recipe must still parse on a CPU-only machine.
+    model_args, _, loss_args, _, training_args = train_script.parse_args(
+        [str(path), "--use_cpu", "true"]
+    )
+    loss_config = train_script.loss_config_from_args(loss_args)
+    assert isinstance(loss_config, LongTailLossConfig)
+    assert LongTailLossConfig.from_dict(loss_config.to_dict()) == loss_config
+    build_loss(loss_config, [50, 20, 5])  # valid values, not only valid keys
+    assert training_args.output_dir and model_args.model_name_or_path
+
+
+@pytest.mark.parametrize("name", ["cifar10_lt_resnet32.yaml", "cifar100_lt_resnet32.yaml"])
+def test_cifar_lt_configs_follow_the_ldam_drw_protocol(train_script, name):
+    model_args, data_args, loss_args, run_args, args = train_script.parse_args(
+        [str(REPO / "scripts" / "configs" / name)]
+    )
+    assert model_args.model_name_or_path == "resnet32_cifar"
+    assert data_args.imbalance_factor == 100 and data_args.imbalance_profile == "exp"
+    assert args.num_train_epochs == 200 and args.per_device_train_batch_size == 128
+    assert args.learning_rate == 0.1 and args.weight_decay == 2e-4
+    assert str(args.optim.value if hasattr(args.optim, "value") else args.optim) == "sgd"
+    assert "momentum=0.9" in args.optim_args
+    assert args.warmup_steps * args.num_train_epochs == pytest.approx(5)  # 5 warm-up epochs
+    # LDAM-DRW: lr x0.01 after epoch 160 and x0.0001 after epoch 180.
+    assert run_args.lr_milestones == [160, 180] and run_args.lr_gamma == 0.01
+    assert loss_args.ccar is True and loss_args.car_weight > 0
+    if "cifar100" in name:
+        assert data_args.dataset_name == "uoft-cs/cifar100"
+        assert data_args.label_column_name == "fine_label"
+        assert data_args.train_transform == "cifar100"
+    else:
+        assert data_args.dataset_name == "uoft-cs/cifar10"
+        assert data_args.train_transform == "cifar10"
+
+
+def test_protocol_configs_name_their_split_files(train_script):
+    for name, protocol, eval_split in (
+        ("imagenet_lt_resnet50.yaml", "imagenet_lt", "test"),
+        ("inat2018_resnet50.yaml", "inat2018", "validation"),
+    ):
+        model_args, data_args, *_ = train_script.parse_args(
+            [str(REPO / "scripts" / "configs" / name), "--use_cpu", "true"]
+        )  # fmt: skip
+        assert data_args.dataset_name == protocol and data_args.eval_split == eval_split
+        assert data_args.data_dir and data_args.split_dir
+        assert data_args.imbalance_factor is None  # the split files define the long tail
+        assert model_args.pretrained is False  # protocols train from scratch
