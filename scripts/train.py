@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -33,7 +34,6 @@ from typing import Any
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from hf_longtail.losses import LongTailLossConfig
 
@@ -112,6 +112,13 @@ class DataArguments:
     sampler: str = field(
         default="random",
         metadata={"help": "'random', 'class_balanced', 'sqrt' or 'progressive'."},
+    )
+    on_bad_image: str = field(
+        default="raise",
+        metadata={
+            "help": "An unreadable (truncated/corrupt/missing) image met while reading batches: "
+            "'raise' stops naming the file; 'skip' drops it from its batch (logged, counted)."
+        },
     )
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Evaluate on the first N evaluation images (debugging)."}
@@ -269,7 +276,7 @@ def prepare_output_dir(training_args: TrainingArguments, run_args: RunArguments,
     resume = training_args.resume_from_checkpoint
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output_dir {out} exists and is not a directory.")
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    last = _last_complete_checkpoint(out) if out.is_dir() else None
     previous = _read_json(out / RUN_FILE)
     has_run = last is not None or (out / RESULTS_FILE).exists() or previous is not None
     if run_args.overwrite_output_dir and has_run and training_args.process_index == 0:
@@ -301,8 +308,20 @@ def prepare_output_dir(training_args: TrainingArguments, run_args: RunArguments,
                 )
     elif not Path(resume).is_dir():
         raise FileNotFoundError(f"resume_from_checkpoint={resume} is not a directory.")
+    elif not (Path(resume) / "trainer_state.json").is_file():
+        raise FileNotFoundError(
+            f"resume_from_checkpoint={resume} is incomplete (no trainer_state.json: the run was "
+            "killed while writing it). Resume from an earlier checkpoint, or pass "
+            "--resume_from_checkpoint true to take the last complete one."
+        )
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise type(err)(
+            f"output_dir {out} cannot be created ({err.strerror or err}): a parent is a file, "
+            "is read-only or does not allow it. Choose another --output_dir."
+        ) from err
     probe = out / f".write_test_{os.getpid()}"
     try:
         probe.write_bytes(b"ok")
@@ -316,6 +335,21 @@ def prepare_output_dir(training_args: TrainingArguments, run_args: RunArguments,
             "Free some space or choose another --output_dir."
         )
     return resume
+
+
+def _last_complete_checkpoint(out: Path) -> str | None:
+    """The highest ``checkpoint-N`` in ``out`` holding ``trainer_state.json`` (the Trainer writes
+    it last), skipping with a warning the ones a killed run left half-written."""
+    found = []
+    for child in out.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    for _, path in sorted(found, reverse=True):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        logger.warning("Ignoring incomplete checkpoint %s (no trainer_state.json).", path)
+    return None
 
 
 def _same_recipe(previous: dict, current: dict) -> bool:
@@ -340,6 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     # Everything cheap is validated before any data or model is loaded.
     loss_config = loss_config_from_args(loss_args)
+    _check_options(data_args, run_args)
 
     import hf_longtail
     from hf_longtail.data import (
@@ -450,8 +485,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
     else:
         train_tf, eval_tf = build_transforms(protocol, auto_augment=data_args.auto_augment)
-    train_ds = with_transforms(train_ds, train_tf, image_col, label_col)
-    eval_ds = with_transforms(eval_ds, eval_tf, image_col, label_col)
+    on_bad = data_args.on_bad_image
+    train_ds = with_transforms(train_ds, train_tf, image_col, label_col, on_bad_image=on_bad)
+    eval_ds = with_transforms(eval_ds, eval_tf, image_col, label_col, on_bad_image=on_bad)
     if data_args.mixup_alpha > 0 or data_args.cutmix_alpha > 0:
         collator = MixupCollator(
             num_classes=len(class_names),
@@ -536,6 +572,25 @@ def main(argv: list[str] | None = None) -> dict:
     if push_requested and training_args.should_save:
         _push(training_args)
     return results
+
+
+def _check_options(data_args: DataArguments, run_args: RunArguments) -> None:
+    """Reject invalid choice options and imbalance factors before the output dir or the data
+    are touched (each message names the option and its valid values)."""
+    from hf_longtail.data.profiles import validate_imbalance_factor
+    from hf_longtail.data.transforms import ON_BAD_IMAGE
+    from hf_longtail.trainer import NONFINITE_POLICIES, SAMPLERS
+
+    choices = (
+        ("sampler", data_args.sampler, SAMPLERS),
+        ("on_bad_image", data_args.on_bad_image, ON_BAD_IMAGE),
+        ("nonfinite_loss", run_args.nonfinite_loss, NONFINITE_POLICIES),
+    )
+    for name, value, valid in choices:
+        if value not in valid:
+            raise ValueError(f"--{name} {value!r} is not valid; use one of {list(valid)}.")
+    if data_args.imbalance_factor is not None:  # None: use the source as it is
+        validate_imbalance_factor(data_args.imbalance_factor)
 
 
 def _peak_memory() -> dict[str, float]:
