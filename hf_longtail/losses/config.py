@@ -9,6 +9,7 @@ another); ``base_options`` passes extra keyword arguments to a custom registered
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +121,9 @@ class LongTailLossConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"LongTailLossConfig.{name} must be a number; got {value!r}")
+            # NaN fails every range check below; inf would pass some (car_weight >= 0, la_tau).
+            if name != "drw_epoch" and not math.isfinite(value):
+                raise ValueError(f"LongTailLossConfig.{name} must be finite; got {value!r}")
         if not isinstance(self.base_options, dict):
             raise TypeError(f"base_options must be a dict; got {type(self.base_options).__name__}")
         _check(
