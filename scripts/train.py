@@ -403,7 +403,10 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "loss": loss_config.to_dict(),
     }
-    resume = prepare_output_dir(training_args, run_args, run_info)
+    # Process 0 inspects (and with --overwrite_output_dir deletes) the directory first; the others
+    # then see what it left, so every process takes the same decision, without a race.
+    with training_args.main_process_first(local=False, desc="output_dir check"):
+        resume = prepare_output_dir(training_args, run_args, run_info)
 
     dataset = load_long_tailed(
         data_args.dataset_name,
@@ -449,6 +452,10 @@ def main(argv: list[str] | None = None) -> dict:
             "revision": model_args.model_revision,
             "token": model_args.token,
         }
+    # Seeded before the model is built: a from-scratch model and a new head follow --seed too.
+    from transformers import set_seed
+
+    set_seed(training_args.seed)
     model = create_model(
         model_args.model_name_or_path,
         num_labels=len(class_names),
