@@ -131,9 +131,19 @@ def find_cifar(name: str, explicit: str | None) -> Path:
 
 
 def run_flags(
-    preset: dict, method: str, seed: int, data: Path, out: Path, epochs: float
+    preset: dict,
+    method: str,
+    seed: int,
+    data: Path,
+    out: Path,
+    epochs: float,
+    overrides: dict[str, str] | None = None,
 ) -> list[str]:
-    """The scripts/train.py command line of one (method, seed) run."""
+    """The scripts/train.py command line of one (method, seed) run.
+
+    ``overrides`` (``--set key=value``) change machine-dependent settings such as
+    ``dataloader_num_workers`` without changing the preset's recipe.
+    """
     values: dict[str, Any] = {
         "dataset_name": str(data),
         "imbalance_factor": preset["imbalance_factor"],
@@ -154,6 +164,7 @@ def run_flags(
     if fraction is not None:  # DRW starts at the same fraction of the schedule (160/200)
         loss["drw_epoch"] = math.floor(fraction * epochs)
     values.update(loss)
+    values.update(overrides or {})
     flags: list[str] = []
     for key, value in values.items():
         if isinstance(value, bool):
@@ -208,6 +219,7 @@ def run_benchmark(args: argparse.Namespace) -> Path:
     runs: list[dict] = existing.get("runs", []) if not args.restart else []
     done = {(r["method"], r["seed"]) for r in runs}
     work_root = Path(args.work_dir or (REPO / "outputs" / "benchmark" / name))
+    overrides = dict(item.split("=", 1) for item in args.set or [])
 
     plan = []
     for method in methods:
@@ -218,7 +230,7 @@ def run_benchmark(args: argparse.Namespace) -> Path:
     for i, (method, seed) in enumerate(plan, 1):
         out = work_root / f"{method}_seed{seed}"
         cmd = [sys.executable, str(REPO / "scripts" / "train.py")]
-        cmd += run_flags(preset, method, seed, data, out, epochs)
+        cmd += run_flags(preset, method, seed, data, out, epochs, overrides)
         print(f"[benchmark] ({i}/{len(plan)}) {method} seed {seed}", flush=True)
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -227,6 +239,11 @@ def run_benchmark(args: argparse.Namespace) -> Path:
             sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
             raise SystemExit(f"{method} seed {seed} failed (exit {proc.returncode}); see above.")
         metrics = json.loads((out / "all_results.json").read_text())
+        print(
+            f"[benchmark]   {wall:.0f} s, accuracy {metrics.get('test_accuracy', 0):.4f}, "
+            f"worst-class {metrics.get('test_worst_class_accuracy', 0):.4f}",
+            flush=True,
+        )
         runs.append(
             {
                 "method": method,
@@ -248,6 +265,7 @@ def run_benchmark(args: argparse.Namespace) -> Path:
             "imbalance_factor": preset["imbalance_factor"],
             "epochs": epochs,
             "recipe": preset["train"],
+            "overrides": overrides,
             "methods": {m: {"label": METHODS[m][0], "flags": METHODS[m][1]} for m in METHODS},
             "environment": environment(),
             "runs": runs,
@@ -395,6 +413,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", help="results name (default from dataset/IF/preset)")
     parser.add_argument("--work_dir", help="where the per-run output directories go")
     parser.add_argument("--restart", action="store_true", help="ignore runs already recorded")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="override train.py options for every run (e.g. dataloader_num_workers=8)",
+    )
     parser.add_argument("--update-readme", action="store_true", dest="update_readme")
     parser.add_argument("--report", type=Path, help="only rebuild the report from this JSON")
     args = parser.parse_args(argv)

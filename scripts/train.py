@@ -121,7 +121,7 @@ class DataArguments:
         },
     )
     max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Evaluate on the first N evaluation images (debugging)."}
+        default=None, metadata={"help": "Evaluate on N random evaluation images (debugging)."}
     )
     many_shot_threshold: int = field(
         default=100, metadata={"help": "Many-shot: classes with more training images than this."}
@@ -426,7 +426,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
     train_ds, eval_ds = dataset["train"], dataset[data_args.eval_split]
     if data_args.max_eval_samples is not None:
-        eval_ds = eval_ds.select(range(min(data_args.max_eval_samples, len(eval_ds))))
+        # A seeded random subset: evaluation splits are often sorted by class.
+        n = min(data_args.max_eval_samples, len(eval_ds))
+        eval_ds = eval_ds.shuffle(seed=0).select(range(n)).flatten_indices()
     image_col, label_col = detect_columns(
         train_ds, data_args.image_column_name, data_args.label_column_name
     )
