@@ -152,6 +152,22 @@ def test_digits_run_accuracy_matches_the_saved_model(digits_run):
     assert results["test_accuracy"] == pytest.approx(accuracy, abs=1.5 / len(test))
 
 
+def test_same_seed_gives_the_same_run(digits_run, train_script, tmp_path):
+    """--seed covers the model initialisation too: a second run in the same process (the global
+    RNG has moved on since the first) trains the very same weights."""
+    from safetensors.torch import load_file
+
+    out, results = digits_run
+    again = _digits_run(train_script, tmp_path / "again")
+    first = load_file(out / "model.safetensors")
+    second = load_file(tmp_path / "again" / "model.safetensors")
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    for key in TEST_METRICS:
+        assert again[key] == results[key], key
+
+
 # ------------------------------------------------------------------ (e) output-dir safety
 def test_output_dir_of_a_different_run_is_refused_unless_overwrite(
     digits_run, train_script, tmp_path

@@ -7,6 +7,7 @@ through torchrun, and ``TrainingArguments(use_cpu=True)`` then makes accelerate 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -94,3 +95,41 @@ def test_two_processes_share_one_car_state_and_reduce_logged_parts(tmp_path):
             assert log[key] == pytest.approx(sum(per_rank) / 2, abs=2e-6), key
         local = [sum(r["records"][s]["stats"]["base_loss"] for s in steps) for r in ranks]
         assert local[0] != pytest.approx(local[1])  # so the average really mixed two ranks
+
+
+@pytest.mark.distributed
+def test_train_script_under_two_processes_replaces_a_previous_run(tmp_path):
+    """The README's ``accelerate launch`` form of scripts/train.py on 2 CPU processes, into an
+    output dir that holds another run: process 0 deletes it (--overwrite_output_dir in the
+    digits config) before the other process looks, and the run writes its results once."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if accelerate is None:
+        pytest.skip("the accelerate CLI is not installed next to this Python")
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "longtail_run.json").write_text(json.dumps({"model_name_or_path": "another"}))
+    (out / "all_results.json").write_text("{}")
+    command = [
+        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()),
+        str(repo / "scripts" / "train.py"),
+        str(repo / "scripts" / "configs" / "digits_ccar_car.yaml"),
+        "--output_dir", str(out),
+        "--model_name_or_path", "resnet20_cifar", "--image_size", "16",
+        "--max_steps", "3", "--per_device_train_batch_size", "16",
+        "--save_strategy", "no", "--logging_strategy", "no",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = json.loads((out / "longtail_run.json").read_text())
+    assert run["model_name_or_path"] == "resnet20_cifar"
+    assert run["training"]["world_size"] == 2
+    assert run["training"]["total_train_batch_size"] == 32
+    results = json.loads((out / "all_results.json").read_text())
+    assert len(results["test_per_class_accuracy"]) == 10
+    assert results["test_num_samples"] == run["dataset"]["eval_size"]  # every image, once
+    assert "Long-tail test metrics" in done.stdout  # printed by process 0
+    assert done.stdout.count("Long-tail test metrics") == 1
