@@ -159,6 +159,8 @@ class LongTailTrainer(Trainer):
             from hf_longtail.data import class_counts as dataset_class_counts
 
             class_counts = dataset_class_counts(train_dataset, label_column=label_column)
+        elif train_dataset is not None:
+            _check_label_range(train_dataset, label_column, len(class_counts))
         self.class_counts = [int(c) for c in class_counts]
         _check_num_labels(model, len(self.class_counts))
         # Built before super().__init__ so a bad config fails before any device work starts.
@@ -443,6 +445,34 @@ def _logits_of(outputs: Any) -> torch.Tensor:
             "returns logits (e.g. AutoModelForImageClassification)."
         )
     return logits
+
+
+def _check_label_range(dataset: Any, label_column: str | None, num_classes: int) -> None:
+    """Labels of a ``datasets.Dataset`` must lie in ``[0, num_classes)``: read from Arrow (no
+    decoding) before training, instead of failing at the first batch that holds a bad one."""
+    import sys
+
+    datasets_module = sys.modules.get("datasets")
+    if datasets_module is None or not isinstance(dataset, datasets_module.Dataset):
+        return
+    from hf_longtail.data.columns import detect_label_column, label_array
+
+    try:
+        column = detect_label_column(dataset.features, label_column)
+    except ValueError:
+        return  # no recognisable label column: the loss still checks every batch
+    values = label_array(dataset, column)
+    if values.dtype == object or values.size == 0:
+        return
+    bad = ((values < 0) | (values >= num_classes)).nonzero()[0]
+    if bad.size:
+        row = int(bad[0])
+        raise ValueError(
+            f"train_dataset column {column!r} has label {int(values[row])} at row {row} "
+            f"({bad.size} row(s) outside 0..{num_classes - 1}), but class_counts has "
+            f"{num_classes} entries. Pass one count per class of the dataset (or leave "
+            "class_counts=None to count them), or drop those rows."
+        )
 
 
 def _check_num_labels(model: nn.Module | None, num_classes: int) -> None:
