@@ -281,6 +281,13 @@ class LongTailTrainer(Trainer):
         reload_renamed_weights(target, resume_from_checkpoint)
         load_loss_state(self.loss_fn, resume_from_checkpoint, device=self.args.device)
 
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        # load_best_model_at_end reads the raw file non-strictly too (see reload_renamed_weights).
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            model = self.accelerator.unwrap_model(self.model)
+            reload_renamed_weights(model, self.state.best_model_checkpoint)
+
     def set_initial_training_values(self, args, dataloader):
         values = super().set_initial_training_values(args, dataloader)
         # The real optimizer steps per epoch (index 1): the milestone scheduler needs it, and

@@ -307,6 +307,40 @@ def test_resume_reloads_weights_saved_under_legacy_names(tmp_path):
     assert not reload_renamed_weights(resnet, tmp_path / "resnet")  # names match: no reload
 
 
+def test_load_best_model_at_end_restores_every_weight_of_the_best_checkpoint(tmp_path):
+    """Same upstream renaming bug on load_best_model_at_end: the best checkpoint (step 1 here,
+    by construction of the metric) must come back whole, not mixed with the last weights."""
+    from transformers import ViTForImageClassification
+
+    calls = []
+
+    def compute_metrics(prediction):
+        calls.append(1)
+        return {"score": 1.0 if len(calls) == 1 else 0.0}
+
+    trainer = _trainer(
+        tmp_path,
+        LongTailLossConfig(base="ce", car_weight=0.5),
+        max_steps=3,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="score",
+        greater_is_better=True,
+        eval_dataset=train_dataset((3, 3, 3, 3, 3, 3), seed=1),
+    )
+    trainer.compute_metrics = compute_metrics
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-1")
+    best = ViTForImageClassification.from_pretrained(trainer.state.best_model_checkpoint)
+    last = ViTForImageClassification.from_pretrained(tmp_path / "checkpoint-3")
+    for key, value in best.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[key], value), key
+    assert any(not torch.equal(v, last.state_dict()[k]) for k, v in best.state_dict().items())
+
+
 # ------------------------------------------------------------------ lr milestones
 def test_lr_milestones_use_the_real_epoch_length_with_max_steps(tmp_path):
     """5 optimizer steps per epoch; milestone at epoch 1 must hit step 5, whatever max_steps."""
