@@ -379,6 +379,7 @@ def plot(payload: dict, path: Path) -> None:
 
 def write_report(result_path: Path, update_readme: bool = False) -> str:
     """Write ``<name>.md`` and ``<name>.png`` beside the JSON; optionally the README section."""
+    result_path = Path(result_path).resolve()
     payload = json.loads(result_path.read_text())
     table = markdown_table(payload)
     result_path.with_suffix(".md").write_text(f"# {payload['name']}\n\n{table}")
