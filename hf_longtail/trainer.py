@@ -249,17 +249,33 @@ class LongTailTrainer(Trainer):
         self._stat_steps += 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the loss parts (window mean, averaged across processes) to training logs."""
-        if "loss" in logs and self._stat_steps > 0:
+        """Add the loss parts (mean over the window's steps on all processes) to training logs.
+
+        Every process takes part in the reduction whenever ``loss`` is logged, even one whose
+        whole window was skipped as non-finite (it contributes no step), so a skip on one rank
+        can never leave the others waiting in a collective. ``skipped_nonfinite_steps`` is the
+        total over processes.
+        """
+        if "loss" in logs:
             keys = sorted(self._stat_sums)
+            distributed = self.args.world_size > 1 and torch.distributed.is_initialized()
+            if distributed:
+                gathered: list[Any] = [None] * self.args.world_size
+                torch.distributed.all_gather_object(gathered, keys)
+                keys = sorted(set().union(*gathered))
             local = torch.tensor(
-                [self._stat_sums[k] / self._stat_steps for k in keys], device=self.args.device
+                [self._stat_sums.get(k, 0.0) for k in keys]
+                + [float(self._stat_steps), float(self.skipped_nonfinite_steps)],
+                device=self.args.device,
             )
-            reduced = self.accelerator.reduce(local, reduction="mean")
-            for key, value in zip(keys, reduced.tolist()):
-                logs[key] = round(value, 6)
-            if self.skipped_nonfinite_steps:
-                logs["skipped_nonfinite_steps"] = self.skipped_nonfinite_steps
+            if distributed:
+                torch.distributed.all_reduce(local)
+            *sums, steps, skipped = local.tolist()
+            if steps > 0:
+                for key, value in zip(keys, sums):
+                    logs[key] = round(value / steps, 6)
+            if skipped:
+                logs["skipped_nonfinite_steps"] = int(skipped)
             self._stat_sums.clear()
             self._stat_steps = 0
         super().log(logs, start_time)
