@@ -248,9 +248,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[Any, ...]:
                 "options of scripts/train.py --help."
             )
         parser.set_defaults(**values)
+    if _multi_process_without_gpu() and parser.get_default("use_cpu") is not True:
+        # accelerate's multi-process launch on a machine without a GPU only becomes a gloo group
+        # when use_cpu is set; otherwise every process would train alone on the same output_dir.
+        parser.set_defaults(use_cpu=True)
     if "--output_dir" not in argv and parser.get_default("output_dir") is None:
         parser.set_defaults(output_dir="outputs/run")
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _multi_process_without_gpu() -> bool:
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def loss_config_from_args(loss_args: LossArguments):
