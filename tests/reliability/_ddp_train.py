@@ -1,0 +1,75 @@
+"""Train the tiny ViT with LongTailTrainer (CE + CCAR + CAR, class-balanced sampler) for a fixed
+number of steps at global batch 16, in 1 process or under ``torch.distributed.run`` (each of the
+N processes then gets 16 / N per step), and save the final weights and loss state.
+
+Usage: ``python _ddp_train.py OUT_DIR`` or
+``python -m torch.distributed.run --nproc_per_node 2 _ddp_train.py OUT_DIR``.
+Writes ``OUT_DIR/result-ws{world_size}-rank{rank}.pt``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _reliability_helpers import (  # after the path set-up
+    model_state,
+    tiny_vit,
+    train_dataset,
+    training_args,
+)
+
+GLOBAL_BATCH = 16
+MAX_STEPS = 12  # two epochs of the 96-image set: the sampler's epoch change is crossed
+
+
+def train(out_dir: str | Path) -> dict:
+    """Run the training described in the module docstring; returns (and saves) the result."""
+    from hf_longtail import LongTailTrainer
+    from hf_longtail.data import collate_fn
+    from hf_longtail.losses import LongTailLossConfig
+
+    out_dir = Path(out_dir)
+    probe = training_args(out_dir / "probe")  # world size as the launcher set it up
+    world_size = probe.world_size
+    args = training_args(
+        out_dir / f"ws{world_size}",
+        per_device_train_batch_size=GLOBAL_BATCH // world_size,
+        max_steps=MAX_STEPS,
+        logging_steps=4,
+        optim="sgd",
+        optim_args="momentum=0.9",
+        learning_rate=0.2,
+    )
+    trainer = LongTailTrainer(
+        model=tiny_vit(),
+        args=args,
+        train_dataset=train_dataset(),
+        data_collator=collate_fn,
+        loss_config=LongTailLossConfig(base="ce", ccar=True, car_weight=0.5),
+        sampler="class_balanced",
+    )
+    initial = model_state(trainer.model)
+    trainer.train()
+    result = {
+        "world_size": world_size,
+        "rank": args.process_index,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "initial": initial,
+        "weights": model_state(trainer.model),
+        "loss_state": {
+            k: v.detach().cpu().clone() for k, v in trainer.loss_fn.state_dict().items()
+        },
+        "global_step": trainer.state.global_step,
+    }
+    torch.save(result, out_dir / f"result-ws{world_size}-rank{args.process_index}.pt")
+    return result
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    train(sys.argv[1])
