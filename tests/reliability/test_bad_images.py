@@ -7,6 +7,7 @@ through a real ``DataLoader`` (single process and worker processes) and through 
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 from pathlib import Path
 
@@ -169,3 +170,38 @@ def test_trainer_meets_the_bad_files_during_training(tmp_path, policy):
     assert bad_image_count(transformed) == expected_skips
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses and all(math.isfinite(v) for v in losses)
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_train_script_passes_on_bad_image_through(tmp_path, policy):
+    """scripts/train.py on a parquet dataset with one truncated JPEG among its training images."""
+    from _reliability_helpers import load_train_module
+
+    images, labels = image_arrays((20, 12, 8), size=8, seed=2)
+    blobs = []
+    for array in images:
+        buffer = io.BytesIO()
+        PILImage.fromarray(array).save(buffer, format="JPEG", quality=95)
+        blobs.append(buffer.getvalue())
+    blobs[0] = blobs[0][: len(blobs[0]) // 2]
+    features = Features({"image": Image(), "label": ClassLabel(num_classes=3)})
+    data = Dataset.from_dict(
+        {"image": [{"bytes": b, "path": None} for b in blobs], "label": labels}, features=features
+    )
+    data.to_parquet(tmp_path / "data.parquet")
+    argv = [
+        "--dataset_name", str(tmp_path / "data.parquet"), "--imbalance_factor", "2",
+        "--model_name_or_path", "resnet20_cifar", "--train_transform", "cifar10",
+        "--image_size", "16", "--per_device_train_batch_size", "16", "--max_steps", "4",
+        "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
+        "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+        "--on_bad_image", policy, "--output_dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    train = load_train_module()
+    if policy == "raise":
+        with pytest.raises(BadImageError, match=r"embedded image \(\d+ bytes, sha1 "):
+            train.main(argv)
+        return
+    results = train.main(argv)
+    assert math.isfinite(results["train_loss"])
+    assert (tmp_path / "run" / "model.safetensors").is_file()
