@@ -184,6 +184,7 @@ def test_trainer_refuses_a_model_whose_head_disagrees_with_the_data(tmp_path):
         (True, TypeError, r"must be a number"),
         ([100], TypeError, r"must be a number"),
     ],
+    ids=["0.01", "zero", "negative", "nan", "inf", "string", "bool", "list"],
 )
 def test_imbalance_factor_below_one_or_not_a_number(value, error, pattern):
     with pytest.raises(error, match=pattern):
@@ -332,6 +333,7 @@ def test_split_file_problems_are_all_reported_with_line_numbers(tmp_path):
         ("car_beta", 1.0, r"car_beta must be in \[0, 1\); got 1.0"),
         ("car_beta", -0.1, r"car_beta must be in \[0, 1\)"),
     ],
+    ids=["omega=0", "omega=1.5", "omega=nan", "alpha<0", "alpha=inf", "beta=1", "beta<0"],
 )
 def test_loss_config_out_of_range(field, value, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -347,6 +349,7 @@ def test_loss_config_out_of_range(field, value, pattern):
         (lambda c: ConfusionSpectralRegularizer(c, beta=1.0), r"beta must be in \[0, 1\)"),
         (lambda c: ConfusionSpectralRegularizer(c, beta=-0.2), r"beta must be in \[0, 1\)"),
     ],
+    ids=["ccar-omega=0", "ccar-omega>1", "car-alpha<0", "car-beta=1", "car-beta<0"],
 )
 def test_loss_modules_validate_their_own_arguments(build, pattern):
     with pytest.raises(ValueError, match=pattern):
