@@ -156,6 +156,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
             "TRANSFORMERS_OFFLINE": "1",
             "CUDA_VISIBLE_DEVICES": "",
             "TOKENIZERS_PARALLELISM": "false",
+            # Tiny tensors: a second OpenMP thread only spins on a loaded machine.
+            "OMP_NUM_THREADS": "1",
         }
     )
     env.update(extra)

@@ -39,29 +39,24 @@ class DtypeRecorder(LongTailTrainer):
 
 @pytest.mark.slow
 def test_bf16_cpu_autocast_keeps_losses_and_car_state_finite(tmp_path):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        trainer = DtypeRecorder(
-            model=tiny_vit(),
-            args=training_args(
-                tmp_path,
-                bf16=True,
-                max_steps=STEPS,
-                logging_steps=20,
-                learning_rate=0.05,
-                optim="sgd",
-                optim_args="momentum=0.9",
-            ),
-            train_dataset=train_dataset(),
-            data_collator=collate_fn,
-            loss_config=LongTailLossConfig(base="la", ccar=True, car_weight=0.5),
-            sampler="class_balanced",
-        )
-        assert trainer.accelerator.mixed_precision == "bf16"
-        trainer.train()
-    finally:
-        torch.set_num_threads(previous)
+    trainer = DtypeRecorder(
+        model=tiny_vit(),
+        args=training_args(
+            tmp_path,
+            bf16=True,
+            max_steps=STEPS,
+            logging_steps=20,
+            learning_rate=0.05,
+            optim="sgd",
+            optim_args="momentum=0.9",
+        ),
+        train_dataset=train_dataset(),
+        data_collator=collate_fn,
+        loss_config=LongTailLossConfig(base="la", ccar=True, car_weight=0.5),
+        sampler="class_balanced",
+    )
+    assert trainer.accelerator.mixed_precision == "bf16"
+    trainer.train()
 
     assert trainer.state.global_step == STEPS
     # Autocast was really on (the head computed bf16 logits; accelerate hands them back upcast)

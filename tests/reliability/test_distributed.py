@@ -29,12 +29,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     sys.path.insert(0, str(HERE))
     import _ddp_train
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the two child processes
-    try:
-        single = _ddp_train.train(tmp_path)
-    finally:
-        torch.set_num_threads(previous)
+    single = _ddp_train.train(tmp_path)  # one thread, as the children (conftest.py)
     assert single["world_size"] == 1 and single["global_step"] == _ddp_train.MAX_STEPS
 
     command = [

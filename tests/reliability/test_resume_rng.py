@@ -63,14 +63,6 @@ def _trainer(output_dir, **overrides):
     )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("stop", [3, 6, 8])  # mid-epoch 0, the epoch boundary, mid-epoch 1
 def test_mid_epoch_resume_with_augmentation_mixup_and_dropout_is_exact(tmp_path, stop):
     full = _trainer(tmp_path / "full", save_strategy="steps", save_steps=stop)
