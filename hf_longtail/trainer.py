@@ -27,7 +27,9 @@ Contract of the training step (what is identical to the parent class and what is
   weights within each micro-batch, as it does within each process under DDP
   (``weight_reduction="mean"`` is exact).
 - Non-finite training steps (``nonfinite_loss``): NaN/inf logits are detected before the loss
-  runs (so the CAR EMA never absorbs them), a non-finite loss after it names the loss part(s);
+  runs (so the CAR EMA never absorbs them), on all processes at once under DDP (the CAR
+  all-reduces need every process to run the loss or none), a non-finite loss after it names the
+  loss part(s);
   ``"raise"`` raises :class:`NonFiniteLossError` with the step number, ``"skip"`` gives every
   parameter an exact zero gradient for that batch and counts it.
 - Data randomness: the training sampler is wrapped in
@@ -199,11 +201,12 @@ class LongTailTrainer(Trainer):
         training = model.training
         # Non-finite logits are caught before the loss sees them: the CAR EMA would otherwise
         # absorb the NaN (poisoning every later step) and the loss's own check would raise
-        # without the step number. One reduction, like the loss's validation.
-        if training and not bool(torch.isfinite(logits.detach().float().sum())):
-            n_bad = int((~torch.isfinite(logits.detach())).sum())
-            if n_bad:  # (a finite batch whose sum overflowed is not an error)
-                loss = self._nonfinite_step(model, ["logits"], {"nonfinite_logits": n_bad})
+        # without the step number.
+        if training:
+            local, total = self._count_nonfinite_logits(logits)
+            if total:
+                details = {"nonfinite_logits": total, "on_this_process": local}
+                loss = self._nonfinite_step(model, ["logits"], details)
                 return (loss, outputs) if return_outputs else loss
         self.loss_fn.train(training)
         device_type = logits.device.type
@@ -215,6 +218,21 @@ class LongTailTrainer(Trainer):
         if training:
             loss = self._check_finite(loss, model)
         return (loss, outputs) if return_outputs else loss
+
+    def _count_nonfinite_logits(self, logits: torch.Tensor) -> tuple[int, int]:
+        """``(here, all processes)``: non-finite logits of this micro-batch, and their sum over
+        processes under ``torch.distributed``, so that every process takes the same branch: CAR
+        all-reduces inside the loss, and a process that skipped the loss while another ran it
+        would mismatch their collectives. One reduction (plus one tiny all-reduce under DDP)."""
+        detached = logits.detach()
+        local = 0
+        if not bool(torch.isfinite(detached.float().sum())):
+            local = int((~torch.isfinite(detached)).sum())  # 0: a finite sum that overflowed
+        if self.args.world_size > 1 and torch.distributed.is_initialized():
+            flag = torch.tensor([local], device=logits.device, dtype=torch.int64)
+            torch.distributed.all_reduce(flag)
+            return local, int(flag.item())
+        return local, local
 
     def _check_finite(self, loss: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         if bool(torch.isfinite(loss)):
@@ -254,7 +272,7 @@ class LongTailTrainer(Trainer):
         Every process takes part in the reduction whenever ``loss`` is logged, even one whose
         whole window was skipped as non-finite (it contributes no step), so a skip on one rank
         can never leave the others waiting in a collective. ``skipped_nonfinite_steps`` is the
-        total over processes.
+        largest count of any process (a step with non-finite logits is skipped on all of them).
         """
         if "loss" in logs:
             keys = sorted(self._stat_sums)
@@ -264,18 +282,20 @@ class LongTailTrainer(Trainer):
                 torch.distributed.all_gather_object(gathered, keys)
                 keys = sorted(set().union(*gathered))
             local = torch.tensor(
-                [self._stat_sums.get(k, 0.0) for k in keys]
-                + [float(self._stat_steps), float(self.skipped_nonfinite_steps)],
+                [self._stat_sums.get(k, 0.0) for k in keys] + [float(self._stat_steps)],
                 device=self.args.device,
             )
+            skipped_t = torch.tensor([self.skipped_nonfinite_steps], device=self.args.device)
             if distributed:
                 torch.distributed.all_reduce(local)
-            *sums, steps, skipped = local.tolist()
+                torch.distributed.all_reduce(skipped_t, op=torch.distributed.ReduceOp.MAX)
+            *sums, steps = local.tolist()
+            skipped = int(skipped_t.item())
             if steps > 0:
                 for key, value in zip(keys, sums):
                     logs[key] = round(value / steps, 6)
             if skipped:
-                logs["skipped_nonfinite_steps"] = int(skipped)
+                logs["skipped_nonfinite_steps"] = skipped
             self._stat_sums.clear()
             self._stat_steps = 0
         super().log(logs, start_time)

@@ -2,9 +2,11 @@
 number of steps at global batch 16, in 1 process or under ``torch.distributed.run`` (each of the
 N processes then gets 16 / N per step), and save the final weights and loss state.
 
-Usage: ``python _ddp_train.py OUT_DIR`` or
-``python -m torch.distributed.run --nproc_per_node 2 _ddp_train.py OUT_DIR``.
-Writes ``OUT_DIR/result-ws{world_size}-rank{rank}.pt``.
+Usage: ``python _ddp_train.py OUT_DIR [POISON_STEP]`` or
+``python -m torch.distributed.run --nproc_per_node 2 _ddp_train.py OUT_DIR [POISON_STEP]``.
+With ``POISON_STEP`` the last rank's logits are NaN at that training step and the trainer runs
+with ``nonfinite_loss="skip"`` and ``logging_steps=1``.
+Writes ``OUT_DIR/result-ws{world_size}-rank{rank}[-poisoned].pt``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,23 @@ GLOBAL_BATCH = 16
 MAX_STEPS = 12  # two epochs of the 96-image set: the sampler's epoch change is crossed
 
 
-def train(out_dir: str | Path) -> dict:
+class _NaNAt(torch.nn.Module):
+    """Wraps a classifier; its logits are NaN on training call ``at``."""
+
+    def __init__(self, model: torch.nn.Module, at: int) -> None:
+        super().__init__()
+        self.model, self.at, self.calls, self.config = model, at, 0, model.config
+
+    def forward(self, pixel_values, **kwargs):
+        out = self.model(pixel_values=pixel_values)
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                out.logits = out.logits * float("nan")
+        return out
+
+
+def train(out_dir: str | Path, poison_step: int | None = None) -> dict:
     """Run the training described in the module docstring; returns (and saves) the result."""
     from hf_longtail import LongTailTrainer
     from hf_longtail.data import collate_fn
@@ -40,36 +58,43 @@ def train(out_dir: str | Path) -> dict:
         out_dir / f"ws{world_size}",
         per_device_train_batch_size=GLOBAL_BATCH // world_size,
         max_steps=MAX_STEPS,
-        logging_steps=4,
+        logging_steps=1 if poison_step else 4,
         optim="sgd",
         optim_args="momentum=0.9",
         learning_rate=0.2,
     )
+    model = tiny_vit()
+    if poison_step and probe.process_index == world_size - 1:
+        model = _NaNAt(model, poison_step)
     trainer = LongTailTrainer(
-        model=tiny_vit(),
+        model=model,
         args=args,
         train_dataset=train_dataset(),
         data_collator=collate_fn,
         loss_config=LongTailLossConfig(base="ce", ccar=True, car_weight=0.5),
         sampler="class_balanced",
+        nonfinite_loss="skip" if poison_step else "raise",
     )
-    initial = model_state(trainer.model)
+    inner = trainer.model.model if isinstance(trainer.model, _NaNAt) else trainer.model
+    initial = model_state(inner)
     trainer.train()
     result = {
         "world_size": world_size,
         "rank": args.process_index,
         "distributed_type": str(trainer.accelerator.distributed_type),
         "initial": initial,
-        "weights": model_state(trainer.model),
+        "weights": model_state(inner),
         "loss_state": {
             k: v.detach().cpu().clone() for k, v in trainer.loss_fn.state_dict().items()
         },
         "global_step": trainer.state.global_step,
+        "log_history": trainer.state.log_history,
     }
-    torch.save(result, out_dir / f"result-ws{world_size}-rank{args.process_index}.pt")
+    suffix = "-poisoned" if poison_step else ""
+    torch.save(result, out_dir / f"result-ws{world_size}-rank{args.process_index}{suffix}.pt")
     return result
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    train(sys.argv[1])
+    train(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)

@@ -10,6 +10,7 @@ float32 reduction order.
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,35 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
                 torch.testing.assert_close(state[key], value, rtol=RTOL, atol=ATOL, msg=key)
             else:
                 assert torch.equal(state[key], value), key
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_nonfinite_batch_on_one_rank_is_skipped_without_hanging(tmp_path):
+    """Rank 1 alone gets NaN logits at step 3 with ``nonfinite_loss="skip"``. CAR all-reduces
+    inside the loss, so both ranks must skip that step together (a rank skipping alone would
+    mismatch the collectives: a crash under gloo, a hang under NCCL); the run then goes on."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", "1", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        str(DRIVER), str(tmp_path), "3",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [
+        torch.load(tmp_path / f"result-ws2-rank{r}-poisoned.pt", weights_only=False) for r in (0, 1)
+    ]
+    logs = [[h for h in r["log_history"] if "loss" in h] for r in ranks]
+    assert logs[0] == logs[1]  # one reduced log, identical on both ranks
+    assert [h["step"] for h in logs[0]] == list(range(1, 13))
+    assert [h.get("skipped_nonfinite_steps", 0) for h in logs[0]] == [0, 0] + [1] * 10
+    assert "base_loss" not in logs[0][2]  # no process ran the loss at step 3
+    assert all(math.isfinite(h["base_loss"]) for i, h in enumerate(logs[0]) if i != 2)
+    for rank in ranks:
+        assert int(rank["loss_state"]["regularizer.num_steps"]) == 11  # step 3 never reached CAR
+    for key, value in ranks[0]["weights"].items():
+        assert torch.equal(value, ranks[1]["weights"][key]), key
+        assert torch.isfinite(value).all(), key
