@@ -52,6 +52,7 @@ __all__ = [
     "build_class_aware_sampler",
     "create_sampler",
     "sampling_distribution",
+    "seed_host_rngs",
 ]
 
 SAMPLING_MODES = ("instance", "class_balanced", "sqrt", "progressive")
