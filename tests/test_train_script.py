@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "scripts" / "configs").glob("*.yaml"))
@@ -259,12 +260,13 @@ def test_unknown_yaml_key_is_an_error_naming_it(train_script, tmp_path):
 
 
 def test_flags_after_the_config_override_it(train_script):
-    parsed = train_script.parse_args(
-        [str(REPO / "scripts" / "configs" / "digits_ccar_car.yaml"), "--car_weight", "0.25"]
-    )
+    config = REPO / "scripts" / "configs" / "digits_ccar_car.yaml"
+    values = yaml.safe_load(config.read_text())
+    parsed = train_script.parse_args([str(config), "--car_weight", "0.25"])
     loss_args, training_args = parsed[2], parsed[4]
-    assert loss_args.car_weight == 0.25 and loss_args.ccar is True
-    assert training_args.num_train_epochs == 30
+    assert loss_args.car_weight == 0.25 != values["car_weight"]  # the flag wins
+    assert loss_args.ccar is values["ccar"] is True  # the file's value stays
+    assert training_args.num_train_epochs == values["num_train_epochs"]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
