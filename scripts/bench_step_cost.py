@@ -2,8 +2,9 @@
 """What each loss costs in a real training step: CIFAR ResNet-32, batch 128, CPU by default.
 
 One step = forward, the method's loss (hf_longtail.losses.build_loss, float32), backward and an
-SGD update. Methods are measured round-robin (A B C A B C ...) so a machine whose speed drifts
-(other processes, thermal limits) biases no method; the report is the median step time per
+SGD update. Methods are measured round-robin with a rotating start (A B C, B C A, C A B, ...) so neither a
+machine whose speed drifts (other processes, thermal limits) nor the position in a round biases a
+method; the report is the median step time per
 method and its ratio to CE.
 
     python scripts/bench_step_cost.py                   # 2 threads, 30 rounds
@@ -70,9 +71,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for _ in range(3):
             step(loss_fn)
     times: dict[str, list[float]] = {name: [] for name in losses}
-    for _ in range(args.rounds):
-        for name, loss_fn in losses.items():
-            times[name].append(step(loss_fn))
+    names = list(losses)
+    for r in range(args.rounds):
+        # Rotate the starting method each round: the first step after another method's was
+        # measured slower, a position effect that must not land on one method.
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(step(losses[name]))
 
     medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     print(
