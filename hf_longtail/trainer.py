@@ -332,6 +332,22 @@ class LongTailTrainer(Trainer):
         return values
 
     # -------------------------------------------------------------- sampling
+    def _planned_epochs(self, dataset) -> float:
+        """Epochs the run will make: ``num_train_epochs``, or what ``max_steps`` amounts to.
+
+        The progressive sampler interpolates over this horizon, so with ``max_steps`` it must
+        not use ``num_train_epochs`` (whose default of 3 would then be unrelated to the run).
+        """
+        if self.args.max_steps is None or self.args.max_steps <= 0:
+            return float(self.args.num_train_epochs)
+        per_step = (
+            self.args.per_device_train_batch_size
+            * self.args.gradient_accumulation_steps
+            * max(self.args.world_size, 1)
+        )
+        steps_per_epoch = max(math.ceil(len(dataset) / per_step), 1)
+        return float(math.ceil(self.args.max_steps / steps_per_epoch))
+
     def _get_train_sampler(self, train_dataset=None):
         """The training sampler wrapped in a :class:`~hf_longtail.data.BatchSeededSampler`.
 
@@ -354,7 +370,7 @@ class LongTailTrainer(Trainer):
                 strategy=self.sampler_name,
                 label_column=self.label_column,
                 seed=self.args.seed,
-                num_epochs=self.args.num_train_epochs,
+                num_epochs=self._planned_epochs(dataset),
                 num_replicas=1,
                 rank=0,
             )

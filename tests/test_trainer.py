@@ -444,3 +444,20 @@ def test_drw_switches_on_at_its_epoch(tmp_path):
         trainer.loss_fn(logits, labels),
         _ldam_drw_reference(logits, labels, COUNTS, beta=0.0),  # beta 0: all weights 1
     )
+
+
+def test_progressive_sampler_horizon_follows_max_steps(tmp_path):
+    """With max_steps, the progressive schedule spans the epochs the run makes, not the default 3."""
+    train = train_dataset()
+    n = len(train)
+    steps = 4 * math.ceil(n / 4) + 1  # four full epochs and one step of a fifth
+    args = training_args(tmp_path, per_device_train_batch_size=4, max_steps=steps)
+    assert args.num_train_epochs != 5
+    trainer = LongTailTrainer(
+        model=tiny_vit(), args=args, train_dataset=train, sampler="progressive"
+    )
+    sampler = trainer._get_train_sampler()
+    sampler = getattr(sampler, "sampler", sampler)  # unwrap the per-batch re-seeding wrapper
+    assert sampler.total_epochs == 5.0
+    args.max_steps, args.num_train_epochs = -1, 7
+    assert getattr(trainer._get_train_sampler(), "sampler", None).total_epochs == 7.0
