@@ -387,6 +387,14 @@ def main(argv: list[str] | None = None) -> dict:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
     )
+    if training_args.disable_tqdm:
+        # --disable_tqdm silences the Trainer's bars; also those of checkpoint writing and of
+        # datasets' map/load, so logs stay one line per event.
+        import datasets
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
     # Everything cheap is validated before any data or model is loaded.
     loss_config = loss_config_from_args(loss_args)
     _check_options(data_args, run_args)
