@@ -390,7 +390,8 @@ def build_transforms(
       ``"cifar100"``: with ``CIFAR100_MEAN/STD``;
     - a transformers image processor (has ``image_mean`` and ``size``):
       :func:`transforms_from_image_processor`;
-    - a timm model (``pretrained_cfg`` attribute) or a data-config dict: :func:`transforms_from_timm`.
+    - a timm model (``pretrained_cfg`` attribute), a data-config dict or transformers'
+      ``TimmWrapperImageProcessor`` (its ``data_config``): :func:`transforms_from_timm`.
     """
     if isinstance(source, str):
         key = source.lower().replace("-", "").replace("_", "")
@@ -404,6 +405,9 @@ def build_transforms(
         )
     if hasattr(source, "image_mean") and hasattr(source, "size"):
         return transforms_from_image_processor(source, auto_augment=auto_augment)
+    if isinstance(getattr(source, "data_config", None), dict):
+        # transformers' TimmWrapperImageProcessor: the timm data config of the checkpoint.
+        return transforms_from_timm(source.data_config, auto_augment=auto_augment)
     if isinstance(source, dict) or hasattr(source, "pretrained_cfg"):
         return transforms_from_timm(source, auto_augment=auto_augment)
     raise TypeError(
