@@ -21,6 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
+# The one-layer LayerNorm ViT (per-sample maths, so data-parallel runs match one process to
+# round-off) is shared with the trainer tests; re-exported for the reliability tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _helpers_train import tiny_vit as tiny_vit
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO_ROOT / "scripts" / "train.py"
 
@@ -35,29 +40,6 @@ def load_train_module():
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def tiny_vit(num_labels: int = len(COUNTS), image_size: int = 8, seed: int = 0):
-    """A one-layer ViT classifier (LayerNorm only, no BatchNorm, no dropout): per-sample maths,
-    so data-parallel runs can match a single process to float round-off."""
-    from transformers import ViTConfig, ViTForImageClassification
-
-    config = ViTConfig(
-        image_size=image_size,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=num_labels,
-        id2label={i: f"class_{i}" for i in range(num_labels)},
-        label2id={f"class_{i}": i for i in range(num_labels)},
-    )
-    torch.manual_seed(seed)
-    return ViTForImageClassification(config)
 
 
 def image_arrays(counts: Sequence[int] = COUNTS, size: int = 8, seed: int = 0):
