@@ -1,17 +1,23 @@
 #!/usr/bin/env python
 """CPU benchmark of the long-tail losses: CE vs CE + CCAR + CAR, and fast CAR vs full-SVD CAR.
 
-Per training step (forward + backward, batch B = 128 by default) for K = 10, 100, 1000, 8142:
+Per training step (forward + backward, batch B = 128 by default) for K = 10, 100, 1000, 2000,
+8142:
 
 - ``CE``: plain cross-entropy (``build_loss(None, counts)``);
 - ``CE+CCAR``: CCAR-weighted cross-entropy;
 - ``CE+CCAR+CAR``: the full loss (alpha = 0.5), and the time it adds to CE;
-- ``CAR fast``: :class:`ConfusionSpectralRegularizer` alone (batch columns only, lazily scaled EMA,
-  one warm-started power iteration);
+- ``CAR fast``: :class:`ConfusionSpectralRegularizer` alone at its defaults (batch columns only,
+  lazily scaled EMA, the exact top singular pair from the ``auto`` solver);
 - ``CAR SVD``: the authors' approach: the dense K x K batch confusion from a
   ``(K x B) @ (B x K)`` matmul, a dense EMA update and a full SVD every step
   (``torch.linalg.svdvals`` with gradient, which computes U and V), and the speed-up of ``CAR fast``
-  over it.
+  over it;
+- ``grad err``: the largest relative difference between the two gradients (fast vs full SVD,
+  same batches, same EMA recursion) over ``--agree-steps`` steps, where the full SVD is affordable.
+
+A second table (``--solver-ks``) times the two exact solvers of CAR against each other, dense
+``eigh`` and warm-started subspace iteration, to place ``EXACT_SOLVER_MAX_K`` (``solver="auto"``).
 
 Times are medians over repeated steps after warm-up (``time.perf_counter``), with the number of
 torch threads set explicitly. The full-SVD approach at K = 8142 takes minutes per step on a few CPU
@@ -20,7 +26,7 @@ first call would not).
 
 Usage::
 
-    python scripts/bench_losses.py                       # the full table (~10 min on 2 cores)
+    python scripts/bench_losses.py                       # the full tables (~15 min on 2 cores)
     python scripts/bench_losses.py --ks 10,100 --threads 1
 """
 
@@ -42,6 +48,7 @@ from hf_longtail.losses import (
     build_loss,
     car_class_weights,
 )
+from hf_longtail.losses.car import EXACT_SOLVER_MAX_K
 
 
 def long_tailed_counts(k: int, n_max: int = 500, imbalance: float = 100.0) -> torch.Tensor:
@@ -71,6 +78,71 @@ class DenseSVDCAR(torch.nn.Module):
         sigma = torch.linalg.svdvals(cbar * self.w)[0]  # full SVD (U, V) when grad is needed
         self.ema = cbar.detach()
         return self.alpha * sigma
+
+
+def gradient_agreement(
+    counts: torch.Tensor, batches: list[tuple[torch.Tensor, torch.Tensor]], steps: int
+) -> float:
+    """Largest relative gradient difference, fast CAR vs :class:`DenseSVDCAR`, step by step.
+
+    Both start from an empty EMA and see the same batches, so they hold the same ``Cbar``; the
+    full SVD's autograd gives the exact ``u1 v1^T``.
+    """
+    fast, dense = ConfusionSpectralRegularizer(counts, alpha=0.5), DenseSVDCAR(counts)
+    worst = 0.0
+    for i in range(steps):
+        z, y = batches[i % len(batches)]
+        (g_fast,) = torch.autograd.grad(fast(z, y), z)
+        (g_dense,) = torch.autograd.grad(dense(z, y), z)
+        worst = max(worst, float((g_fast - g_dense).norm() / g_dense.norm()))
+    return worst
+
+
+def make_batches(
+    k: int, batch: int, device: torch.device, n: int = 8
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Long-tailed counts and ``n`` batches of random logits with labels drawn from the prior."""
+    counts = long_tailed_counts(k)
+    prior = counts / counts.sum()
+    g = torch.Generator().manual_seed(k)
+    batches = []
+    for _ in range(n):
+        z = torch.randn(batch, k, generator=g) * 2
+        y = torch.multinomial(prior.float(), batch, replacement=True, generator=g)
+        batches.append((z.to(device).requires_grad_(True), y.to(device)))
+    return counts, batches
+
+
+def solver_table(ks: list[int], args: argparse.Namespace, device: torch.device) -> dict:
+    """Time CAR's dense ``exact`` solver against ``subspace`` iteration; print the crossover."""
+    print(
+        f"\nCAR solvers (forward+backward, median ms): dense eigh vs subspace iteration\n"
+        f"{'K':>6} | {'exact':>8} | {'subspace':>8} | {'iters':>5} | faster"
+    )
+    out = {}
+    for k in ks:
+        counts, batches = make_batches(k, args.batch, device)
+        mods = {s: ConfusionSpectralRegularizer(counts, solver=s) for s in ("exact", "subspace")}
+        res = time_interleaved(
+            {s: make_step(m.to(device), batches) for s, m in mods.items()},
+            args.min_time / 2,
+            args.max_reps,
+            5,
+            device,
+        )
+        out[k] = res
+        faster = "exact" if res["exact"] < res["subspace"] else "subspace"
+        print(
+            f"{k:>6} | {res['exact'] * 1e3:>8.3f} | {res['subspace'] * 1e3:>8.3f} | "
+            f"{mods['subspace'].last_iterations:>5} | {faster}",
+            flush=True,
+        )
+    exact_wins = [k for k, r in out.items() if r["exact"] < r["subspace"]]
+    print(
+        f"exact is faster up to K = {max(exact_wins) if exact_wins else 'none'}; "
+        f"solver='auto' uses exact for K <= {EXACT_SOLVER_MAX_K}"
+    )
+    return out
 
 
 def _sync(device: torch.device) -> None:
@@ -122,7 +194,13 @@ def time_interleaved(
 def main(argv: list[str] | None = None) -> dict[int, dict[str, float]]:
     """Run the benchmark and print the table; returns ``{K: {cell: seconds per step}}``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ks", default="10,100,1000,8142", help="comma-separated class counts")
+    parser.add_argument("--ks", default="10,100,1000,2000,8142", help="comma-separated K")
+    parser.add_argument(
+        "--solver-ks",
+        default="16,32,64,100,128,200,300,500,1000",
+        help="K values of the exact-vs-subspace solver table ('' skips it)",
+    )
+    parser.add_argument("--agree-steps", type=int, default=20, help="steps of the grad check")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--min-time", type=float, default=8.0, help="seconds of timing per K")
@@ -143,19 +221,12 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, float]]:
     )
     header = (
         f"{'K':>6} | {'CE':>8} | {'CE+CCAR':>8} | {'CE+CCAR+CAR':>11} | {'added':>7} | "
-        f"{'CAR fast':>9} | {'CAR full-SVD':>12} | {'SVD/fast':>9}"
+        f"{'CAR fast':>9} | {'CAR full-SVD':>12} | {'SVD/fast':>9} | {'grad err':>8}"
     )
     print(header + "\n" + "-" * len(header), flush=True)
     results: dict[int, dict[str, float]] = {}
     for k in ks:
-        counts = long_tailed_counts(k)
-        prior = counts / counts.sum()
-        g = torch.Generator().manual_seed(k)
-        batches = []
-        for _ in range(8):
-            z = torch.randn(args.batch, k, generator=g) * 2
-            y = torch.multinomial(prior.float(), args.batch, replacement=True, generator=g)
-            batches.append((z.to(device).requires_grad_(True), y.to(device)))
+        counts, batches = make_batches(k, args.batch, device)
         modules = {
             "ce": build_loss(None, counts),
             "ccar": build_loss(LongTailLossConfig(ccar=True), counts),
@@ -175,18 +246,25 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, float]]:
                 device,
                 min_reps=args.svd_reps if big else 3,
             )["svd"]
+        res["grad_err"] = float("nan")
+        if not args.skip_svd and k <= 2000 and args.agree_steps > 0:
+            res["grad_err"] = gradient_agreement(counts, batches, args.agree_steps)
         results[k] = res
         print(
             f"{k:>6} | {res['ce'] * 1e3:>8.3f} | {res['ccar'] * 1e3:>8.3f} | "
             f"{res['full'] * 1e3:>11.3f} | {(res['full'] - res['ce']) * 1e3:>7.3f} | "
             f"{res['car'] * 1e3:>9.3f} | {res['svd'] * 1e3:>12.1f} | "
-            f"{res['svd'] / res['car']:>8.0f}x",
+            f"{res['svd'] / res['car']:>8.0f}x | {res['grad_err']:>8.1e}",
             flush=True,
         )
     print(
-        "\nadded = (CE+CCAR+CAR) - CE; SVD/fast = CAR full-SVD / CAR fast. "
+        "\nadded = (CE+CCAR+CAR) - CE; SVD/fast = CAR full-SVD / CAR fast; grad err = largest "
+        f"relative gradient difference over {args.agree_steps} steps (K <= 2000). "
         f"Full SVD at K >= 4096 on CPU: {args.svd_reps} rep(s), no warm-up."
     )
+    solver_ks = [int(k) for k in args.solver_ks.split(",") if k.strip()]
+    if solver_ks:
+        solver_table(solver_ks, args, device)
     return results
 
 

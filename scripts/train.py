@@ -171,9 +171,23 @@ class LossArguments:
     car_tau: float = field(
         default=_LOSS_DEFAULTS["car_tau"], metadata={"help": "CAR softmax temperature."}
     )
-    car_power_iterations: int = field(
-        default=_LOSS_DEFAULTS["car_power_iterations"],
-        metadata={"help": "Warm-started power iterations per step."},
+    car_margin: float = field(
+        default=_LOSS_DEFAULTS["car_margin"],
+        metadata={"help": "CAR gate margin gamma in sigmoid(gamma + f_i - f_y)."},
+    )
+    car_weights: str = field(
+        default=_LOSS_DEFAULTS["car_weights"],
+        metadata={
+            "help": "CAR class weights: 'frequency' (N_j/N + r0)^-1/2 or 'count' (N_j + 10)^-1/2."
+        },
+    )
+    car_ema: str = field(
+        default=_LOSS_DEFAULTS["car_ema"],
+        metadata={"help": "CAR EMA: 'global' (published) or 'per_class' (batch columns only)."},
+    )
+    car_solver: str = field(
+        default=_LOSS_DEFAULTS["car_solver"],
+        metadata={"help": "CAR top singular pair: 'auto', 'exact' or 'subspace'."},
     )
     label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing (ce/la/bs)."})
     focal_gamma: float = field(

@@ -111,22 +111,33 @@ def test_value_matches_matrix_norm_after_warmup_on_a_fixed_matrix():
     )
 
 
-def test_power_iteration_stops_early_once_converged():
+@pytest.mark.parametrize("k", [10, 300])
+def test_auto_solver_picks_dense_for_small_k_and_subspace_above(k):
+    from hf_longtail.losses.car import EXACT_SOLVER_MAX_K
+
+    reg = ConfusionSpectralRegularizer([10] * k)
+    assert reg.resolved_solver == ("exact" if k <= EXACT_SOLVER_MAX_K else "subspace")
+
+
+def test_subspace_solver_stops_on_the_residual_and_warm_starts():
     z, y = _batch(2, b=64, dtype=torch.float32)
-    fixed = ConfusionSpectralRegularizer(COUNTS, power_iterations=5, power_tol=0.0)
-    fixed(z, y)
-    assert fixed.last_iterations == 5
-    reg = ConfusionSpectralRegularizer(COUNTS, power_iterations=5)  # power_tol = 1e-4
+    reg = ConfusionSpectralRegularizer(COUNTS, solver="subspace", subspace_size=3)
     reg(z, y)
     assert reg.last_iterations > 1  # cold start
+    assert reg.last_residual <= 1e-4
     for _ in range(40):
         reg(z, y)
     assert reg.last_iterations == 1  # warm start on a converged, fixed matrix
+    # A residual that cannot be reached in the allowed iterations is reported, not hidden.
+    capped = ConfusionSpectralRegularizer(COUNTS, solver="subspace", max_iterations=1, tol=1e-12)
+    with pytest.warns(RuntimeWarning, match="residual"):
+        capped(z, y)
 
 
+@pytest.mark.parametrize("solver", ["exact", "subspace"])
 @pytest.mark.parametrize("detach_gate", [True, False])
-def test_gradient_matches_autograd_through_exact_svd_after_warmup(detach_gate):
-    reg = ConfusionSpectralRegularizer(COUNTS, alpha=1.0, detach_gate=detach_gate)
+def test_gradient_matches_autograd_through_exact_svd_after_warmup(detach_gate, solver):
+    reg = ConfusionSpectralRegularizer(COUNTS, alpha=1.0, detach_gate=detach_gate, solver=solver)
     z, y = _batch(1, b=48)
     for _ in range(50):
         reg(z, y)
@@ -141,12 +152,12 @@ def test_gradient_matches_autograd_through_exact_svd_after_warmup(detach_gate):
     torch.testing.assert_close(z_ours.grad, z_ref.grad, rtol=1e-4, atol=1e-7)
 
 
-def test_value_and_gradient_vs_exact_svd_on_a_random_history():
-    reg = ConfusionSpectralRegularizer(COUNTS, alpha=1.0, beta=0.7, tau=1.5)
-    for step in range(8):  # a changing EMA: u, v are not converged for the next batch
+@pytest.mark.parametrize("solver", ["exact", "subspace"])
+def test_value_and_gradient_vs_exact_svd_on_a_random_history(solver):
+    reg = ConfusionSpectralRegularizer(COUNTS, alpha=1.0, beta=0.7, tau=1.5, solver=solver)
+    for step in range(8):  # a changing EMA: the warm start is not the next batch's answer
         reg(*_batch(step))
     reg.eval()
-    reg.power_iterations, reg.power_tol = 300, 0.0
     z, y = _batch(100)
     z.requires_grad_(True)
     value = reg(z, y)
@@ -159,13 +170,15 @@ def test_value_and_gradient_vs_exact_svd_on_a_random_history():
 
 
 # ----------------------------------------------------------------------------- state and modes
-def test_state_dict_round_trip_restores_exactly_and_continues_identically():
-    reg = ConfusionSpectralRegularizer(COUNTS)
+@pytest.mark.parametrize("solver", ["exact", "subspace"])
+@pytest.mark.parametrize("ema", ["global", "per_class"])
+def test_state_dict_round_trip_restores_exactly_and_continues_identically(solver, ema):
+    reg = ConfusionSpectralRegularizer(COUNTS, solver=solver, ema=ema)
     for step in range(7):
         reg(*_batch(step, dtype=torch.float32))
     state = reg.state_dict()
-    assert set(state) == {"ema_columns", "ema_scale", "u", "v", "num_steps"}
-    restored = ConfusionSpectralRegularizer(COUNTS)
+    assert set(state) == {"ema_columns", "ema_scale", "u", "v", "basis", "num_steps"}
+    restored = ConfusionSpectralRegularizer(COUNTS, solver=solver, ema=ema)
     restored.load_state_dict(state)
     for name, buf in reg.state_dict().items():
         assert torch.equal(buf, restored.state_dict()[name]), name
@@ -205,8 +218,9 @@ def test_reset_returns_to_zero_ema():
 
 
 # ----------------------------------------------------------------------------- numerics / errors
-def test_extreme_logits_stay_finite():
-    reg = ConfusionSpectralRegularizer(COUNTS)
+@pytest.mark.parametrize("solver", ["exact", "subspace"])
+def test_extreme_logits_stay_finite(solver):
+    reg = ConfusionSpectralRegularizer(COUNTS, solver=solver)
     y = torch.arange(8) % K
     # Perfect, extreme predictions: the surrogate is exactly 0 and sigma too, no NaN.
     z = torch.full((8, K), -1e4)
@@ -245,10 +259,21 @@ def test_errors():
         ConfusionSpectralRegularizer(COUNTS, alpha=-0.1)
     with pytest.raises(ValueError, match="tau must be > 0"):
         ConfusionSpectralRegularizer(COUNTS, tau=0)
-    with pytest.raises(ValueError, match="power_iterations"):
-        ConfusionSpectralRegularizer(COUNTS, power_iterations=0)
-    with pytest.raises(ValueError, match="power_tol"):
-        ConfusionSpectralRegularizer(COUNTS, power_tol=-1.0)
+    with pytest.raises(ValueError, match="max_iterations must be >= 1"):
+        ConfusionSpectralRegularizer(COUNTS, max_iterations=0)
+    with pytest.raises(ValueError, match="tol must be > 0"):
+        ConfusionSpectralRegularizer(COUNTS, tol=0.0)
+    with pytest.raises(ValueError, match="solver must be one of"):
+        ConfusionSpectralRegularizer(COUNTS, solver="svd")
+    with pytest.raises(ValueError, match="ema must be one of"):
+        ConfusionSpectralRegularizer(COUNTS, ema="local")
+    with pytest.raises(ValueError, match="weights must be one of"):
+        ConfusionSpectralRegularizer(COUNTS, weights="inverse")
+    with (
+        pytest.raises(ValueError, match="count_offset = 0 with zero-count"),
+        pytest.warns(UserWarning),
+    ):
+        ConfusionSpectralRegularizer([10, 0, 30], weights="count", count_offset=0.0)
     reg = ConfusionSpectralRegularizer(COUNTS)
     with pytest.raises(ValueError, match="logits have 3 columns but class_counts has 10"):
         reg(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
@@ -258,3 +283,62 @@ def test_errors():
         ConfusionSpectralRegularizer(COUNTS, distributed=True)(
             torch.zeros(2, K), torch.tensor([0, 1])
         )
+
+
+# ----------------------------------------------------------------------------- options
+def _cifar100_lt_counts():
+    c = torch.arange(100, dtype=torch.float64)
+    return (500 * 100 ** (-c / 99)).floor()
+
+
+def test_weight_forms_formula_and_spread_on_cifar100_lt():
+    counts = _cifar100_lt_counts()
+    freq = car_class_weights(counts)
+    count = car_class_weights(counts, form="count")
+    ref = (counts + 10.0) ** -0.5
+    torch.testing.assert_close(count, ref / ref.mean())
+    assert count.mean().item() == pytest.approx(1.0)
+    # The released form is nearly uniform; the earlier count form weights the tail strongly.
+    assert freq.max() / freq.min() == pytest.approx(1.11, abs=0.01)
+    assert count.max() / count.min() == pytest.approx(5.8, abs=0.1)
+    reg = ConfusionSpectralRegularizer(counts, weights="count", count_offset=10.0)
+    torch.testing.assert_close(reg.weights.double(), count, rtol=1e-6, atol=1e-7)
+
+
+def test_gate_margin_matches_reference():
+    gamma = 0.7
+    z, y = _batch(3, b=16)
+    reg = ConfusionSpectralRegularizer(COUNTS, beta=0.0, margin=gamma)
+    reg(z, y)
+    k = z.shape[1]
+    onehot = torch.nn.functional.one_hot(y, k).double()
+    gate = torch.sigmoid(gamma + z - (z * onehot).sum(1, keepdim=True))
+    ref = (gate * torch.softmax(z, 1) * (1 - onehot)).T @ onehot / onehot.sum(0).clamp_min(1)
+    torch.testing.assert_close(reg.confusion.double(), ref, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(ref, ref_batch_matrix(z, y))  # the margin changes the surrogate
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.0])
+def test_per_class_ema_moves_only_the_batch_columns(beta):
+    reg = ConfusionSpectralRegularizer(COUNTS, beta=beta, ema="per_class")
+    cbar = torch.zeros(K, K, dtype=torch.float64)
+    for step in range(30):
+        z, y = _batch(step, b=6)  # 6 samples, 10 classes: most columns are absent each step
+        reg(z, y)
+        present = torch.zeros(K, dtype=torch.bool)
+        present[y] = True
+        cbar = torch.where(present, beta * cbar + (1 - beta) * ref_batch_matrix(z, y), cbar)
+        torch.testing.assert_close(reg.confusion.double(), cbar, rtol=1e-5, atol=1e-7)
+    assert float(reg.ema_scale) == 1.0
+
+
+def test_state_dict_from_before_the_subspace_solver_loads():
+    # hf-longtail 0.1 checkpoints hold no warm-start block: they load, and the value is exact.
+    reg = ConfusionSpectralRegularizer(COUNTS, solver="subspace")
+    for step in range(5):
+        reg(*_batch(step, dtype=torch.float32))
+    old = {k: v for k, v in reg.state_dict().items() if k != "basis"}
+    restored = ConfusionSpectralRegularizer(COUNTS, solver="subspace")
+    restored.load_state_dict(old)
+    z, y = _batch(9, dtype=torch.float32)
+    assert restored(z, y).item() == pytest.approx(reg(z, y).item(), rel=1e-5)

@@ -64,8 +64,14 @@ def test_from_dict_rejects_unknown_keys_by_name():
         ({"cb_loss_type": "hinge"}, ValueError, "cb_loss_type"),
         ({"label_smoothing": 1.0}, ValueError, "label_smoothing"),
         ({"drw_epoch": -2}, ValueError, "drw_epoch"),
-        ({"car_power_iterations": 0}, ValueError, "car_power_iterations"),
-        ({"car_power_tol": -1e-3}, ValueError, "car_power_tol"),
+        ({"car_max_iterations": 0}, ValueError, "car_max_iterations must be an int >= 1"),
+        ({"car_subspace_size": 2.5}, ValueError, "car_subspace_size must be an int >= 1"),
+        ({"car_tol": 0.0}, ValueError, "car_tol must be > 0"),
+        ({"car_count_offset": -1.0}, ValueError, "car_count_offset must be > 0"),
+        ({"car_margin": float("inf")}, ValueError, "car_margin must be finite"),
+        ({"car_solver": "svd"}, ValueError, "car_solver must be one of"),
+        ({"car_ema": "local"}, ValueError, "car_ema must be one of"),
+        ({"car_weights": "inverse"}, ValueError, "car_weights must be one of"),
         ({"ccar": "yes"}, TypeError, "ccar must be a bool"),
         ({"car_weight": "0.5"}, TypeError, "car_weight must be a number"),
         ({"base": "focal", "base_options": {"gama": 1}}, ValueError, r"base_options \['gama'\]"),
@@ -74,6 +80,41 @@ def test_from_dict_rejects_unknown_keys_by_name():
 def test_post_init_validation(kwargs, err, match):
     with pytest.raises(err, match=match):
         LongTailLossConfig(**kwargs)
+
+
+def test_configs_from_the_inexact_solver_era_load_with_a_warning():
+    # Run records of hf-longtail 0.1 hold the power-iteration knobs; they are dropped, loudly.
+    old = {"base": "ce", "car_weight": 0.5, "car_power_iterations": 3, "car_power_tol": 1e-4}
+    with pytest.warns(UserWarning, match="car_power_iterations, car_power_tol"):
+        cfg = LongTailLossConfig.from_dict(old)
+    assert cfg.car_weight == 0.5 and cfg.car_solver == "auto"
+
+
+def test_car_options_reach_the_regularizer():
+    cfg = LongTailLossConfig(
+        car_weight=0.5,
+        car_margin=0.3,
+        car_weights="count",
+        car_count_offset=5.0,
+        car_ema="per_class",
+        car_solver="subspace",
+        car_subspace_size=4,
+        car_max_iterations=7,
+        car_tol=1e-3,
+    )
+    reg = build_loss(cfg, COUNTS).regularizer
+    assert (reg.margin, reg.weight_form, reg.count_offset, reg.ema) == (
+        0.3,
+        "count",
+        5.0,
+        "per_class",
+    )
+    assert (reg.resolved_solver, reg.subspace_size, reg.max_iterations, reg.tol) == (
+        "subspace",
+        4,
+        7,
+        1e-3,
+    )
 
 
 def test_base_loss_kwargs_map_fields_to_the_chosen_base():

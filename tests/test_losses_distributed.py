@@ -60,13 +60,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         cfg = LongTailLossConfig(base="ce", ccar=True, car_weight=0.5)
         pairs = [
             (
-                ConfusionSpectralRegularizer(COUNTS),
-                ConfusionSpectralRegularizer(COUNTS, distributed=False),
-            ),
-            (build_loss(cfg, COUNTS), build_loss(cfg, COUNTS)),
+                ConfusionSpectralRegularizer(COUNTS, **kwargs),
+                ConfusionSpectralRegularizer(COUNTS, distributed=False, **kwargs),
+            )
+            for kwargs in ({}, {"solver": "subspace", "subspace_size": 3}, {"ema": "per_class"})
         ]
+        pairs.append((build_loss(cfg, COUNTS), build_loss(cfg, COUNTS)))
         # The single-process reference must not communicate.
-        pairs[1][1].regularizer.distributed = False
+        pairs[-1][1].regularizer.distributed = False
         for ours, ref in pairs:
             for step in range(STEPS):
                 value, grad = _step_grads(ours, x[step, half], y[step, half], weight)
@@ -78,7 +79,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 torch.testing.assert_close(reg.confusion, reg_ref.confusion, rtol=1e-5, atol=1e-7)
                 torch.testing.assert_close(reg.u, reg_ref.u, rtol=1e-4, atol=1e-6)
                 torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
-                if ours is pairs[0][0]:  # the regularizer alone: same value on every rank
+                if ours is not pairs[-1][0]:  # the regularizer alone: same value on every rank
                     torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-7)
                 # Every rank holds the identical EMA (bit for bit).
                 c0 = reg.confusion.contiguous().clone()

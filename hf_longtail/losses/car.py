@@ -1,4 +1,4 @@
-"""CAR: the confusion spectral regularizer (arXiv 2603.16732, CVPR 2026), made fast.
+"""CAR: the confusion spectral regularizer (arXiv 2603.16732, CVPR 2026), exact and fast.
 
 Worst-class error is bounded by the spectral norm of the frequency-weighted confusion matrix;
 CAR adds ``alpha * sigma_max(Cbar_t diag(w))`` to the loss.
@@ -7,14 +7,40 @@ Definitions (``K`` classes; the confusion matrix has rows = predicted class ``i`
 class ``j``, zero diagonal):
 
 - batch surrogate: a sample with label ``j`` and logits ``f`` contributes
-  ``c_i = sigmoid(f_i - f_j) * softmax(f / tau)_i`` for ``i != j`` and ``c_j = 0``; the sigmoid
-  gate is detached by default (as in the authors' code; ``detach_gate=False`` keeps it). Column
-  ``j`` of the batch matrix ``C_t`` is the mean of ``c`` over the batch samples of class ``j``
-  (zero if the class is absent from the batch);
-- EMA: ``Cbar_t = beta * stopgrad(Cbar_{t-1}) + (1 - beta) * C_t``, ``Cbar_0 = 0``, so the
-  gradient flows through the current batch from the first step on. It persists across epochs;
-- weights: ``w_j = (m_j + r0)^{-1/2}`` with ``m_j = N_j / N``, normalized to mean 1;
+  ``c_i = sigmoid(gamma + f_i - f_j) * softmax(f / tau)_i`` for ``i != j`` and ``c_j = 0``
+  (``gamma`` = ``margin``, 0 by default as in the authors' code); the sigmoid gate is detached by
+  default (as in the authors' code; ``detach_gate=False`` keeps it). Column ``j`` of the batch
+  matrix ``C_t`` is the mean of ``c`` over the batch samples of class ``j`` (zero if the class is
+  absent from the batch);
+- EMA (``ema="global"``, the published form): ``Cbar_t = beta * stopgrad(Cbar_{t-1}) +
+  (1 - beta) * C_t``, ``Cbar_0 = 0``, so the gradient flows through the current batch from the
+  first step on. It persists across epochs. ``ema="per_class"`` (beyond the papers) updates only
+  the columns of the classes in the batch, ``Cbar_t[:, j] = beta * Cbar_{t-1}[:, j] +
+  (1 - beta) * C_t[:, j]``, and keeps the others: with the global form a tail class seen in 6% of
+  batches has its column halved at every step it is absent, so the EMA rarely holds tail columns;
+- weights (``weights="frequency"``, the authors' released code): ``w_j = (N_j / N + r0)^{-1/2}``,
+  nearly uniform (max/min about 1.1 on CIFAR-100-LT); ``weights="count"`` (the authors' earlier
+  code): ``w_j = (N_j + count_offset)^{-1/2}`` (about 5.8 max/min on CIFAR-100-LT). Both are
+  normalized to mean 1, so ``alpha`` means the same under either;
 - value: ``alpha * sigma_max(Cbar_t diag(w))``.
+
+Exactness. The gradient of ``sigma_max(M)`` is ``u v^T`` for the top singular pair ``(u, v)``, so
+the pair must be right at every step, not only ``sigma``. With ``beta = 0.5`` half of ``M`` is
+replaced every step and tail columns appear and vanish, so the top singular direction moves far
+between steps (a warm-started power iteration of 3 steps, used before version 0.2, gave gradients
+with a median 18% error on such trajectories). Two solvers, both exact to a tolerance:
+
+- ``solver="exact"``: ``M`` is built densely and the top eigenpair of ``M^T M`` is computed in
+  float64 (``torch.linalg.eigh``), ``O(K^3)``; the cheaper choice for small ``K``;
+- ``solver="subspace"``: block subspace iteration with Rayleigh-Ritz on a warm-started block of
+  ``subspace_size`` (8) right singular vectors: ``Q = orth(M V)``, ``Z = M^T Q``,
+  ``Z = V' S W^T`` (a ``K x p`` SVD), ``sigma = S_1``, ``u = Q W_1``, ``v = V'_1``. It converges
+  at the rate ``(sigma_{p+1} / sigma_1)^2``, not ``(sigma_2 / sigma_1)^2``, so near-ties at the top
+  do not stall it. It stops on the singular vectors, not on ``sigma``: once the residual
+  ``|M v - sigma u| / sigma <= tol`` (``M^T u = sigma v`` holds by construction), after at most
+  ``max_iterations``. Each iteration reads ``E`` twice (two ``K x K`` by ``K x p`` products);
+- ``solver="auto"`` picks ``exact`` for ``K <=`` :data:`EXACT_SOLVER_MAX_K` (the CPU crossover
+  measured by ``scripts/bench_losses.py``) and ``subspace`` above.
 
 Speed. The authors build ``C_t`` with a dense ``K x K`` matmul and run a full SVD every step
 (``O(K^3)``), prohibitive at iNaturalist's ``K = 8142``. Here:
@@ -23,22 +49,14 @@ Speed. The authors build ``C_t`` with a dense ``K x K`` matmul and run a full SV
 - the EMA is stored *lazily scaled*: a dense buffer ``E`` and a scalar ``s`` with
   ``Cbar = s * E^T`` (``E`` row ``j`` = column ``j`` of ``Cbar``). A step multiplies ``s`` by
   ``beta`` and adds the new columns to ``U`` rows of ``E``: ``O(U K)``, no ``O(K^2)`` rewrite
-  (``s`` is folded back into ``E`` when it falls below ``1e-20``, once every
-  ``log(1e-20) / log(beta)`` steps);
-- ``sigma_max`` comes from a warm-started power iteration on ``M = Cbar_t diag(w)`` with
-  persistent, detached singular vectors ``u, v`` (buffers): ``v <- M^T u / |M^T u|``,
-  ``u <- M v / |M v|``, then ``sigma = u^T M v``. Each iteration is two matrix-vector products,
-  ``O(K^2)`` memory-bound, against the ``O(K^3)`` SVD. With ``u, v`` detached the gradient of
-  ``u^T M v`` is ``u v^T``, the exact gradient of ``sigma_max`` once the iteration has converged;
-  ``M`` changes by a fraction ``1 - beta`` per step, so a few warm-started iterations track it:
-  the loop stops once ``|M^T u|`` and ``|M v|`` (two lower bounds of ``sigma``, equal at
-  convergence) agree to ``power_tol`` (1e-4), after at most ``power_iterations`` (3). Only the
-  current batch's columns carry a gradient (the EMA history is stop-gradient), so the backward
-  pass is ``O(B K)``.
+  (``s`` is folded back into ``E`` when it falls below ``1e-20``);
+- ``M`` is never formed by the subspace solver: ``E`` enters only through block products;
+- ``u, v`` are detached, so the gradient is that of ``u^T M v``; only the current batch's columns
+  carry a gradient (the EMA history is stop-gradient), so the backward pass is ``O(B K)``.
 
 Memory: ``E`` is a dense float32 ``K x K`` buffer (265 MB at ``K = 8142``), saved in the
-``state_dict`` together with ``s``, ``u``, ``v`` and the step count, so a checkpoint restores the
-regularizer exactly.
+``state_dict`` together with ``s``, ``u``, ``v``, the warm-start block and the step count, so a
+checkpoint restores the regularizer exactly.
 
 Modes. In training mode (``module.train()``) each call is one EMA step: the state advances. In
 eval mode the value is computed the same way (the batch is blended into the EMA on the fly) but
@@ -52,12 +70,13 @@ must call the regularizer in lockstep (as with any collective).
 
 Soft targets: the column of a sample is that of its target's argmax class.
 
-Zero-count classes: ``m_j = 0`` gives ``w_j = r0^{-1/2}``, the largest weight; this needs
-``r0 > 0`` (checked).
+Zero-count classes: ``N_j = 0`` gives the largest weight, ``r0^{-1/2}`` (frequency form, needs
+``r0 > 0``) or ``count_offset^{-1/2}`` (count form, needs ``count_offset > 0``); both checked.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -67,27 +86,57 @@ from torch import nn
 from hf_longtail.losses._validation import as_class_counts, check_logits_and_target
 from hf_longtail.losses.base import fp32_region, upcast
 
-__all__ = ["ConfusionSpectralRegularizer", "car_class_weights", "confusion_batch_columns"]
+__all__ = [
+    "CAR_EMA_MODES",
+    "CAR_SOLVERS",
+    "CAR_WEIGHT_FORMS",
+    "EXACT_SOLVER_MAX_K",
+    "ConfusionSpectralRegularizer",
+    "car_class_weights",
+    "confusion_batch_columns",
+]
+
+CAR_SOLVERS = ("auto", "exact", "subspace")
+CAR_EMA_MODES = ("global", "per_class")
+CAR_WEIGHT_FORMS = ("frequency", "count")
+
+# solver="auto": dense eigh up to this K, subspace iteration above. Measured on 2 CPU cores by
+# scripts/bench_losses.py (README, "CAR solvers"): the two cost the same near K = 150.
+EXACT_SOLVER_MAX_K = 128
 
 # Fold the lazy EMA scale into the dense buffer below this (float32 keeps 1/s * O(1) finite).
 _FOLD_BELOW = 1e-20
 
 
-def car_class_weights(class_counts: Any, r0: float = 0.2) -> torch.Tensor:
-    """CAR frequency weights ``w_j = (N_j / N + r0)^{-1/2}`` normalized to mean 1 (float64)."""
+def car_class_weights(
+    class_counts: Any, r0: float = 0.2, *, form: str = "frequency", count_offset: float = 10.0
+) -> torch.Tensor:
+    """CAR class weights, normalized to mean 1 (float64).
+
+    ``form="frequency"``: ``w_j = (N_j / N + r0)^{-1/2}`` (authors' released code);
+    ``form="count"``: ``w_j = (N_j + count_offset)^{-1/2}`` (authors' earlier code).
+    """
     counts = as_class_counts(class_counts)
-    return _car_class_weights(counts, r0)
+    return _car_class_weights(counts, r0, form, count_offset)
 
 
-def _car_class_weights(counts: torch.Tensor, r0: float) -> torch.Tensor:
-    if r0 < 0:
-        raise ValueError(f"CAR r0 must be >= 0; got {r0}")
-    if r0 == 0 and bool((counts == 0).any()):
+def _car_class_weights(
+    counts: torch.Tensor, r0: float, form: str = "frequency", count_offset: float = 10.0
+) -> torch.Tensor:
+    if form not in CAR_WEIGHT_FORMS:
+        raise ValueError(f"CAR weights must be one of {CAR_WEIGHT_FORMS}; got {form!r}")
+    if form == "frequency":
+        offset, base, name = r0, counts / counts.sum(), "r0"
+    else:
+        offset, base, name = count_offset, counts, "count_offset"
+    if not offset >= 0:
+        raise ValueError(f"CAR {name} must be >= 0; got {offset}")
+    if offset == 0 and bool((counts == 0).any()):
         raise ValueError(
-            "CAR r0 = 0 with zero-count classes gives infinite weights (m_j + r0)^(-1/2); "
-            "use r0 > 0 (default 0.2) or drop the classes"
+            f"CAR {name} = 0 with zero-count classes gives infinite weights; "
+            f"use {name} > 0 (default {0.2 if form == 'frequency' else 10.0}) or drop the classes"
         )
-    w = (counts / counts.sum() + r0).rsqrt()
+    w = (base + offset).rsqrt()
     return w / w.mean()
 
 
@@ -96,18 +145,20 @@ def confusion_batch_columns(
     labels: torch.Tensor,
     tau: float = 1.0,
     detach_gate: bool = True,
+    margin: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-class sums of the CAR surrogate over the batch, only for the classes present.
 
     Returns ``(classes, sums, counts)``: ``classes`` (U,) the sorted labels present, ``sums``
     (U, K) with ``sums[k]`` = sum over the samples of class ``classes[k]`` of
-    ``c_i = sigmoid(f_i - f_j) softmax(f / tau)_i`` (``c_j = 0``), and ``counts`` (U,) their
-    number. Column ``classes[k]`` of the batch confusion matrix is ``sums[k] / counts[k]``.
+    ``c_i = sigmoid(margin + f_i - f_j) softmax(f / tau)_i`` (``c_j = 0``), and ``counts`` (U,)
+    their number. Column ``classes[k]`` of the batch confusion matrix is ``sums[k] / counts[k]``.
     Cost ``O(B K)``.
     """
     idx = labels[:, None]
     probs = torch.softmax(logits if tau == 1.0 else logits / tau, dim=1)
-    gate = torch.sigmoid(logits - logits.gather(1, idx))
+    diff = logits - logits.gather(1, idx)
+    gate = torch.sigmoid(diff if margin == 0.0 else diff + margin)
     if detach_gate:
         gate = gate.detach()
     contrib = (gate * probs).scatter(1, idx, 0.0)
@@ -116,30 +167,81 @@ def confusion_batch_columns(
     return classes, sums, counts
 
 
-def _normalize(x: torch.Tensor, fallback: torch.Tensor) -> tuple[torch.Tensor, float]:
-    # Keep the previous vector if M maps it to 0 (e.g. an all-zero confusion at extreme logits),
-    # rather than collapsing the persistent state to 0 forever.
-    norm = float(torch.linalg.vector_norm(x))
-    return (x / norm if norm > 0 else fallback), norm
+class _WeightedConfusion:
+    """``M = Cbar_t diag(w)`` as an operator: ``coef * E^T diag(w)`` plus the batch's columns.
+
+    ``E`` (K x K, row ``j`` = column ``j`` of the stored EMA divided by its lazy scale) enters
+    only through products with ``K x p`` blocks; the batch columns ``classes`` of ``M`` are
+    replaced by ``delta`` (U x K rows, weighted by ``w[classes]``), i.e. the matrix is
+    ``coef * E^T diag(w)`` with column ``j = classes[k]`` changed to
+    ``(coef * E[j] + delta[k]) w_j``.
+    """
+
+    def __init__(
+        self,
+        E: torch.Tensor | None,
+        coef: float,
+        w: torch.Tensor,
+        classes: torch.Tensor,
+        delta: torch.Tensor,
+    ) -> None:
+        self.E, self.coef, self.w, self.classes, self.delta = E, coef, w, classes, delta
+        self.w_b = w[classes]
+
+    def mm(self, X: torch.Tensor) -> torch.Tensor:
+        """``M X`` for a ``K x p`` block."""
+        out = self.delta.T.mm(self.w_b[:, None] * X[self.classes])
+        if self.E is not None:
+            wx = (self.w[:, None] * X).to(self.E.dtype)
+            out = out + self.E.T.mm(wx).to(out.dtype) * self.coef
+        return out
+
+    def tmm(self, Q: torch.Tensor) -> torch.Tensor:
+        """``M^T Q`` for a ``K x p`` block."""
+        if self.E is None:
+            out = Q.new_zeros(self.w.numel(), Q.shape[1])
+        else:
+            out = self.E.mm(Q.to(self.E.dtype)).to(Q.dtype) * self.coef
+        out.index_add_(0, self.classes, self.delta.mm(Q))
+        return self.w[:, None] * out
+
+    def dense(self) -> torch.Tensor:
+        """``M`` itself (K x K)."""
+        k = self.w.numel()
+        rows = (
+            self.E.to(self.delta.dtype) * self.coef
+            if self.E is not None
+            else self.delta.new_zeros(k, k)
+        )
+        rows = rows.index_add(0, self.classes, self.delta)  # rows of M^T before weighting
+        return (self.w[:, None] * rows).T
 
 
 class ConfusionSpectralRegularizer(nn.Module):
-    """CAR: ``alpha * sigma_max(Cbar_t diag(w))`` with a fast EMA and power iteration.
+    """CAR: ``alpha * sigma_max(Cbar_t diag(w))`` with a fast EMA and an exact top singular pair.
 
     ``reg(logits, labels)`` returns the float32 scalar value; in training mode it advances the EMA
-    (see the module docstring for the definitions, speed, memory and distributed behaviour).
+    (see the module docstring for the definitions, solvers, speed, memory and distributed
+    behaviour).
 
     Args:
         class_counts: training-set count of every class (length ``K``).
         alpha: regularizer weight (paper's best 0.5; the authors' code uses 0.3).
         beta: EMA factor in ``[0, 1)`` (0.5 default, the paper's best).
-        r0: weight offset in ``w_j = (m_j + r0)^{-1/2}``.
+        r0: offset of the frequency-form weights ``w_j = (N_j / N + r0)^{-1/2}``.
         tau: softmax temperature of the surrogate.
         detach_gate: detach the sigmoid gate (authors' choice).
-        power_iterations: most power-iteration steps per call (warm-started).
-        power_tol: stop iterating once the two estimates of ``sigma`` of an iteration,
-            ``|M^T u|`` and ``|M v|`` (equal at convergence), agree to this relative tolerance;
-            ``0`` always runs ``power_iterations`` steps.
+        margin: ``gamma`` in the gate ``sigmoid(gamma + f_i - f_j)`` (0 as in the authors' code).
+        weights: ``"frequency"`` (default, released code) or ``"count"``
+            (``(N_j + count_offset)^{-1/2}``, earlier code).
+        count_offset: offset of the count-form weights.
+        ema: ``"global"`` (published: every column decays every step) or ``"per_class"`` (a
+            column decays only when its class is in the batch).
+        solver: ``"auto"``, ``"exact"`` or ``"subspace"`` (module docstring).
+        subspace_size: width ``p`` of the subspace solver's warm-started block.
+        max_iterations: most subspace iterations per call (a :class:`RuntimeWarning` is issued if
+            the residual is still above ``tol`` then).
+        tol: stop once ``|M v - sigma u| <= tol * sigma``.
         distributed: ``None`` = all-reduce when ``torch.distributed`` is initialized with world
             size > 1; ``False`` never; ``True`` requires it.
         process_group: the group to reduce over (default: the world).
@@ -147,6 +249,8 @@ class ConfusionSpectralRegularizer(nn.Module):
 
     Attributes:
         confusion: the current ``Cbar`` (K x K, rows predicted, columns true).
+        last_iterations: subspace iterations of the last call (0 for the exact solver).
+        last_residual: ``|M v - sigma u| / sigma`` of the last call's pair.
     """
 
     def __init__(
@@ -158,8 +262,14 @@ class ConfusionSpectralRegularizer(nn.Module):
         tau: float = 1.0,
         *,
         detach_gate: bool = True,
-        power_iterations: int = 3,
-        power_tol: float = 1e-4,
+        margin: float = 0.0,
+        weights: str = "frequency",
+        count_offset: float = 10.0,
+        ema: str = "global",
+        solver: str = "auto",
+        subspace_size: int = 8,
+        max_iterations: int = 100,
+        tol: float = 1e-4,
         distributed: bool | None = None,
         process_group: Any = None,
         validate: bool = True,
@@ -172,10 +282,18 @@ class ConfusionSpectralRegularizer(nn.Module):
             raise ValueError(f"CAR beta must be in [0, 1); got {beta}")
         if not tau > 0:
             raise ValueError(f"CAR tau must be > 0; got {tau}")
-        if int(power_iterations) < 1:
-            raise ValueError(f"power_iterations must be >= 1; got {power_iterations}")
-        if not power_tol >= 0:
-            raise ValueError(f"power_tol must be >= 0; got {power_tol}")
+        if not abs(margin) < float("inf"):
+            raise ValueError(f"CAR margin must be finite; got {margin}")
+        if ema not in CAR_EMA_MODES:
+            raise ValueError(f"CAR ema must be one of {CAR_EMA_MODES}; got {ema!r}")
+        if solver not in CAR_SOLVERS:
+            raise ValueError(f"CAR solver must be one of {CAR_SOLVERS}; got {solver!r}")
+        if int(subspace_size) < 1:
+            raise ValueError(f"CAR subspace_size must be >= 1; got {subspace_size}")
+        if int(max_iterations) < 1:
+            raise ValueError(f"CAR max_iterations must be >= 1; got {max_iterations}")
+        if not tol > 0:
+            raise ValueError(f"CAR tol must be > 0; got {tol}")
         k = counts.numel()
         self.num_classes = k
         self.alpha = float(alpha)
@@ -183,19 +301,30 @@ class ConfusionSpectralRegularizer(nn.Module):
         self.r0 = float(r0)
         self.tau = float(tau)
         self.detach_gate = bool(detach_gate)
-        self.power_iterations = int(power_iterations)
-        self.power_tol = float(power_tol)
+        self.margin = float(margin)
+        self.weight_form = weights
+        self.count_offset = float(count_offset)
+        self.ema = ema
+        self.solver = solver
+        if solver == "auto":
+            solver = "exact" if k <= EXACT_SOLVER_MAX_K else "subspace"
+        self.resolved_solver = solver
+        self.subspace_size = min(int(subspace_size), k)
+        self.max_iterations = int(max_iterations)
+        self.tol = float(tol)
         self.last_iterations = 0
+        self.last_residual = 0.0
         self.distributed = distributed
         self.process_group = process_group
         self.validate = bool(validate)
-        self.register_buffer("weights", _car_class_weights(counts, r0).float(), persistent=False)
+        w = _car_class_weights(counts, r0, weights, count_offset).float()
+        self.register_buffer("weights", w, persistent=False)
         # ema_columns[j] = column j of Cbar divided by ema_scale (lazy scaling, module docstring).
         self.register_buffer("ema_columns", torch.zeros(k, k))
         self.register_buffer("ema_scale", torch.ones((), dtype=torch.float64))
-        # Uniform start: Cbar is non-negative, so its top singular vectors are too (Perron).
         self.register_buffer("u", torch.full((k,), k**-0.5))
         self.register_buffer("v", torch.full((k,), k**-0.5))
+        self.register_buffer("basis", _initial_basis(k, self.subspace_size))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
 
     # ------------------------------------------------------------------------------ state
@@ -210,7 +339,16 @@ class ConfusionSpectralRegularizer(nn.Module):
         self.ema_scale.fill_(1.0)
         self.u.fill_(self.num_classes**-0.5)
         self.v.fill_(self.num_classes**-0.5)
+        self.basis.copy_(_initial_basis(self.num_classes, self.subspace_size))
         self.num_steps.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the subspace solver (<= 0.1) have no warm-start block; the
+        # block only speeds up convergence, so a fresh one loses nothing but a few iterations.
+        key = prefix + "basis"
+        if key not in state_dict and prefix + "ema_columns" in state_dict:
+            state_dict[key] = _initial_basis(self.num_classes, self.subspace_size)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _world(self) -> int:
         if self.distributed is False or not self.training:
@@ -237,18 +375,26 @@ class ConfusionSpectralRegularizer(nn.Module):
         """``sigma_max(Cbar_t diag(w))`` (differentiable in ``logits``), unvalidated.
 
         ``logits`` float32/float64 (B, K), ``labels`` hard (B,). Advances the state in train mode.
+        The value is ``u^T M v`` for the top singular pair ``(u, v)`` of ``M`` (detached), so its
+        gradient is that of ``sigma_max``: ``u v^T`` through the batch's columns.
         """
         world = self._world()
-        classes, sums, counts = confusion_batch_columns(logits, labels, self.tau, self.detach_gate)
+        classes, sums, counts = confusion_batch_columns(
+            logits, labels, self.tau, self.detach_gate, self.margin
+        )
         if world > 1:
             classes, sums, counts = self._all_reduce(labels, classes, sums)
         cols = sums / counts[:, None].to(sums.dtype)  # (U, K): batch columns of C_t
-        sigma, u, v, batch_term = self._power_iteration(classes, cols)
+        op = self._operator(classes, cols.detach())
+        value, u, v, basis = self._top_singular_pair(op)
+        # d sigma / d cols = (1 - beta) * u v_j w_j on batch column j (both EMA forms).
+        batch_term = (1.0 - self.beta) * cols.mv(u).dot(op.w_b * v[classes])
+        sigma = batch_term + (value - batch_term.detach())
         if world > 1:
             # DDP averages gradients over W ranks; each rank's batch term only sees its samples.
             sigma = sigma + (world - 1) * (batch_term - batch_term.detach())
         if self.training:
-            self._commit(classes, cols.detach(), u, v)
+            self._commit(classes, cols.detach(), u, v, basis)
         return sigma
 
     def _all_reduce(
@@ -271,71 +417,127 @@ class ConfusionSpectralRegularizer(nn.Module):
         sums = total + (sums - sums.detach())
         return classes, sums, per_class[classes]
 
-    def _power_iteration(
-        self, classes: torch.Tensor, cols: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        # M = Cbar_t diag(w), Cbar_t = beta * scale * E^T + (1 - beta) * [batch columns]:
-        # E only ever enters through two mat-vecs per iteration.
+    # ------------------------------------------------------------------------------ solvers
+    def _operator(self, classes: torch.Tensor, cols: torch.Tensor) -> _WeightedConfusion:
         beta = self.beta
-        dtype = cols.dtype
-        w = self.weights.to(dtype)
-        w_b = w[classes]
-        batch = cols.detach() * (1.0 - beta)
-        coef = beta * float(self.ema_scale)
-        E = self.ema_columns if beta > 0 and int(self.num_steps) > 0 else None
-        # Copies: the state is updated in place later while autograd may still hold u.
-        u = self.u.to(dtype, copy=True)
-        v = self.v.to(dtype, copy=True)
-        dense = None
-        wv_b = w_b
-        done = 0
-        for _ in range(self.power_iterations):
-            done += 1
-            # v <- M^T u / |M^T u|, (M^T u)_j = w_j <Cbar[:, j], u>
-            if E is None:
-                mtu = u.new_zeros(self.num_classes)
-            else:
-                mtu = (E.mv(u.to(E.dtype)) * coef).to(dtype)
-            mtu.index_add_(0, classes, batch.mv(u))
-            v, est_v = _normalize(mtu.mul_(w), v)
-            # u <- M v / |M v|, M v = Cbar (w * v)
-            wv_b = w_b * v[classes]
-            mv = batch.T.mv(wv_b)
+        w = self.weights.to(cols.dtype)
+        # Global EMA with beta = 0 keeps no history; the per-class EMA keeps absent columns.
+        has_history = int(self.num_steps) > 0 and (beta > 0 or self.ema == "per_class")
+        E = self.ema_columns if has_history else None
+        if self.ema == "global":
+            # Cbar_t = beta * s * E^T + (1 - beta) * C_t: every column decays.
+            coef = beta * float(self.ema_scale)
+            delta = cols * (1.0 - beta)
+        else:
+            # Only the batch's columns move: Cbar_t[:, j] = s E[j] + (1 - beta)(C_t[:, j] - s E[j]).
+            coef = float(self.ema_scale)
+            delta = cols * (1.0 - beta)
             if E is not None:
-                dense = (E.T.mv((w * v).to(E.dtype)) * coef).to(dtype)
-                mv = mv + dense
-            u, est_u = _normalize(mv, u)
-            # |M^T u| <= sigma and |M v| <= sigma, both equal to it at convergence.
-            if abs(est_u - est_v) <= self.power_tol * est_u:
+                delta = delta - (1.0 - beta) * coef * E[classes].to(cols.dtype)
+        return _WeightedConfusion(E, coef, w, classes, delta)
+
+    def _top_singular_pair(
+        self, op: _WeightedConfusion
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(sigma, u, v, block)`` of ``op``: exact eigh or subspace iteration (module docstring)."""
+        if self.resolved_solver == "exact":
+            return self._exact_pair(op)
+        return self._subspace_pair(op)
+
+    def _exact_pair(self, op):
+        dtype = op.delta.dtype
+        M = op.dense().double()
+        evecs = torch.linalg.eigh(M.T @ M).eigenvectors  # ascending eigenvalues
+        v = evecs[:, -1]
+        mv = M.mv(v)
+        sigma = torch.linalg.vector_norm(mv)
+        if sigma > 0:
+            u = mv / sigma
+        else:  # M = 0 (e.g. extreme logits): any pair is a subgradient; keep the previous u
+            u = self.u.double()
+        self.last_iterations = 0
+        self.last_residual = 0.0
+        basis = evecs[:, -self.subspace_size :].flip(1).to(self.basis.dtype)
+        return sigma.to(dtype), u.to(dtype), v.to(dtype), basis
+
+    def _subspace_pair(self, op):
+        dtype = op.delta.dtype
+        V = self.basis.to(dtype)
+        Y = op.mm(V)
+        residual = float("inf")
+        iterations = 0
+        while iterations < self.max_iterations:
+            iterations += 1
+            Q = torch.linalg.qr(Y).Q
+            Z = op.tmm(Q)  # Q^T M = Z^T: the Rayleigh-Ritz projection of M onto span(Q)
+            Vz, S, Wh = torch.linalg.svd(Z, full_matrices=False)
+            V, sigma, u = Vz, S[0], Q.mv(Wh[0])
+            Y = op.mm(V)  # next iteration's product; Y[:, 0] = M v gives the residual for free
+            scale = float(sigma)
+            residual = (
+                float(torch.linalg.vector_norm(Y[:, 0] - sigma * u)) / scale if scale else 0.0
+            )
+            if residual <= self.tol:
                 break
-        self.last_iterations = done
-        # sigma = u^T M v; only the current batch's columns carry a gradient.
-        batch_term = (1.0 - beta) * cols.mv(u).dot(wv_b)
-        sigma = batch_term if dense is None else batch_term + u.dot(dense)
-        return sigma, u, v, batch_term
+        else:
+            warnings.warn(
+                f"CAR subspace solver: residual |Mv - sigma u| / sigma = {residual:.2e} after "
+                f"{iterations} iterations is above tol = {self.tol:g}; raise max_iterations or "
+                "subspace_size, or use solver='exact'",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        self.last_iterations = iterations
+        self.last_residual = residual
+        v = V[:, 0]
+        value = u.dot(Y[:, 0])  # u^T M v = sigma up to the residual
+        return value, u, v, V.to(self.basis.dtype)
 
     @torch.no_grad()
     def _commit(
-        self, classes: torch.Tensor, cols: torch.Tensor, u: torch.Tensor, v: torch.Tensor
+        self,
+        classes: torch.Tensor,
+        cols: torch.Tensor,
+        u: torch.Tensor,
+        v: torch.Tensor,
+        basis: torch.Tensor,
     ) -> None:
         E = self.ema_columns
-        if self.beta == 0.0:
-            E.zero_()
-            scale = 1.0
+        beta = self.beta
+        if self.ema == "per_class":
+            # Only the batch's columns move; the lazy scale stays 1 in this mode.
+            new = beta * E[classes] + (1.0 - beta) * cols.to(E.dtype)
+            E.index_copy_(0, classes, new)
         else:
-            scale = float(self.ema_scale) * self.beta
-            if scale < _FOLD_BELOW:
-                E.mul_(scale)
+            if beta == 0.0:
+                E.zero_()
                 scale = 1.0
-        E.index_add_(0, classes, cols.to(E.dtype), alpha=(1.0 - self.beta) / scale)
-        self.ema_scale.fill_(scale)
+            else:
+                scale = float(self.ema_scale) * beta
+                if scale < _FOLD_BELOW:
+                    E.mul_(scale)
+                    scale = 1.0
+            E.index_add_(0, classes, cols.to(E.dtype), alpha=(1.0 - beta) / scale)
+            self.ema_scale.fill_(scale)
         self.u.copy_(u)
         self.v.copy_(v)
+        self.basis.copy_(basis)
         self.num_steps += 1
 
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, alpha={self.alpha}, beta={self.beta}, "
             f"r0={self.r0}, tau={self.tau}, detach_gate={self.detach_gate}, "
-            f"power_iterations={self.power_iterations}, power_tol={self.power_tol}"
+            f"margin={self.margin}, weights={self.weight_form!r}, ema={self.ema!r}, "
+            f"solver={self.resolved_solver!r}, subspace_size={self.subspace_size}, "
+            f"max_iterations={self.max_iterations}, tol={self.tol}"
         )
+
+
+def _initial_basis(k: int, p: int) -> torch.Tensor:
+    # Start from the uniform vector (Cbar is non-negative, so its top singular vectors are too,
+    # by Perron-Frobenius) completed by a fixed orthonormal block, so every rank starts alike.
+    g = torch.Generator().manual_seed(0)
+    block = torch.randn(k, p, generator=g, dtype=torch.float64)
+    block[:, 0] = 1.0
+    return torch.linalg.qr(block).Q.float()

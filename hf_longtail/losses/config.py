@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ from hf_longtail.losses.base import (
     get_base_loss_class,
     list_base_losses,
 )
+from hf_longtail.losses.car import CAR_EMA_MODES, CAR_SOLVERS, CAR_WEIGHT_FORMS
 from hf_longtail.losses.ccar import P_T_SOURCES
 from hf_longtail.losses.functional import CCAR_VARIANTS
 
@@ -48,8 +50,15 @@ _NUMERIC_FIELDS = (
     "car_beta",
     "car_r0",
     "car_tau",
-    "car_power_tol",
+    "car_margin",
+    "car_count_offset",
+    "car_tol",
 )
+# Keys of configs written before the exact CAR solvers (0.1); dropped with a warning on load.
+_LEGACY_KEYS = {
+    "car_power_iterations": "car_max_iterations",
+    "car_power_tol": "car_tol",
+}
 _COMMON_FIELDS = {
     "drw_epoch": "drw_epoch",
     "drw_beta": "drw_beta",
@@ -77,8 +86,11 @@ class LongTailLossConfig:
     ``ccar_detach_weight``, ``ccar_p_t_from`` (``adjusted``/``raw``).
 
     CAR: ``car_weight`` = alpha >= 0 (0 disables), ``car_beta`` in [0, 1), ``car_r0`` >= 0,
-    ``car_tau`` > 0, ``car_detach_gate``, ``car_power_iterations`` >= 1 (most power-iteration
-    steps per call), ``car_power_tol`` >= 0 (early stop).
+    ``car_tau`` > 0, ``car_detach_gate``, ``car_margin`` (gate margin gamma, 0), ``car_weights``
+    (``frequency``/``count`` class-weight form), ``car_count_offset`` > 0 (count form),
+    ``car_ema`` (``global``/``per_class``), ``car_solver`` (``auto``/``exact``/``subspace``),
+    ``car_subspace_size`` >= 1, ``car_max_iterations`` >= 1, ``car_tol`` > 0 (residual bound on
+    the top singular pair). See :class:`~hf_longtail.losses.ConfusionSpectralRegularizer`.
 
     ``validate``: check labels and logits on every call (one device sync per step).
     """
@@ -105,8 +117,14 @@ class LongTailLossConfig:
     car_r0: float = 0.2
     car_tau: float = 1.0
     car_detach_gate: bool = True
-    car_power_iterations: int = 3
-    car_power_tol: float = 1e-4
+    car_margin: float = 0.0
+    car_weights: str = "frequency"
+    car_count_offset: float = 10.0
+    car_ema: str = "global"
+    car_solver: str = "auto"
+    car_subspace_size: int = 8
+    car_max_iterations: int = 100
+    car_tol: float = 1e-4
     validate: bool = True
 
     def __post_init__(self) -> None:
@@ -169,13 +187,18 @@ class LongTailLossConfig:
         _check(0.0 <= self.car_beta < 1.0, "car_beta", "in [0, 1)", self.car_beta)
         _check(self.car_r0 >= 0, "car_r0", ">= 0", self.car_r0)
         _check(self.car_tau > 0, "car_tau", "> 0", self.car_tau)
-        _check(self.car_power_tol >= 0, "car_power_tol", ">= 0", self.car_power_tol)
-        _check(
-            isinstance(self.car_power_iterations, int) and self.car_power_iterations >= 1,
-            "car_power_iterations",
-            "an int >= 1",
-            self.car_power_iterations,
-        )
+        _check(self.car_count_offset > 0, "car_count_offset", "> 0", self.car_count_offset)
+        _check(self.car_tol > 0, "car_tol", "> 0", self.car_tol)
+        for name, choices in (
+            ("car_weights", CAR_WEIGHT_FORMS),
+            ("car_ema", CAR_EMA_MODES),
+            ("car_solver", CAR_SOLVERS),
+        ):
+            _check(getattr(self, name) in choices, name, f"one of {choices}", getattr(self, name))
+        for name in ("car_subspace_size", "car_max_iterations"):
+            value = getattr(self, name)
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            _check(ok, name, "an int >= 1", value)
         if self.base_options:
             accepted = _accepted_kwargs(get_base_loss_class(self.base))
             unknown = sorted(set(self.base_options) - accepted)
@@ -208,6 +231,16 @@ class LongTailLossConfig:
             raise TypeError(
                 f"LongTailLossConfig.from_dict expects a dict; got {type(data).__name__}"
             )
+        legacy = sorted(set(data) & set(_LEGACY_KEYS))
+        if legacy:
+            warnings.warn(
+                f"LongTailLossConfig: ignoring {', '.join(legacy)} (the inexact power iteration "
+                "of hf-longtail 0.1, whose CAR gradient was wrong on real trajectories); CAR now "
+                f"uses {', '.join(_LEGACY_KEYS[k] for k in legacy)} with an exact solver",
+                UserWarning,
+                stacklevel=2,
+            )
+            data = {k: v for k, v in data.items() if k not in _LEGACY_KEYS}
         valid = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - valid)
         if unknown:

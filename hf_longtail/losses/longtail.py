@@ -164,8 +164,14 @@ def build_loss(
             r0=config.car_r0,
             tau=config.car_tau,
             detach_gate=config.car_detach_gate,
-            power_iterations=config.car_power_iterations,
-            power_tol=config.car_power_tol,
+            margin=config.car_margin,
+            weights=config.car_weights,
+            count_offset=config.car_count_offset,
+            ema=config.car_ema,
+            solver=config.car_solver,
+            subspace_size=config.car_subspace_size,
+            max_iterations=config.car_max_iterations,
+            tol=config.car_tol,
             validate=config.validate,
         )
     return LongTailLoss(criterion, regularizer, config=config)
