@@ -11,6 +11,8 @@ a submodule of the model, so whoever drives it must call ``loss.train(model.trai
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import torch
@@ -22,7 +24,11 @@ from hf_longtail.losses.car import ConfusionSpectralRegularizer
 from hf_longtail.losses.ccar import CCARLoss
 from hf_longtail.losses.config import LongTailLossConfig
 
-__all__ = ["LongTailLoss", "build_loss", "head_class_mask"]
+__all__ = ["LOSS_CONFIG_NAME", "LOSS_WEIGHTS_NAME", "LongTailLoss", "build_loss", "head_class_mask"]
+
+# The files written by LongTailLoss.save_pretrained (next to a model's config.json/safetensors).
+LOSS_CONFIG_NAME = "longtail_loss.json"
+LOSS_WEIGHTS_NAME = "longtail_loss.safetensors"
 
 
 def head_class_mask(class_counts: Any) -> torch.Tensor:
@@ -52,6 +58,11 @@ class LongTailLoss(nn.Module):
         criterion: a :class:`BaseLoss` or a :class:`CCARLoss`.
         regularizer: a :class:`ConfusionSpectralRegularizer` or ``None``.
         config: the config it was built from (kept for serialization), optional.
+        class_names: the class names, kept for the saved files and the model card, optional.
+
+    ``save_pretrained(dir)`` / ``from_pretrained(dir)`` write and rebuild the exact loss: its
+    config, class counts and names (``longtail_loss.json``) and its state (CAR EMA, singular
+    vectors, step; the DRW epoch) in ``longtail_loss.safetensors``.
     """
 
     def __init__(
@@ -60,6 +71,7 @@ class LongTailLoss(nn.Module):
         regularizer: ConfusionSpectralRegularizer | None = None,
         *,
         config: LongTailLossConfig | None = None,
+        class_names: list[str] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(criterion, (BaseLoss, CCARLoss)):
@@ -76,6 +88,12 @@ class LongTailLoss(nn.Module):
         self.regularizer = regularizer
         self.config = config
         self.num_classes = base.num_classes
+        if class_names is not None and len(class_names) != base.num_classes:
+            raise ValueError(
+                f"class_names has {len(class_names)} entries but the loss has "
+                f"{base.num_classes} classes"
+            )
+        self.class_names = list(class_names) if class_names is not None else None
         self.register_buffer(
             "head_classes", head_class_mask(base.class_counts.double()), persistent=False
         )
@@ -124,9 +142,78 @@ class LongTailLoss(nn.Module):
         self.last_stats = {k: v.float() for k, v in stats.items()}
         return total
 
+    # ------------------------------------------------------------------ files (peft style)
+    @property
+    def class_counts(self) -> list[float]:
+        """The training-set class counts the loss was built from."""
+        counts = self.base_loss.class_counts.double().tolist()
+        return [int(c) if float(c).is_integer() else c for c in counts]
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``longtail_loss.json`` (config, counts, names) and ``longtail_loss.safetensors``.
+
+        The state is written first and the JSON last (each atomically, through a temporary file
+        renamed into place), so a directory holding the JSON holds the matching state.
+        """
+        from safetensors.torch import save_file
+
+        os.makedirs(save_directory, exist_ok=True)
+        config = self.config if self.config is not None else LongTailLossConfig()
+        tensors = {
+            k: v.detach().to("cpu").contiguous().clone()
+            for k, v in self.state_dict().items()
+            if isinstance(v, torch.Tensor)
+        }
+        weights = os.path.join(save_directory, LOSS_WEIGHTS_NAME)
+        save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
+        os.replace(weights + ".tmp", weights)
+        meta = {
+            "config": config.to_dict(),
+            "class_counts": self.class_counts,
+            "class_names": self.class_names,
+        }
+        path = os.path.join(save_directory, LOSS_CONFIG_NAME)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, *, map_location: str | torch.device = "cpu"
+    ) -> LongTailLoss:
+        """Rebuild the loss written by :meth:`save_pretrained`: same config, counts and state.
+
+        Raises ``FileNotFoundError`` naming the missing file, ``ValueError`` if the state does not
+        match the config (e.g. a file edited by hand).
+        """
+        from safetensors.torch import load_file
+
+        path = os.path.join(directory, LOSS_CONFIG_NAME)
+        weights = os.path.join(directory, LOSS_WEIGHTS_NAME)
+        for needed in (path, weights):
+            if not os.path.isfile(needed):
+                raise FileNotFoundError(
+                    f"{needed} not found: {directory} holds no loss written by "
+                    "LongTailLoss.save_pretrained"
+                )
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        loss = build_loss(meta["config"], meta["class_counts"], class_names=meta.get("class_names"))
+        state = load_file(weights, device=str(map_location))
+        missing, unexpected = loss.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights} does not match the loss in {path}: missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)}"
+            )
+        return loss.to(map_location)
+
 
 def build_loss(
-    config: LongTailLossConfig | dict[str, Any] | None, class_counts: Any
+    config: LongTailLossConfig | dict[str, Any] | None,
+    class_counts: Any,
+    *,
+    class_names: list[str] | None = None,
 ) -> LongTailLoss:
     """Build the total loss described by ``config`` for the given training-set class counts.
 
@@ -174,4 +261,4 @@ def build_loss(
             tol=config.car_tol,
             validate=config.validate,
         )
-    return LongTailLoss(criterion, regularizer, config=config)
+    return LongTailLoss(criterion, regularizer, config=config, class_names=class_names)
