@@ -152,7 +152,8 @@ class LossArguments:
         default=_LOSS_DEFAULTS["ccar_omega"], metadata={"help": "CCAR phase threshold omega."}
     )
     ccar_variant: str = field(
-        default=_LOSS_DEFAULTS["ccar_variant"], metadata={"help": "'paper' or 'e_minus_f'."}
+        default=_LOSS_DEFAULTS["ccar_variant"],
+        metadata={"help": "'paper', 'e_minus_f' or 'notebook'."},
     )
     ccar_detach_weight: bool = field(
         default=False, metadata={"help": "CCAR as a pure reweighting (no gradient via Omega)."}

@@ -73,7 +73,7 @@ class LongTailLossConfig:
         weight_reduction: ``auto``/``mean``/``weighted_mean`` batch reduction with class weights.
         base_options: extra keyword arguments for the base loss (custom registered losses).
 
-    CCAR (``ccar`` on/off): ``ccar_omega`` in (0, 1], ``ccar_variant`` (``paper``/``e_minus_f``),
+    CCAR (``ccar`` on/off): ``ccar_omega`` in (0, 1], ``ccar_variant`` (``paper``/``e_minus_f``/``notebook``),
     ``ccar_detach_weight``, ``ccar_p_t_from`` (``adjusted``/``raw``).
 
     CAR: ``car_weight`` = alpha >= 0 (0 disables), ``car_beta`` in [0, 1), ``car_r0`` >= 0,
