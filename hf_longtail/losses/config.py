@@ -186,6 +186,11 @@ class LongTailLossConfig:
                 )
 
     @property
+    def supports_label_smoothing(self) -> bool:
+        """Whether ``label_smoothing`` reaches the base loss (``ce``, ``la``, ``bs``)."""
+        return "label_smoothing" in _BASE_FIELDS.get(self.base, {})
+
+    @property
     def car_enabled(self) -> bool:
         """Whether CAR is part of the loss (``car_weight > 0``)."""
         return self.car_weight > 0
