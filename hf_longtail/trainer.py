@@ -22,14 +22,15 @@ Contract of the training step (what is identical to the parent class and what is
   number of accumulation steps, so ``k`` equal micro-batches of size ``b`` give the same gradient
   as one batch of ``k * b`` for every per-sample loss (CE, focal, CB, LDAM, LA, BS, with or without
   CCAR). The trainer sets ``model_accepts_loss_kwargs = False`` (its loss never receives
-  ``num_items_in_batch``): every supported transformers release (4.48 on) then divides by the
-  accumulation steps, also for models whose ``forward`` takes ``**kwargs`` (ViT), where releases
-  without ``loss_is_scaled_for_ga`` would otherwise assume the model had normalised the loss and
-  give ``k`` times the gradient. Two parts are per micro-batch instead: the CAR regularizer treats each micro-batch as one
-  CAR batch (its EMA advances once per micro-batch), which keeps its memory at one micro-batch;
-  and DRW's ``weight_reduction="weighted_mean"`` (the LDAM-DRW default) renormalises the class
-  weights within each micro-batch, as it does within each process under DDP
-  (``weight_reduction="mean"`` is exact).
+  ``num_items_in_batch``): every supported transformers release then divides by the
+  accumulation steps, also for models whose ``forward`` takes ``**kwargs`` (ViT), where
+  releases without ``loss_is_scaled_for_ga`` (5.16 and older) would otherwise assume the model
+  had normalised the loss and give ``k`` times the gradient. Two parts are per micro-batch
+  instead: the CAR regularizer treats each micro-batch as one CAR batch (its EMA advances once
+  per micro-batch), which keeps its memory at one micro-batch; and DRW's
+  ``weight_reduction="weighted_mean"`` (the LDAM-DRW default) renormalises the class weights
+  within each micro-batch, as it does within each process under DDP (``weight_reduction="mean"``
+  is exact).
 - Non-finite training steps (``nonfinite_loss``): NaN/inf logits are detected before the loss
   runs (so the CAR EMA never absorbs them), on all processes at once under DDP (the CAR
   all-reduces need every process to run the loss or none), a non-finite loss after it names the
@@ -194,9 +195,9 @@ class LongTailTrainer(Trainer):
         self.loss_fn.to(self.args.device)
         # compute_loss returns a per-micro-batch mean: the parent must divide it by the
         # accumulation steps, which makes equal micro-batches sum to the large-batch mean.
-        # Releases with loss_is_scaled_for_ga read it; the older ones (4.48 ..) decide from
-        # model_accepts_loss_kwargs alone, which is True for a forward(**kwargs) such as ViT's
-        # and would skip the division. Our loss never sees num_items_in_batch, so it is False.
+        # Releases with loss_is_scaled_for_ga (5.20.2 has it) read it; older ones decide from
+        # model_accepts_loss_kwargs, which is True for a forward(**kwargs) such as ViT's and
+        # would skip the division. Our loss never sees num_items_in_batch, so it is False.
         self.loss_is_scaled_for_ga = False
         self.model_accepts_loss_kwargs = False
         # The smoothing is in the loss (apply_label_smoothing_factor); never a second time.

@@ -185,12 +185,13 @@ def test_accumulation_treats_each_micro_batch_as_one_loss_batch(tmp_path, name):
 
 
 class WithoutScaledForGaFlag(RecordingTrainer):
-    """The parent as released before ``loss_is_scaled_for_ga`` existed (transformers 4.48 ..).
+    """The parent as released before ``loss_is_scaled_for_ga`` (transformers 5.16 and older).
 
     Its ``training_step`` then decides from ``model_accepts_loss_kwargs``, ``num_items_in_batch``
-    and ``compute_loss_func`` alone: reading the flag as ``None`` is exactly that rule (4.54 -
-    4.57); 4.48 divides only when ``num_items_in_batch is None`` and 4.50 only when
-    ``not model_accepts_loss_kwargs``, both checked below through what the step receives.
+    and ``compute_loss_func`` alone: reading the flag as ``None`` is exactly that rule (the same
+    code as 5.5.4 - 5.16.1, where the unfixed trainer gave 2x the gradient). Older 4.x rules
+    (divide iff ``num_items_in_batch is None``, or iff ``not model_accepts_loss_kwargs``) are
+    checked below through what the step receives.
     """
 
     loss_is_scaled_for_ga = property(lambda self: None, lambda self, value: None)
