@@ -113,24 +113,31 @@ ACCUMULATION_EXACT = {
 }
 
 
+def _one_step(tmp_path, config, batch, accumulation, cls=LongTailTrainer):
+    """One optimizer step over the 16 images of COUNTS16: ``(trainer, gradient before it)``."""
+    capture = GradCapture()
+    trainer = _trainer(
+        tmp_path / f"b{batch}",
+        config,
+        cls=cls,
+        counts=COUNTS16,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        callbacks=[capture],
+    )
+    trainer.train()
+    assert trainer.state.global_step == 1 and len(capture.grads) == 1
+    return trainer, capture.grads[0]
+
+
 @pytest.mark.parametrize("name", list(ACCUMULATION_EXACT))
 def test_accumulation_2x8_equals_batch_16(tmp_path, name):
     config = ACCUMULATION_EXACT[name]
     runs = {}
     for batch, accumulation in ((16, 1), (8, 2)):
-        capture = GradCapture()
-        trainer = _trainer(
-            tmp_path / f"b{batch}",
-            config,
-            counts=COUNTS16,
-            per_device_train_batch_size=batch,
-            gradient_accumulation_steps=accumulation,
-            max_steps=1,
-            callbacks=[capture],
-        )
-        trainer.train()
-        assert trainer.state.global_step == 1 and len(capture.grads) == 1
-        runs[batch] = (capture.grads[0], model_state(trainer.model))
+        trainer, grads = _one_step(tmp_path, config, batch, accumulation)
+        runs[batch] = (grads, model_state(trainer.model))
 
     grads16, weights16 = runs[16]
     grads8, weights8 = runs[8]
@@ -217,20 +224,10 @@ def test_accumulation_exact_without_loss_is_scaled_for_ga(tmp_path):
     config = LongTailLossConfig(base="ce", ccar=True)
     grads, seen = {}, {}
     for batch, accumulation in ((16, 1), (8, 2)):
-        capture = GradCapture()
-        trainer = _trainer(
-            tmp_path / f"b{batch}",
-            config,
-            cls=WithoutScaledForGaFlag,
-            counts=COUNTS16,
-            per_device_train_batch_size=batch,
-            gradient_accumulation_steps=accumulation,
-            max_steps=1,
-            callbacks=[capture],
+        trainer, grads[batch] = _one_step(
+            tmp_path, config, batch, accumulation, cls=WithoutScaledForGaFlag
         )
         assert trainer.loss_is_scaled_for_ga is None
-        trainer.train()
-        grads[batch] = capture.grads[0]
         seen[batch] = (trainer.model_accepts_loss_kwargs, trainer.items_seen)
     ds = train_dataset(COUNTS16)
     reference, _ = _reference_grads([collate_fn([ds[i] for i in range(16)])], config, COUNTS16, 1)
