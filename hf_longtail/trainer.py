@@ -21,11 +21,16 @@ Contract of the training step (what is identical to the parent class and what is
 - Gradient accumulation: the loss is a per-micro-batch mean and the parent divides it by the
   number of accumulation steps, so ``k`` equal micro-batches of size ``b`` give the same gradient
   as one batch of ``k * b`` for every per-sample loss (CE, focal, CB, LDAM, LA, BS, with or without
-  CCAR). Two parts are per micro-batch instead: the CAR regularizer treats each micro-batch as one
-  CAR batch (its EMA advances once per micro-batch), which keeps its memory at one micro-batch;
-  and DRW's ``weight_reduction="weighted_mean"`` (the LDAM-DRW default) renormalises the class
-  weights within each micro-batch, as it does within each process under DDP
-  (``weight_reduction="mean"`` is exact).
+  CCAR). The trainer sets ``model_accepts_loss_kwargs = False`` (its loss never receives
+  ``num_items_in_batch``): every supported transformers release then divides by the
+  accumulation steps, also for models whose ``forward`` takes ``**kwargs`` (ViT), where
+  releases without ``loss_is_scaled_for_ga`` (5.16 and older) would otherwise assume the model
+  had normalised the loss and give ``k`` times the gradient. Two parts are per micro-batch
+  instead: the CAR regularizer treats each micro-batch as one CAR batch (its EMA advances once
+  per micro-batch), which keeps its memory at one micro-batch; and DRW's
+  ``weight_reduction="weighted_mean"`` (the LDAM-DRW default) renormalises the class weights
+  within each micro-batch, as it does within each process under DDP (``weight_reduction="mean"``
+  is exact).
 - Non-finite training steps (``nonfinite_loss``): NaN/inf logits are detected before the loss
   runs (so the CAR EMA never absorbs them), on all processes at once under DDP (the CAR
   all-reduces need every process to run the loss or none), a non-finite loss after it names the
@@ -41,6 +46,9 @@ Contract of the training step (what is identical to the parent class and what is
 - The loss state (CAR EMA confusion matrix, singular vectors, step) is written into every
   checkpoint as ``longtail_loss_state.pt`` and restored by ``resume_from_checkpoint`` on every
   process.
+- ``TrainingArguments.label_smoothing_factor`` becomes the loss's ``label_smoothing`` (bases
+  ``ce``, ``la``, ``bs``); it is refused for a base that cannot smooth or when the loss config
+  sets a different value. ``compute_loss_func`` is refused: the loss is ``loss_config``.
 - Logged with the Trainer's own ``log`` (so every ``report_to`` integration gets them), averaged
   over the logging window and across processes: ``base_loss``, ``ccar_weight_mean``,
   ``ccar_weight_head``, ``ccar_weight_tail``, ``car_sigma``, ``car_loss``.
@@ -48,6 +56,7 @@ Contract of the training step (what is identical to the parent class and what is
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -117,6 +126,10 @@ class LongTailTrainer(Trainer):
             are counted in real optimizer steps per epoch, also when ``max_steps`` is set.
             ``None`` keeps ``args.lr_scheduler_type``.
         lr_gamma: the factor applied at each milestone.
+
+    ``args.label_smoothing_factor`` is applied by the loss (see
+    :func:`apply_label_smoothing_factor`); ``compute_loss_func`` is not accepted (a
+    ``ValueError`` says what to do instead).
     """
 
     def __init__(
@@ -139,9 +152,19 @@ class LongTailTrainer(Trainer):
             )
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler={sampler!r} is not valid; use one of {SAMPLERS}.")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "LongTailTrainer computes its loss from loss_config (base loss, CCAR, CAR), so "
+                "compute_loss_func would be silently ignored. Express the loss as a "
+                "LongTailLossConfig (a custom base loss can be added with "
+                "hf_longtail.losses.register_base_loss), override compute_loss in a subclass, or "
+                "use transformers.Trainer for a loss of your own."
+            )
         if isinstance(loss_config, dict):
             loss_config = LongTailLossConfig.from_dict(loss_config)
-        self.loss_config = loss_config if loss_config is not None else LongTailLossConfig()
+        loss_config = loss_config if loss_config is not None else LongTailLossConfig()
+        smoothing = getattr(args, "label_smoothing_factor", 0.0) if args is not None else 0.0
+        self.loss_config = apply_label_smoothing_factor(loss_config, smoothing)
         self.sampler_name = sampler
         self.label_column = label_column
         self.nonfinite_loss = nonfinite_loss
@@ -170,9 +193,15 @@ class LongTailTrainer(Trainer):
 
         super().__init__(model=model, args=args, **kwargs)
         self.loss_fn.to(self.args.device)
-        # compute_loss returns a per-micro-batch mean: the parent divides it by the accumulation
-        # steps, which makes equal micro-batches sum to the large-batch mean.
+        # compute_loss returns a per-micro-batch mean: the parent must divide it by the
+        # accumulation steps, which makes equal micro-batches sum to the large-batch mean.
+        # Releases with loss_is_scaled_for_ga (5.20.2 has it) read it; older ones decide from
+        # model_accepts_loss_kwargs, which is True for a forward(**kwargs) such as ViT's and
+        # would skip the division. Our loss never sees num_items_in_batch, so it is False.
         self.loss_is_scaled_for_ga = False
+        self.model_accepts_loss_kwargs = False
+        # The smoothing is in the loss (apply_label_smoothing_factor); never a second time.
+        self.label_smoother = None
         self.add_callback(_EpochCallback(self))
 
     # ------------------------------------------------------------------ loss
@@ -490,6 +519,34 @@ def reload_renamed_weights(model: nn.Module, folder: str | os.PathLike) -> bool:
     model.load_state_dict(fresh.state_dict(), strict=True)
     del fresh
     return True
+
+
+def apply_label_smoothing_factor(
+    config: LongTailLossConfig, label_smoothing_factor: float | None
+) -> LongTailLossConfig:
+    """``config`` with ``TrainingArguments.label_smoothing_factor`` moved into the loss.
+
+    ``0``/``None`` returns ``config`` unchanged. Otherwise the result has
+    ``label_smoothing = label_smoothing_factor``; a ``ValueError`` names the conflict when the
+    base loss cannot smooth (only ``ce``, ``la`` and ``bs`` can) or when ``config`` already sets
+    a different ``label_smoothing``. Used by :class:`LongTailTrainer` and ``scripts/train.py``
+    (so the run record states the smoothing actually trained with).
+    """
+    factor = float(label_smoothing_factor or 0.0)
+    if factor == 0.0 or config.label_smoothing == factor:
+        return config
+    if not config.supports_label_smoothing:
+        raise ValueError(
+            f"label_smoothing_factor={factor} (TrainingArguments) cannot be applied: base loss "
+            f"{config.base!r} has no label smoothing (only ce, la and bs do). Set "
+            "label_smoothing_factor=0, or choose one of those bases."
+        )
+    if config.label_smoothing != 0.0:
+        raise ValueError(
+            f"label_smoothing_factor={factor} (TrainingArguments) disagrees with the loss "
+            f"config's label_smoothing={config.label_smoothing}; set only one of them."
+        )
+    return dataclasses.replace(config, label_smoothing=factor)
 
 
 def _logits_of(outputs: Any) -> torch.Tensor:

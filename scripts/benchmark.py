@@ -47,7 +47,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ce_ccar_car": ("CE + CCAR + CAR", {"loss": "ce", "ccar": True, "car_weight": 0.5}),
     "focal": ("Focal (gamma 1)", {"loss": "focal", "focal_gamma": 1.0}),
     "cb": ("Class-balanced CE", {"loss": "cb"}),
-    "ldam_drw": ("LDAM-DRW", {"loss": "ldam", "drw_fraction": 0.8}),
+    # As published: LDAM's cosine classifier (NormedLinear), DRW for the last 20% of the schedule.
+    "ldam_drw": ("LDAM-DRW", {"loss": "ldam", "classifier": "cosine", "drw_fraction": 0.8}),
     "la": ("Logit-adjusted loss", {"loss": "la"}),
     "la_ccar": ("LA + CCAR", {"loss": "la", "ccar": True}),
     "la_ccar_car": ("LA + CCAR + CAR", {"loss": "la", "ccar": True, "car_weight": 0.5}),

@@ -66,6 +66,24 @@ class ModelArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "Hub cache directory."})
     model_revision: str = field(default="main", metadata={"help": "Hub revision of the model."})
     token: str | None = field(default=None, metadata={"help": "Hub token (private models)."})
+    classifier: str = field(
+        default="linear",
+        metadata={
+            "help": "'linear' (the model's own head) or 'cosine': LDAM's NormedLinear, logits "
+            "= cosine_scale * cos(features, w_c), no bias, as LDAM-DRW is published (the LDAM "
+            "loss applies its s = 30 itself). CIFAR ResNets (resnet*_cifar) only."
+        },
+    )
+    cosine_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Multiplier of the cosine logits (classifier 'cosine'): 1 with loss ldam, "
+            "e.g. 16-30 with the other losses."
+        },
+    )
+
+
+CLASSIFIERS = ("linear", "cosine")
 
 
 @dataclass
@@ -152,7 +170,8 @@ class LossArguments:
         default=_LOSS_DEFAULTS["ccar_omega"], metadata={"help": "CCAR phase threshold omega."}
     )
     ccar_variant: str = field(
-        default=_LOSS_DEFAULTS["ccar_variant"], metadata={"help": "'paper' or 'e_minus_f'."}
+        default=_LOSS_DEFAULTS["ccar_variant"],
+        metadata={"help": "'paper', 'e_minus_f' or 'notebook'."},
     )
     ccar_detach_weight: bool = field(
         default=False, metadata={"help": "CCAR as a pure reweighting (no gradient via Omega)."}
@@ -382,7 +401,7 @@ def _last_complete_checkpoint(out: Path) -> str | None:
 
 
 def _same_recipe(previous: dict, current: dict) -> bool:
-    keys = ("model_name_or_path", "dataset", "loss")
+    keys = ("model_name_or_path", "classifier", "dataset", "loss")
     return all(previous.get(k) == current.get(k) for k in keys)
 
 
@@ -411,7 +430,12 @@ def main(argv: list[str] | None = None) -> dict:
         datasets.disable_progress_bars()
     # Everything cheap is validated before any data or model is loaded.
     loss_config = loss_config_from_args(loss_args)
+    from hf_longtail.trainer import apply_label_smoothing_factor
+
+    # --label_smoothing_factor (TrainingArguments) is applied by the loss: record it there.
+    loss_config = apply_label_smoothing_factor(loss_config, training_args.label_smoothing_factor)
     _check_options(data_args, run_args)
+    _check_classifier(model_args, loss_config)
 
     import hf_longtail
     from hf_longtail.data import (
@@ -440,6 +464,8 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "loss": loss_config.to_dict(),
     }
+    if model_args.classifier != "linear":  # absent for the model's own head (older run files)
+        run_info["classifier"] = {"type": model_args.classifier, "scale": model_args.cosine_scale}
     # Process 0 inspects (and with --overwrite_output_dir deletes) the directory first; the others
     # then see what it left, so every process takes the same decision, without a race.
     with training_args.main_process_first(local=False, desc="output_dir check"):
@@ -501,6 +527,7 @@ def main(argv: list[str] | None = None) -> dict:
         id2label=class_names,
         pretrained=model_args.pretrained,
         **{k: v for k, v in hub_kwargs.items() if v is not None},
+        **classifier_kwargs(model_args),
     )
     processor = create_image_processor(model_args.model_name_or_path, model)
     protocol = data_args.train_transform
@@ -637,6 +664,49 @@ def _check_options(data_args: DataArguments, run_args: RunArguments) -> None:
             raise ValueError(f"--{name} {value!r} is not valid; use one of {list(valid)}.")
     if data_args.imbalance_factor is not None:  # None: use the source as it is
         validate_imbalance_factor(data_args.imbalance_factor)
+
+
+def classifier_kwargs(model_args: ModelArguments) -> dict[str, Any]:
+    """``create_model`` keyword arguments of ``--classifier``: ``{}`` for the model's own head;
+    for ``cosine`` the ``ResNetCifarConfig`` fields ``normed_linear``/``logit_scale`` (saved in
+    config.json, so the model reloads with its cosine head)."""
+    if model_args.classifier == "cosine":
+        return {"normed_linear": True, "logit_scale": model_args.cosine_scale}
+    return {}
+
+
+def _check_classifier(model_args: ModelArguments, loss_config) -> None:
+    """Reject a classifier the model cannot have, before any data or model is loaded.
+
+    The cosine head is a field of the CIFAR ResNets' config, so a saved model reloads with it
+    (``from_pretrained``, the Hub, ``pipeline``); swapping the head of another architecture
+    would save weights that its own class cannot load, so it is refused.
+    """
+    from hf_longtail.models import is_model
+
+    if model_args.classifier not in CLASSIFIERS:
+        raise ValueError(
+            f"--classifier {model_args.classifier!r} is not valid; use one of {list(CLASSIFIERS)}."
+        )
+    scale = model_args.cosine_scale
+    if not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
+        raise ValueError(f"--cosine_scale must be a positive finite number; got {scale!r}.")
+    if model_args.classifier == "linear":
+        return
+    name = model_args.model_name_or_path
+    if not (is_model(name) and name.endswith("_cifar")):
+        raise ValueError(
+            f"--classifier cosine is available for the CIFAR ResNets (resnet20_cifar ... "
+            f"resnet110_cifar), whose config saves the cosine head; {name!r} would be saved with "
+            "a head its own class cannot load. Use --classifier linear with this model."
+        )
+    if loss_config.base != "ldam" and scale == 1.0:
+        logger.warning(
+            "--classifier cosine with loss %r and cosine_scale 1: the logits stay in [-1, 1], "
+            "so the softmax can hardly separate the classes; set --cosine_scale (e.g. 16-30). "
+            "(Only the LDAM loss applies its own scale s.)",
+            loss_config.base,
+        )
 
 
 def _peak_memory() -> dict[str, float]:

@@ -37,7 +37,7 @@ def test_every_method_builds_a_valid_train_command(bench, train, preset, tmp_pat
         argv = bench.run_flags(
             bench.PRESETS[preset], method, 1, tmp_path / "data", tmp_path / method, 10
         )
-        _, data_args, loss_args, run_args, training_args = train.parse_args(
+        model_args, data_args, loss_args, run_args, training_args = train.parse_args(
             [*argv, "--use_cpu", "true"]
         )
         config = train.loss_config_from_args(loss_args)
@@ -50,6 +50,8 @@ def test_every_method_builds_a_valid_train_command(bench, train, preset, tmp_pat
         assert run_args.overwrite_output_dir is True
         if method == "ldam_drw":  # DRW at the same fraction of the schedule as 160/200
             assert config.drw_epoch == 8
+        # LDAM-DRW as published uses a cosine classifier; every other method the linear head.
+        assert model_args.classifier == ("cosine" if method == "ldam_drw" else "linear")
 
 
 def test_report_is_computed_from_the_runs(bench, tmp_path, monkeypatch):

@@ -364,6 +364,23 @@ def test_card_describes_the_long_tail_loss_plot_usage_and_citations(run_dir):
     assert "\n\n\n" not in text
 
 
+@pytest.mark.parametrize(
+    ("variant", "formula", "phase"),
+    [
+        ("paper", "exp(−f'_c · (ω − p_t))", "f'_c = f_c while p_t < ω"),
+        ("e_minus_f", "(e − f'_c)^(ω − p_t)", "f'_c = f_c while p_t < ω"),
+        ("notebook", "(e − f_c)^(ω − p_t)", "no dual phase"),
+    ],
+)
+def test_card_states_the_ccar_formula_of_the_variant(run_dir, variant, formula, phase):
+    _edit_json(run_dir / "longtail_run.json", lambda d: d["loss"].update(ccar_variant=variant))
+    text = build_model_card(run_dir, "me/m").text
+    assert f"Ω(p_t, f_c) = {formula}," in text
+    assert phase in text.replace("\n", " ")
+    if variant == "notebook":
+        assert "1 − f_c" not in text
+
+
 def test_empty_groups_are_na_in_the_table_and_absent_from_model_index(run_dir):
     def drop(results):
         results["test_many_shot_accuracy"] = None  # no class with > 100 images

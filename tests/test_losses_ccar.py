@@ -13,6 +13,7 @@ from hf_longtail.losses import CCARLoss, ccar_weight, create_base_loss
 COUNTS = [600, 300, 100, 50, 30, 15, 5]
 K = len(COUNTS)
 FREQ = [c / sum(COUNTS) for c in COUNTS]
+VARIANTS = ["paper", "e_minus_f", "notebook"]
 
 
 def _batch(b=12, dtype=torch.float64, confident_rows=4):
@@ -25,6 +26,8 @@ def _batch(b=12, dtype=torch.float64, confident_rows=4):
 
 
 def ref_omega(p_t: float, f: float, omega: float, variant: str) -> float:
+    if variant == "notebook":  # the author's notebook: base e - f_c, no dual phase
+        return (math.e - f) ** (omega - p_t)
     f_prime = f if p_t < omega else 1.0 - f
     if variant == "paper":
         return math.exp(-f_prime) ** (omega - p_t)
@@ -36,7 +39,7 @@ def _p_t(z, y, shift=None):
     return torch.softmax(zz, 1).gather(1, y[:, None]).squeeze(1)
 
 
-@pytest.mark.parametrize("variant", ["paper", "e_minus_f"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_weight_formula_both_phases(variant):
     p = torch.tensor([0.0, 0.1, 0.5, 0.7499, 0.75, 0.9, 1.0], dtype=torch.float64)
     for f in (0.0, 0.01, 0.3, 1.0):
@@ -47,7 +50,7 @@ def test_weight_formula_both_phases(variant):
         torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("variant", ["paper", "e_minus_f"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_ccar_ce_value_matches_reference(variant):
     z, y = _batch()
     loss = CCARLoss(COUNTS, base="ce", omega=0.75, variant=variant)
@@ -60,7 +63,7 @@ def test_ccar_ce_value_matches_reference(variant):
     assert loss(z, y).item() == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["paper", "e_minus_f"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_analytic_psi_gradient_matches_autograd(variant):
     """dL_i/dz = Psi (p - e_t) / B, Psi = gamma^(omega - p_t) (1 - p_t ln(gamma) ln(p_t))."""
     z, y = _batch()
@@ -71,11 +74,49 @@ def test_analytic_psi_gradient_matches_autograd(variant):
     p = torch.softmax(z.detach(), 1)
     p_t = p.gather(1, y[:, None]).squeeze(1)
     f = torch.tensor(FREQ, dtype=torch.float64)[y]
-    f_prime = torch.where(p_t < omega, f, 1 - f)
+    f_prime = f if variant == "notebook" else torch.where(p_t < omega, f, 1 - f)
     gamma = torch.exp(-f_prime) if variant == "paper" else math.e - f_prime
     psi = gamma ** (omega - p_t) * (1 - p_t * torch.log(gamma) * torch.log(p_t))
     analytic = psi[:, None] * (p - F.one_hot(y, K)) / len(y)
     torch.testing.assert_close(grad, analytic, rtol=1e-6, atol=1e-9)
+
+
+def test_notebook_variant_has_no_dual_phase():
+    """Below omega the notebook weight is e_minus_f's; above it the base stays e - f_c."""
+    p = torch.tensor([0.05, 0.5, 0.74, 0.76, 0.9, 1.0], dtype=torch.float64)
+    f = torch.full_like(p, 0.3)
+    notebook = ccar_weight(p, f, 0.75, "notebook")
+    e_minus_f = ccar_weight(p, f, 0.75, "e_minus_f")
+    low = p < 0.75
+    torch.testing.assert_close(notebook[low], e_minus_f[low])
+    torch.testing.assert_close(notebook[~low], (math.e - 0.3) ** (0.75 - p[~low]))
+    assert (notebook[~low] != e_minus_f[~low]).all()  # 1 - f_c would have been e - 0.7
+
+
+def test_notebook_recipe_balanced_softmax_matches_float64_reference():
+    """The author's pairing: balanced softmax, p_t from z + log N, plain batch mean."""
+    z, y = _batch()
+    loss = CCARLoss(COUNTS, base="bs", variant="notebook")
+    total = 0.0
+    for i in range(len(y)):
+        shifted = [float(z[i, c]) + math.log(COUNTS[c]) for c in range(K)]
+        top = max(shifted)
+        log_norm = top + math.log(sum(math.exp(v - top) for v in shifted))
+        log_p = shifted[int(y[i])] - log_norm
+        omega_i = (math.e - FREQ[int(y[i])]) ** (0.75 - math.exp(log_p))
+        total += omega_i * -log_p
+    p_adjusted = _p_t(z, y, torch.log(torch.tensor(COUNTS, dtype=torch.float64)))
+    assert (p_adjusted >= 0.75).any() and (p_adjusted < 0.75).any()  # both sides of omega
+    # rel 1e-7: the module holds f_c and log N_c in float32.
+    assert loss(z, y).item() == pytest.approx(total / len(y), rel=1e-7)
+
+
+@pytest.mark.parametrize("base", ["bs", "ce", "la"])
+def test_notebook_gradcheck(base):
+    z, y = _batch()
+    z.requires_grad_(True)
+    loss = CCARLoss(COUNTS, base=base, variant="notebook")
+    assert torch.autograd.gradcheck(lambda x: loss(x, y), (z,))
 
 
 def test_detach_weight_gives_pure_reweighting_gradient():
@@ -165,7 +206,7 @@ def test_zero_count_class_weight_is_finite():
 def test_extreme_logits_and_bf16():
     z = torch.tensor([[1e4, -1e4, 0, 0, 0, 0, 0], [-1e4, 1e4, 0, 0, 0, 0, 0]], requires_grad=True)
     y = torch.tensor([0, 0])
-    for variant in ("paper", "e_minus_f"):
+    for variant in VARIANTS:
         out = CCARLoss(COUNTS, variant=variant)(z, y)
         (g,) = torch.autograd.grad(out, z)
         assert torch.isfinite(out) and torch.isfinite(g).all()
@@ -179,7 +220,9 @@ def test_extreme_logits_and_bf16():
 def test_parameter_errors():
     with pytest.raises(ValueError, match=r"omega must be in \(0, 1\]"):
         CCARLoss(COUNTS, omega=0.0)
-    with pytest.raises(ValueError, match="unknown CCAR variant 'exp'; valid: paper, e_minus_f"):
+    with pytest.raises(
+        ValueError, match="unknown CCAR variant 'exp'; valid: paper, e_minus_f, notebook"
+    ):
         CCARLoss(COUNTS, variant="exp")
     with pytest.raises(ValueError, match="p_t_from"):
         CCARLoss(COUNTS, p_t_from="model")

@@ -221,6 +221,50 @@ def test_logit_adjustment_matches_explicit_formula():
     assert r["few_shot_accuracy"] >= plain["few_shot_accuracy"]
 
 
+def test_zero_count_classes_get_the_losses_prior_everywhere():
+    """One rule for unseen classes (the rarest observed count), in metrics and losses alike."""
+    from hf_longtail.losses import create_base_loss, log_class_prior, post_hoc_logit_adjust
+
+    counts = np.array([500, 40, 0, 7, 0, 120])
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0.0, 3.0, size=(64, counts.size))
+    labels = rng.integers(0, counts.size, size=64)
+    # Independent reference: the zero counts become 7, the smallest positive count.
+    filled = np.array([500, 40, 7, 7, 7, 120], dtype=np.float64)
+    reference = logits - 0.8 * np.log(filled / filled.sum())
+
+    metric_side = logit_adjust(logits, counts, tau=0.8)
+    with pytest.warns(UserWarning, match="zero training samples"):
+        loss_side = post_hoc_logit_adjust(torch.from_numpy(logits), counts, tau=0.8)
+        la = create_base_loss("la", counts, tau=0.8, validate=False)
+        bs = create_base_loss("bs", counts, validate=False)
+        log_prior = log_class_prior(counts)
+    np.testing.assert_allclose(metric_side, reference, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(loss_side.numpy(), metric_side, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(log_prior.numpy(), np.log(filled / filled.sum()), atol=1e-12)
+    # The training losses shift by the same prior: LA by +tau log pi, BS by log N (same softmax).
+    z = torch.from_numpy(logits)
+    y = torch.from_numpy(labels)
+    np.testing.assert_allclose(
+        la.adjust_logits(z, y).numpy(), logits + 0.8 * np.log(filled / filled.sum()), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        torch.softmax(bs.adjust_logits(z, y), 1).numpy(),
+        torch.softmax(torch.from_numpy(logits + np.log(filled)), 1).numpy(),
+        atol=1e-6,
+    )
+    # The streaming metrics predict from the same adjusted logits.
+    r = long_tail_metrics(logits, labels, counts, logit_adjustment_tau=0.8)
+    assert r["accuracy"] == pytest.approx(float(np.mean(reference.argmax(1) == labels)))
+
+
+def test_logit_adjustment_with_every_count_zero_is_refused_but_metrics_work():
+    logits = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert long_tail_metrics(logits, [0, 1], [0, 0])["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="every class count is 0"):
+        long_tail_metrics(logits, [0, 1], [0, 0], logit_adjustment_tau=1.0)
+
+
 def test_logit_adjustment_needs_logits():
     with pytest.raises(ValueError, match="logit_adjustment_tau"):
         long_tail_metrics([0, 1], [0, 1], [3, 3], logit_adjustment_tau=1.0)

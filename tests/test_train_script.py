@@ -308,6 +308,101 @@ def test_cifar_lt_configs_follow_the_ldam_drw_protocol(train_script, name):
         assert data_args.train_transform == "cifar10"
 
 
+@pytest.mark.parametrize(
+    "name", ["cifar10_lt_resnet32_ldam_drw.yaml", "cifar100_lt_resnet32_ldam_drw.yaml"]
+)
+def test_ldam_drw_configs_build_the_published_cosine_classifier(train_script, name):
+    """LDAM-DRW (Cao et al. 2019): CE(s (cos - m_y e_y)) with s = 30 on a cosine classifier."""
+    import torch.nn.functional as F
+
+    from hf_longtail.losses import build_loss
+    from hf_longtail.models import NormedLinear, create_model
+
+    model_args, _, loss_args, run_args, args = train_script.parse_args(
+        [str(REPO / "scripts" / "configs" / name)]
+    )
+    loss_config = train_script.loss_config_from_args(loss_args)
+    assert (loss_config.base, loss_config.ldam_max_m, loss_config.ldam_s) == ("ldam", 0.5, 30.0)
+    assert loss_config.drw_epoch == 160 and loss_config.drw_beta == 0.9999
+    assert loss_config.weight_reduction == "auto"  # weighted mean, as F.cross_entropy(weight=)
+    assert not loss_config.ccar and loss_config.car_weight == 0
+    assert run_args.lr_milestones == [160, 180] and run_args.lr_gamma == 0.01
+    assert args.num_train_epochs == 200 and args.weight_decay == 2e-4
+    assert model_args.model_name_or_path == "resnet32_cifar"
+    assert model_args.classifier == "cosine" and model_args.cosine_scale == 1.0
+    train_script._check_classifier(model_args, loss_config)
+
+    torch.manual_seed(0)
+    model = create_model(
+        model_args.model_name_or_path, num_labels=10, **train_script.classifier_kwargs(model_args)
+    ).eval()
+    assert isinstance(model.classifier, NormedLinear)
+    assert model.config.normed_linear is True and model.config.logit_scale == 1.0
+    assert not any(n.endswith("classifier.bias") for n, _ in model.named_parameters())
+    with torch.no_grad():
+        # Trained-looking weights: columns of different norms must not change the cosines.
+        model.classifier.weight.mul_(torch.linspace(0.3, 3.0, 10))
+        x = torch.randn(6, 3, 32, 32)
+        logits = model(x).logits
+        features = model.resnet(x).pooler_output
+    w = model.classifier.weight.detach()
+    cosines = torch.stack(
+        [
+            torch.stack([F.cosine_similarity(features[i], w[:, c], dim=0) for c in range(10)])
+            for i in range(6)
+        ]
+    )
+    torch.testing.assert_close(logits, cosines, rtol=1e-5, atol=1e-6)
+    assert logits.abs().max() <= 1.0 + 1e-6
+    # What the loss's softmax sees: s-scaled cosines with the true class's margin removed.
+    counts = CIFAR10_LT_100
+    loss_fn = build_loss(loss_config, counts)
+    y = torch.arange(6)
+    margins = 0.5 * (min(counts) / torch.tensor(counts, dtype=torch.float64)) ** 0.25
+    expected = 30.0 * (cosines - F.one_hot(y, 10) * margins.float()[y][:, None])
+    torch.testing.assert_close(
+        loss_fn.base_loss.adjust_logits(logits, y), expected, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_cosine_classifier_is_refused_for_a_model_that_cannot_save_it(train_script, tmp_path):
+    out = tmp_path / "never"
+    argv = ["--model_name_or_path", "google/vit-base-patch16-224", "--classifier", "cosine"]
+    with pytest.raises(ValueError, match="CIFAR ResNets") as err:
+        train_script.main([*argv, "--output_dir", str(out), *FAST])
+    assert "--classifier linear" in str(err.value)
+    with pytest.raises(ValueError, match="--classifier 'normed'"):
+        train_script.main(["--classifier", "normed", "--output_dir", str(out), *FAST])
+    assert not out.exists()  # refused before the output directory or the data
+
+
+def test_ldam_run_saves_and_records_its_cosine_classifier(train_script, tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    from hf_longtail.models import NormedLinear
+
+    out = tmp_path / "run"
+    _digits_run(
+        train_script, out, "--loss", "ldam", "--ccar", "false", "--car_weight", "0",
+        "--drw_epoch", "0", "--classifier", "cosine", "--max_steps", "1",
+    )  # fmt: skip
+    run = json.loads((out / "longtail_run.json").read_text())
+    assert run["classifier"] == {"type": "cosine", "scale": 1.0}
+    loaded = AutoModelForImageClassification.from_pretrained(out)
+    assert isinstance(loaded.classifier, NormedLinear) and loaded.config.normed_linear is True
+
+
+def test_label_smoothing_factor_is_recorded_as_the_loss_smoothing(train_script, tmp_path):
+    out = tmp_path / "run"
+    _digits_run(train_script, out, "--label_smoothing_factor", "0.1", "--max_steps", "1")
+    run = json.loads((out / "longtail_run.json").read_text())
+    assert run["loss"]["base"] == "ce" and run["loss"]["label_smoothing"] == 0.1
+    refused = tmp_path / "refused"
+    with pytest.raises(ValueError, match="base loss 'ldam' has no label smoothing"):
+        _digits_run(train_script, refused, "--loss", "ldam", "--label_smoothing_factor", "0.1")
+    assert not refused.exists()
+
+
 def test_protocol_configs_name_their_split_files(train_script):
     for name, protocol, eval_split in (
         ("imagenet_lt_resnet50.yaml", "imagenet_lt", "test"),

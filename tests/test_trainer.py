@@ -113,24 +113,31 @@ ACCUMULATION_EXACT = {
 }
 
 
+def _one_step(tmp_path, config, batch, accumulation, cls=LongTailTrainer):
+    """One optimizer step over the 16 images of COUNTS16: ``(trainer, gradient before it)``."""
+    capture = GradCapture()
+    trainer = _trainer(
+        tmp_path / f"b{batch}",
+        config,
+        cls=cls,
+        counts=COUNTS16,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        callbacks=[capture],
+    )
+    trainer.train()
+    assert trainer.state.global_step == 1 and len(capture.grads) == 1
+    return trainer, capture.grads[0]
+
+
 @pytest.mark.parametrize("name", list(ACCUMULATION_EXACT))
 def test_accumulation_2x8_equals_batch_16(tmp_path, name):
     config = ACCUMULATION_EXACT[name]
     runs = {}
     for batch, accumulation in ((16, 1), (8, 2)):
-        capture = GradCapture()
-        trainer = _trainer(
-            tmp_path / f"b{batch}",
-            config,
-            counts=COUNTS16,
-            per_device_train_batch_size=batch,
-            gradient_accumulation_steps=accumulation,
-            max_steps=1,
-            callbacks=[capture],
-        )
-        trainer.train()
-        assert trainer.state.global_step == 1 and len(capture.grads) == 1
-        runs[batch] = (capture.grads[0], model_state(trainer.model))
+        trainer, grads = _one_step(tmp_path, config, batch, accumulation)
+        runs[batch] = (grads, model_state(trainer.model))
 
     grads16, weights16 = runs[16]
     grads8, weights8 = runs[8]
@@ -182,6 +189,107 @@ def test_accumulation_treats_each_micro_batch_as_one_loss_batch(tmp_path, name):
         # One optimizer step, two CAR steps (the EMA advanced once per micro-batch).
         assert trainer.state.global_step == 1
         assert int(trainer.loss_fn.regularizer.num_steps) == 2
+
+
+class WithoutScaledForGaFlag(RecordingTrainer):
+    """The parent as released before ``loss_is_scaled_for_ga`` (transformers 5.16 and older).
+
+    Its ``training_step`` then decides from ``model_accepts_loss_kwargs``, ``num_items_in_batch``
+    and ``compute_loss_func`` alone: reading the flag as ``None`` is exactly that rule (the same
+    code as 5.5.4 - 5.16.1, where the unfixed trainer gave 2x the gradient). Older 4.x rules
+    (divide iff ``num_items_in_batch is None``, or iff ``not model_accepts_loss_kwargs``) are
+    checked below through what the step receives.
+    """
+
+    loss_is_scaled_for_ga = property(lambda self: None, lambda self, value: None)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.items_seen: list = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self.items_seen.append(num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def test_accumulation_exact_without_loss_is_scaled_for_ga(tmp_path):
+    """ViT's forward takes **kwargs: without the flag, 2 x 8 gave twice the batch-16 gradient."""
+    import inspect
+
+    assert any(
+        p.kind == inspect.Parameter.VAR_KEYWORD
+        for p in inspect.signature(tiny_vit().forward).parameters.values()
+    )
+    config = LongTailLossConfig(base="ce", ccar=True)
+    grads, seen = {}, {}
+    for batch, accumulation in ((16, 1), (8, 2)):
+        trainer, grads[batch] = _one_step(
+            tmp_path, config, batch, accumulation, cls=WithoutScaledForGaFlag
+        )
+        assert trainer.loss_is_scaled_for_ga is None
+        seen[batch] = (trainer.model_accepts_loss_kwargs, trainer.items_seen)
+    ds = train_dataset(COUNTS16)
+    reference, _ = _reference_grads([collate_fn([ds[i] for i in range(16)])], config, COUNTS16, 1)
+    _assert_grads_close(grads[16], reference)
+    _assert_grads_close(grads[8], reference)
+    # What makes the older rules divide too: 4.50 reads model_accepts_loss_kwargs, 4.48 whether
+    # num_items_in_batch (counted only for models that accept loss kwargs) is None.
+    assert seen == {16: (False, [None]), 8: (False, [None, None])}
+
+
+# ------------------------------------------------------------------ arguments the parent honours
+def test_label_smoothing_factor_is_applied_by_the_loss(tmp_path):
+    capture = GradCapture()
+    trainer = _trainer(
+        tmp_path,
+        LongTailLossConfig(base="la"),
+        counts=COUNTS16,
+        per_device_train_batch_size=16,
+        max_steps=1,
+        label_smoothing_factor=0.2,
+        callbacks=[capture],
+    )
+    assert trainer.loss_config.label_smoothing == 0.2
+    assert trainer.label_smoother is None  # never applied a second time
+    trainer.train()
+    ds = train_dataset(COUNTS16)
+    full = collate_fn([ds[i] for i in range(16)])
+    smoothed = LongTailLossConfig(base="la", label_smoothing=0.2)
+    reference, _ = _reference_grads([full], smoothed, COUNTS16, 1)
+    _assert_grads_close(capture.grads[0], reference)
+    unsmoothed, _ = _reference_grads([full], LongTailLossConfig(base="la"), COUNTS16, 1)
+    assert not torch.allclose(unsmoothed["classifier.weight"], reference["classifier.weight"])
+
+
+def test_label_smoothing_factor_equal_to_the_loss_config_is_accepted(tmp_path):
+    config = LongTailLossConfig(base="ce", label_smoothing=0.1)
+    trainer = _trainer(tmp_path, config, label_smoothing_factor=0.1)
+    assert trainer.loss_config == config
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        (LongTailLossConfig(base="ldam"), "base loss 'ldam' has no label smoothing"),
+        (LongTailLossConfig(base="focal"), "base loss 'focal' has no label smoothing"),
+        (LongTailLossConfig(base="ce", label_smoothing=0.05), "disagrees .* label_smoothing=0.05"),
+    ],
+)
+def test_label_smoothing_factor_that_cannot_apply_is_refused(tmp_path, config, match):
+    with pytest.raises(ValueError, match=match):
+        _trainer(tmp_path, config, label_smoothing_factor=0.1)
+
+
+def test_compute_loss_func_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="compute_loss_func would be silently ignored"):
+        LongTailTrainer(
+            model=tiny_vit(),
+            args=training_args(tmp_path),
+            train_dataset=train_dataset(),
+            data_collator=collate_fn,
+            compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum(),
+        )
 
 
 # ------------------------------------------------------------------ eval does not advance state

@@ -397,9 +397,8 @@ def _loss_context(loss: Mapping[str, Any]) -> dict[str, Any]:
             if ccar
             else "off"
         ),
-        "ccar_formula": (
-            "(e − f'_c)^(ω − p_t)" if variant == "e_minus_f" else "exp(−f'_c · (ω − p_t))"
-        ),
+        "ccar_formula": _CCAR_FORMULAS.get(variant, _CCAR_FORMULAS["paper"]),
+        "ccar_dual_phase": variant != "notebook",
         "car": car,
         "car_text": (
             f"on: α = {_fmt_number(car_weight)}, EMA β = {_fmt_number(loss.get('car_beta', 0.5))}, "
@@ -411,6 +410,14 @@ def _loss_context(loss: Mapping[str, Any]) -> dict[str, Any]:
         "summary": " + ".join(parts),
         "full": [(_md(k), _md(_fmt_number(v))) for k, v in loss.items()],
     }
+
+
+# Omega(p_t, f_c) of each CCAR variant (hf_longtail.losses.ccar_weight), as the card prints it.
+_CCAR_FORMULAS = {
+    "paper": "exp(−f'_c · (ω − p_t))",
+    "e_minus_f": "(e − f'_c)^(ω − p_t)",
+    "notebook": "(e − f_c)^(ω − p_t)",
+}
 
 
 def _dataset_context(

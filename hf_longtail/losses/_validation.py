@@ -11,6 +11,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from hf_longtail._counts import fill_zero_counts
+
 __all__ = ["CheckedTarget", "as_class_counts", "check_logits_and_target"]
 
 # Rows of a soft target must sum to 1 within this tolerance (mixup/cutmix in bf16 drift a little).
@@ -75,10 +77,10 @@ def safe_counts(counts: torch.Tensor) -> torch.Tensor:
 
     Used wherever a count enters a logarithm, a power or a reciprocal (logit adjustment, balanced
     softmax, LDAM margins, effective-number weights): a class never seen in training is treated
-    like the rarest observed class instead of producing ``-inf``/``inf``.
+    like the rarest observed class instead of producing ``-inf``/``inf``. The rule is
+    :func:`hf_longtail._counts.fill_zero_counts`, which the metrics' post-hoc adjustment uses too.
     """
-    positive = counts[counts > 0]
-    return torch.where(counts > 0, counts, positive.min())
+    return fill_zero_counts(counts)
 
 
 class CheckedTarget(NamedTuple):

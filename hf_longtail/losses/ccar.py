@@ -7,12 +7,17 @@ frequency ``f_t = N_t / N``:
 - weight ``Omega = (e^{-f'})^{omega - p_t} = exp(-f' (omega - p_t))`` (``variant="paper"``), or
   ``Omega = (e - f')^{omega - p_t}`` (``variant="e_minus_f"``, the reading that up-weights
   uncertain samples; published sources disagree on the base, so both are offered);
+- ``variant="notebook"``: the form of the author's notebook, ``Omega = (e - f_t)^{omega - p_t}``,
+  base ``e - f_t`` *without* the dual phase (``f_t`` above ``omega`` too). Its author pairs it with
+  the balanced-softmax base (``base="bs"``), ``p_t`` from the adjusted logits ``z + log N``
+  (``p_t_from="adjusted"``, the default) and the plain batch mean below; that recipe is
+  ``CCARLoss(counts, base="bs", variant="notebook")``;
 - ``L = mean_i Omega_i * base_loss_i``.
 
 Gradient. By default the weight is differentiated through. For the cross-entropy base this gives
 the paper's ``dL_i/dz = Psi(p_t, gamma) (p - e_t)`` with
 ``Psi = gamma^{omega - p_t} (1 - p_t ln(gamma) ln(p_t))`` and ``gamma = e^{-f'}`` (paper) or
-``gamma = e - f'`` (``e_minus_f``). ``detach_weight=True`` makes CCAR a pure reweighting:
+``gamma = e - f'`` (``e_minus_f``) or ``gamma = e - f_t`` (``notebook``). ``detach_weight=True`` makes CCAR a pure reweighting:
 ``dL_i/dz = Omega_i dl_i/dz``.
 
 Which probability. ``p_t`` is by default the softmax of the *adjusted* logits the base loss itself
@@ -25,7 +30,8 @@ Soft targets (mixup/cutmix): the base loss uses the full soft target; ``p_t`` an
 those of the target's argmax class.
 
 Zero-count classes: ``f_t = 0`` gives ``Omega = 1`` below ``omega`` and
-``exp(-(omega - p_t))`` (paper) / ``(e - 1)^{omega - p_t}`` above it: finite, no special case.
+``exp(-(omega - p_t))`` (paper) / ``(e - 1)^{omega - p_t}`` above it; ``notebook`` gives
+``e^{omega - p_t}`` on both sides: finite, no special case.
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ class CCARLoss(nn.Module):
         base: a registered base-loss name (``ce``, ``focal``, ``cb``, ``ldam``, ``la``, ``bs``)
             or a :class:`BaseLoss` instance (then ``base_kwargs`` must be empty).
         omega: confidence threshold of the dual phase, in ``(0, 1]``.
-        variant: ``"paper"`` or ``"e_minus_f"``.
+        variant: ``"paper"``, ``"e_minus_f"`` or ``"notebook"`` (module docstring).
         detach_weight: stop the gradient through ``Omega`` (pure reweighting).
         p_t_from: ``"adjusted"`` (the base loss's logits, default) or ``"raw"``.
         validate: check labels/logits on every call.

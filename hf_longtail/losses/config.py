@@ -82,7 +82,7 @@ class LongTailLossConfig:
         weight_reduction: ``auto``/``mean``/``weighted_mean`` batch reduction with class weights.
         base_options: extra keyword arguments for the base loss (custom registered losses).
 
-    CCAR (``ccar`` on/off): ``ccar_omega`` in (0, 1], ``ccar_variant`` (``paper``/``e_minus_f``),
+    CCAR (``ccar`` on/off): ``ccar_omega`` in (0, 1], ``ccar_variant`` (``paper``/``e_minus_f``/``notebook``),
     ``ccar_detach_weight``, ``ccar_p_t_from`` (``adjusted``/``raw``).
 
     CAR: ``car_weight`` = alpha >= 0 (0 disables), ``car_beta`` in [0, 1), ``car_r0`` >= 0,
@@ -207,6 +207,11 @@ class LongTailLossConfig:
                     f"base_options {unknown} are not parameters of base loss {self.base!r}; "
                     f"accepted: {', '.join(sorted(accepted))}"
                 )
+
+    @property
+    def supports_label_smoothing(self) -> bool:
+        """Whether ``label_smoothing`` reaches the base loss (``ce``, ``la``, ``bs``)."""
+        return "label_smoothing" in _BASE_FIELDS.get(self.base, {})
 
     @property
     def car_enabled(self) -> bool:

@@ -27,7 +27,7 @@ __all__ = [
     "post_hoc_logit_adjust",
 ]
 
-CCAR_VARIANTS = ("paper", "e_minus_f")
+CCAR_VARIANTS = ("paper", "e_minus_f", "notebook")
 
 
 def class_frequencies(class_counts: Any) -> torch.Tensor:
@@ -115,19 +115,26 @@ def ccar_weight(
 ) -> torch.Tensor:
     """CCAR sample weight ``Omega(p_t, f_c)`` (arXiv 2601.15924).
 
-    Dual phase: ``f'_c = f_c`` if ``p_t < omega`` else ``1 - f_c``. Then
+    Dual phase (``paper``, ``e_minus_f``): ``f'_c = f_c`` if ``p_t < omega`` else ``1 - f_c``.
+    Then
 
     - ``variant="paper"``: ``Omega = (e^{-f'_c})^{omega - p_t} = exp(-f'_c (omega - p_t))``;
-    - ``variant="e_minus_f"``: ``Omega = (e - f'_c)^{omega - p_t}`` (up-weights uncertain samples).
+    - ``variant="e_minus_f"``: ``Omega = (e - f'_c)^{omega - p_t}`` (up-weights uncertain samples);
+    - ``variant="notebook"``: ``Omega = (e - f_c)^{omega - p_t}``, the form of the author's
+      notebook: base ``e - f_c`` *without* the dual phase (``f_c`` on both sides of ``omega``).
 
     ``p_t`` is the predicted probability of the true class, ``freq`` the class frequency of each
-    sample's true class (same shape). Both bases are positive for ``f in [0, 1]`` so the weight
+    sample's true class (same shape). Every base is positive for ``f in [0, 1]`` so the weight
     is finite for every ``p_t in [0, 1]``; a zero-count class (``f_c = 0``) gets
-    ``Omega = 1`` in the low-confidence phase. Differentiable in ``p_t``.
+    ``Omega = 1`` in the low-confidence phase (``paper``, ``e_minus_f``) and
+    ``e^{omega - p_t}`` everywhere (``notebook``). Differentiable in ``p_t``.
     """
     if variant not in CCAR_VARIANTS:
         raise ValueError(f"unknown CCAR variant {variant!r}; valid: {', '.join(CCAR_VARIANTS)}")
-    f_prime = torch.where(p_t < omega, freq, 1.0 - freq)
+    if variant == "notebook":
+        f_prime = freq
+    else:
+        f_prime = torch.where(p_t < omega, freq, 1.0 - freq)
     exponent = omega - p_t
     if variant == "paper":
         return torch.exp(-f_prime * exponent)

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from hf_longtail._counts import fill_zero_counts
+
 __all__ = [
     "LongTailMetricAccumulator",
     "confusion_matrix",
@@ -128,8 +130,10 @@ def logit_adjust(
 ) -> np.ndarray:
     """Post-hoc logit adjustment (Menon et al., 2021): ``logits - tau * log(prior)``.
 
-    ``prior_c = n_c / sum(n)`` from the training counts. A class with zero training images is
-    counted as one image, so its adjustment stays finite. Returns a float64 numpy array.
+    ``prior_c = n_c / sum(n)`` from the training counts. A class with zero training images gets
+    the count of the rarest observed class (:func:`hf_longtail._counts.fill_zero_counts`, the
+    rule of the losses' priors), so its adjustment stays finite and equals
+    :func:`hf_longtail.losses.post_hoc_logit_adjust`. Returns a float64 numpy array.
     """
     counts = _as_class_counts(train_class_counts)
     z = _to_numpy(logits, "logits").astype(np.float64)
@@ -141,7 +145,7 @@ def logit_adjust(
 
 
 def _log_prior(counts: np.ndarray) -> np.ndarray:
-    c = np.maximum(counts.astype(np.float64), 1.0)
+    c = fill_zero_counts(counts.astype(np.float64))
     return np.log(c) - np.log(c.sum())
 
 
@@ -280,7 +284,10 @@ class LongTailMetricAccumulator:
         self.few_threshold = few_threshold
         self.ece_bins = int(ece_bins)
         self.logit_adjustment_tau = logit_adjustment_tau
-        self._log_prior = _log_prior(self.train_class_counts)
+        # Only with an adjustment: all-zero counts are otherwise fine for the metrics.
+        self._log_prior = (
+            _log_prior(self.train_class_counts) if logit_adjustment_tau is not None else None
+        )
         self.reset()
 
     def reset(self) -> None:
