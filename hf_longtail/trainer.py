@@ -537,10 +537,13 @@ class LongTailTrainer(Trainer):
         :func:`install_signal_checkpointing`): a scheduler signals the whole process group, and
         a worker killed first would make the main process fail before it can checkpoint."""
         signals = self._worker_ignored_signals
-        if signals and getattr(dataloader, "num_workers", 0) > 0:
-            inner = dataloader.worker_init_fn
+        # accelerate's DataLoaderShard delegates to the DataLoader it wraps, which starts the
+        # workers (skip_first_batches, on resume, copies the setting from there).
+        loader = getattr(dataloader, "base_dataloader", dataloader)
+        if signals and getattr(loader, "num_workers", 0) > 0:
+            inner = loader.worker_init_fn
             if not isinstance(inner, _IgnoreSignalsInWorker):
-                dataloader.worker_init_fn = _IgnoreSignalsInWorker(signals, inner)
+                loader.worker_init_fn = _IgnoreSignalsInWorker(signals, inner)
         return dataloader
 
     # -------------------------------------------------------------- sampling

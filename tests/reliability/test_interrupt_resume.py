@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,52 @@ def test_sigkill_then_resume_from_last_checkpoint_matches_uninterrupted(
     assert code == 0, log[-4000:]
     assert len(LOSS_LINE.findall(log)) == MAX_STEPS - SAVE_STEPS
     _assert_same_run(out, reference)
+
+
+def _group_alive(pgid: int) -> list[int]:
+    """Processes still in the process group ``pgid`` (from /proc)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_to_the_process_group_with_dataloader_workers_still_checkpoints(
+    config, tmp_path, sig
+):
+    """A scheduler's cancel / a container stop / Ctrl-C signals the whole process group,
+    DataLoader workers included. The workers ignore it (the main process would otherwise crash
+    on 'DataLoader worker is killed by signal' before checkpointing); the main process
+    checkpoints the step it stopped at, and re-running the same command continues from there."""
+    out = tmp_path / "run"
+    argv = [str(config), "--output_dir", str(out), "--dataloader_num_workers", "2"]
+    run = TrainRun(argv, tmp_path / "stopped.txt")
+    try:
+        run.wait_for(lambda: _logged_steps(run) >= 3)
+        run.send_group(sig)
+        code = run.wait()
+    except BaseException:
+        run.kill()
+        raise
+    assert code == 128 + sig, run.log()[-4000:]
+    assert "is killed by signal" not in run.log()
+    step = _assert_checkpoint_at_stop(run, out, sig)
+    deadline = time.monotonic() + 20
+    while _group_alive(run.process.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _group_alive(run.process.pid)  # no worker left behind
+    if sig == signal.SIGINT:
+        return  # the resume is the same for both signals
+    code, log = run_train(argv, tmp_path / "rerun.txt")  # the same command again
+    assert code == 0, log[-4000:]
+    assert f"Resuming the same run from {out / f'checkpoint-{step}'}" in log
+    assert len(LOSS_LINE.findall(log)) == MAX_STEPS - step
+    final = out / f"checkpoint-{MAX_STEPS}"
+    loss_state = torch.load(final / "longtail_loss_state.pt", weights_only=True)
+    assert int(loss_state["regularizer.num_steps"]) == MAX_STEPS
