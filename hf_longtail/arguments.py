@@ -94,6 +94,13 @@ def _coerce(name: str, value: Any, hint: Any, path: Path) -> Any:
             + (f" (choices: {choices})" if choices else "")
             + "; quote the value, e.g. 'no'."
         )
+    if bool in args:
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "on", "1"):
+            return True
+        if text in ("false", "no", "off", "0"):
+            return False
+        raise ValueError(f"{where} must be true or false; got {value!r}.")
     lists = [a for a in args if typing.get_origin(a) in (list, Sequence, tuple)]
     if lists:
         if not isinstance(value, (list, tuple)):
