@@ -78,7 +78,7 @@ NONFINITE_POLICIES = ("raise", "skip")
 SAMPLERS = ("random", "class_balanced", "sqrt", "progressive")
 #: A loss whose recent training losses all exceed this multiple of its first ones has diverged.
 DIVERGENCE_FACTOR = 100.0
-_DIVERGENCE_REFERENCE_STEPS = 10
+_DIVERGENCE_REFERENCE_STEPS = 3
 _DIVERGENCE_WINDOW = 5
 
 
@@ -130,8 +130,8 @@ class LongTailTrainer(Trainer):
             batches were skipped after ``2 * nonfinite_skip_limit`` of them (a run that skips most
             of its steps learns nothing while looking alive).
         divergence_factor: warn (once, naming the step) when the last 5 training losses all
-            exceed this multiple of the mean of the first 10 (a run diverging without producing
-            NaN); ``diverged_at_step`` records the step. ``None`` disables the check.
+            exceed this multiple of the smallest of the first 3 (a run diverging without
+            producing NaN); ``diverged_at_step`` records the step. ``None`` disables the check.
         lr_milestones: epochs at which the learning rate is multiplied by ``lr_gamma`` after a
             linear warm-up of ``args.warmup_steps`` (the LDAM-DRW CIFAR recipe: warm-up 5 epochs,
             milestones 160 and 180, gamma 0.01 in its code, i.e. lr x0.01 then x0.0001). Epochs
@@ -335,14 +335,16 @@ class LongTailTrainer(Trainer):
             self._first_losses.append(value)
             return
         self._recent_losses.append(value)
-        reference = sum(self._first_losses) / len(self._first_losses)
+        # The smallest of the first few losses: a run can diverge within its first steps, and
+        # later losses of a healthy run only fall below it.
+        reference = min(self._first_losses)
         bound = self.divergence_factor * max(reference, 1e-8)
         if len(self._recent_losses) == _DIVERGENCE_WINDOW and min(self._recent_losses) > bound:
             self.diverged_at_step = self.state.global_step + 1
             message = (
                 f"Training diverged at step {self.diverged_at_step}: the last "
                 f"{_DIVERGENCE_WINDOW} losses ({', '.join(f'{v:.4g}' for v in self._recent_losses)}) "
-                f"are all above {self.divergence_factor:g} x the first losses' mean "
+                f"are all above {self.divergence_factor:g} x the smallest of the run's first losses "
                 f"({reference:.4g}). The model is being destroyed without NaN; lower the "
                 "learning rate, add warm-up or gradient clipping (max_grad_norm)."
             )
