@@ -100,8 +100,12 @@ class DataArguments:
     split_dir: str | None = field(
         default=None, metadata={"help": "Directory of the protocol split files (*_train.txt)."}
     )
-    imbalance_factor: float = field(
-        default=100.0, metadata={"help": "n_max / n_min of the long-tailed training set (>= 1)."}
+    imbalance_factor: float | None = field(
+        default=100.0,
+        metadata={
+            "help": "n_max / n_min of the long-tailed training set (>= 1); null in a config: "
+            "use the source as it is (the ImageNet-LT / iNaturalist split files)."
+        },
     )
     imbalance_profile: str = field(default="exp", metadata={"help": "'exp', 'step' or 'pareto'."})
     imbalance_seed: int = field(default=0, metadata={"help": "Seed of the per-class subsets."})
