@@ -129,12 +129,16 @@ def _assert_same_run(out: Path, reference: Path) -> None:
     assert results["test_loss"] == pytest.approx(results_expected["test_loss"], abs=1e-6)
 
 
-def _stopped_run(config: Path, out: Path, sig: int) -> tuple[TrainRun, int]:
-    """Start a run, send ``sig`` once 3 steps are logged, return it with its exit code."""
-    run = TrainRun([str(config), "--output_dir", str(out)], out.parent / f"log-{sig}.txt")
+def _stopped_run(
+    config: Path, out: Path, sig: int, *extra: str, group: bool = False
+) -> tuple[TrainRun, int]:
+    """Start a run, send ``sig`` (to its whole process group if ``group``) once 3 steps are
+    logged, return it with its exit code."""
+    argv = [str(config), "--output_dir", str(out), *extra]
+    run = TrainRun(argv, out.parent / f"log-{sig}.txt")
     try:
         run.wait_for(lambda: _logged_steps(run) >= 3)
-        run.send(sig)
+        run.send_group(sig) if group else run.send(sig)
         code = run.wait()
     except BaseException:
         run.kill()
@@ -228,15 +232,8 @@ def test_signal_to_the_process_group_with_dataloader_workers_still_checkpoints(
     on 'DataLoader worker is killed by signal' before checkpointing); the main process
     checkpoints the step it stopped at, and re-running the same command continues from there."""
     out = tmp_path / "run"
-    argv = [str(config), "--output_dir", str(out), "--dataloader_num_workers", "2"]
-    run = TrainRun(argv, tmp_path / "stopped.txt")
-    try:
-        run.wait_for(lambda: _logged_steps(run) >= 3)
-        run.send_group(sig)
-        code = run.wait()
-    except BaseException:
-        run.kill()
-        raise
+    workers = ("--dataloader_num_workers", "2")
+    run, code = _stopped_run(config, out, sig, *workers, group=True)
     assert code == 128 + sig, run.log()[-4000:]
     assert "is killed by signal" not in run.log()
     step = _assert_checkpoint_at_stop(run, out, sig)
@@ -246,6 +243,7 @@ def test_signal_to_the_process_group_with_dataloader_workers_still_checkpoints(
     assert not _group_alive(run.process.pid)  # no worker left behind
     if sig == signal.SIGINT:
         return  # the resume is the same for both signals
+    argv = [str(config), "--output_dir", str(out), *workers]
     code, log = run_train(argv, tmp_path / "rerun.txt")  # the same command again
     assert code == 0, log[-4000:]
     assert f"Resuming the same run from {out / f'checkpoint-{step}'}" in log
