@@ -127,6 +127,32 @@ def test_resume_with_a_changed_recipe_is_refused_before_loading(
     assert run_files(run_dir) == before  # the record still describes the run that was trained
 
 
+def test_resume_on_a_dataset_that_changed_under_its_name_is_refused(train, tmp_path):
+    """Same options, but the local dataset was rebuilt with more images: the class counts,
+    known once the data are loaded, are compared before the model is built."""
+    from _reliability_helpers import image_dataset
+    from datasets import DatasetDict
+
+    source, out = tmp_path / "data", tmp_path / "run"
+
+    def build(counts):
+        splits = {"train": image_dataset(counts, seed=1), "test": image_dataset((3, 3, 3, 3))}
+        DatasetDict(splits).save_to_disk(source)
+
+    argv = [*TINY_RUN, "--output_dir", str(out), "--dataset_name", str(source)]
+    argv += ["--imbalance_factor", "2", "--image_size", "8"]
+    build((20, 16, 12, 8))
+    train.main(argv)
+    before = run_files(out)
+    shutil.rmtree(source)
+    build((30, 16, 12, 8))
+    with pytest.raises(
+        ResumeMismatchError, match=r"dataset\.class_counts: \[20, 15, 12, 8\] -> \[30, 16, 12, 8\]"
+    ):
+        train.main(argv)
+    assert run_files(out) == before
+
+
 def test_the_trainer_refuses_a_checkpoint_of_another_recipe(run_dir, tmp_path):
     """Python users resuming with LongTailTrainer directly: the checkpoint's recipe file."""
     recipe = json.loads((run_dir / "checkpoint-4" / "longtail_recipe.json").read_text())
