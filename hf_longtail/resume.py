@@ -61,6 +61,7 @@ MIN_FREE_BYTES = 200 * 1024**2
 #: (Run length, learning rate, batch size, logging may change on resume; they are recorded.)
 RECIPE_FIELDS = (
     "model_name_or_path",
+    "classifier",  # a replaced head (e.g. cosine); absent for the model's own
     "dataset.name",
     "dataset.config_name",
     "dataset.imbalance_factor",

@@ -41,6 +41,14 @@ Contract of the training step (what is identical to the parent class and what is
 - The loss state (CAR EMA confusion matrix, singular vectors, step) is written into every
   checkpoint as ``longtail_loss_state.pt`` and restored by ``resume_from_checkpoint`` on every
   process.
+- Resuming (:meth:`LongTailTrainer.train`): ``resume_from_checkpoint=True`` takes the last
+  *readable* checkpoint (:mod:`hf_longtail.resume`), and a checkpoint written with another loss,
+  other class counts, sampler or seed (its ``longtail_recipe.json``) is refused before loading.
+- Never written: a checkpoint or model whose weights are not finite, and the ``hub_token``
+  (``training_args.bin`` is saved with ``hub_token=None``).
+- Warned: a class-balanced sampler with a loss that corrects for the prior again, and a loss
+  that grows by ``divergence_factor`` without NaN. With :func:`install_signal_checkpointing`,
+  DataLoader workers ignore SIGTERM / SIGINT so the main process can checkpoint.
 - Logged with the Trainer's own ``log`` (so every ``report_to`` integration gets them), averaged
   over the logging window and across processes: ``base_loss``, ``ccar_weight_mean``,
   ``ccar_weight_head``, ``ccar_weight_tail``, ``car_sigma``, ``car_loss``.
