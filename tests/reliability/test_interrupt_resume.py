@@ -251,3 +251,33 @@ def test_signal_to_the_process_group_with_dataloader_workers_still_checkpoints(
     final = out / f"checkpoint-{MAX_STEPS}"
     loss_state = torch.load(final / "longtail_loss_state.pt", weights_only=True)
     assert int(loss_state["regularizer.num_steps"]) == MAX_STEPS
+
+
+def test_a_repeated_signal_is_one_stop_request_but_a_late_second_ctrl_c_is_not(tmp_path):
+    """torchrun forwards the SIGTERM its process group already delivered: the repeat must not
+    kill a worker mid-checkpoint. A second Ctrl-C more than a second later still interrupts."""
+    import os
+
+    from _reliability_helpers import tiny_vit, train_dataset, training_args
+
+    from hf_longtail import LongTailTrainer
+    from hf_longtail.data import collate_fn
+    from hf_longtail.trainer import install_signal_checkpointing
+
+    trainer = LongTailTrainer(
+        model=tiny_vit(), args=training_args(tmp_path), train_dataset=train_dataset(),
+        data_collator=collate_fn,
+    )  # fmt: skip
+    callback = install_signal_checkpointing(trainer)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher's copy: ignored
+        assert callback.received == signal.SIGTERM
+        callback.received = None
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # within a second: the same Ctrl-C
+        time.sleep(1.1)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # an impatient second Ctrl-C
+    finally:
+        callback.restore()
