@@ -7,12 +7,14 @@ large datasets:
 
 - missing values (``None``, or neither bytes nor path): every row, read from the Arrow validity
   bitmaps (no image data is touched);
-- files that do not exist: every row stored as a path, one ``stat`` each (about a second per
-  100k files on a local disk; URLs are left to the loader);
+- files that do not exist: every row stored as a path, one ``stat`` each (0.4 s for 100k files
+  on a local disk, measured on 2 shared cores; URLs are left to the loader);
 - images that cannot be opened: a seeded random sample of ``sample`` rows (default 1000 per
   split) whose *header* is read (``PIL.Image.open``: format, size, mode; the pixels are not
   decoded). ``sample=None`` checks every row's header; :func:`~hf_longtail.data.find_bad_images`
-  decodes every image, for a complete but slow scan.
+  decodes every image, for a complete but slow scan. On CIFAR-10's 40k embedded training images
+  (measured on 2 shared cores): 0.01 s without header checks, 0.3 s with the default sample,
+  2.5 s opening every header.
 
 Rows beyond the sample that turn out unreadable are still handled while training, by the
 transform's ``on_bad_image`` policy. :func:`preflight_splits` applies the check to the train and
