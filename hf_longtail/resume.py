@@ -279,8 +279,9 @@ def plan_output_dir(
       warning).
     - Otherwise, if the directory holds a previous run (checkpoints, results or a record): the
       same recipe with a readable checkpoint resumes from it (re-running a command continues
-      it); with ``overwrite`` the previous run is marked for replacement; anything else is a
-      ``FileExistsError`` naming the three ways out.
+      it), and without one (stopped before its first complete checkpoint, no results) starts
+      again; with ``overwrite`` the previous run is marked for replacement; anything else is a
+      ``FileExistsError`` naming the changed fields and the three ways out.
     - A resume whose recipe differs from the record of the checkpoint's run directory
       (:data:`RECIPE_FIELDS`) is a :class:`ResumeMismatchError` naming every changed field.
     """
@@ -329,6 +330,12 @@ def plan_output_dir(
         if same and last is not None:
             logger.info("Resuming the same run from %s", last)
             resume = last
+        elif same and not (out / RESULTS_FILE).exists():
+            # Stopped before its first checkpoint was complete: nothing finished to keep, and
+            # the fresh start rewrites any half-written checkpoint of the same step.
+            logger.warning(
+                "%s holds the same run without a readable checkpoint: starting it again.", out
+            )
         else:
             changed = recipe_changes(previous, run_info) if previous is not None else []
             why = "a different run (" + "; ".join(changed) + ")" if changed else "a previous run"

@@ -259,6 +259,23 @@ def test_unreadable_checkpoint_is_skipped_naming_the_file(train, run_dir, caplog
     )
 
 
+def test_same_run_stopped_before_its_first_checkpoint_starts_again(train, run_dir, caplog):
+    """Killed while writing its first checkpoint (no results, no readable checkpoint): the
+    re-submitted job starts over instead of asking for a flag."""
+    for name in ("checkpoint-4", "model.safetensors", "all_results.json"):
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (run_dir / "checkpoint-2" / "trainer_state.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="hf_longtail.resume"):
+        train.main([*TINY_RUN, "--output_dir", str(run_dir)])
+    assert "holds the same run without a readable checkpoint: starting it again" in caplog.text
+    assert _steps_trained(run_dir) == [1, 2, 3, 4]
+    assert (
+        json.loads((run_dir / "checkpoint-2" / "trainer_state.json").read_text())["global_step"]
+        == 2
+    )
+
+
 def _record(out):
     return json.loads((out / "longtail_run.json").read_text())
 
