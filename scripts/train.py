@@ -611,6 +611,15 @@ def _check_options(
     except (TypeError, ValueError) as err:
         raise ValueError(f"--{err}") from None
     check_run_length(training_args)
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        check_number(name, getattr(training_args, name), minimum=1, integer=True)
+    check_number(
+        "gradient_accumulation_steps", training_args.gradient_accumulation_steps, minimum=1
+    )
+    check_number("learning_rate", training_args.learning_rate, minimum=0)
+    check_number("weight_decay", training_args.weight_decay, minimum=0)
+    check_number("warmup_steps", training_args.warmup_steps, minimum=0)
+    check_number("dataloader_num_workers", training_args.dataloader_num_workers, minimum=0)
     if data_args.sampler == "class_balanced" and data_args.posthoc_tau:
         warnings.warn(
             f"--sampler class_balanced with --posthoc_tau {data_args.posthoc_tau} rebalances "

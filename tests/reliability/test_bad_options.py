@@ -39,6 +39,9 @@ def train():
         (["--imbalance_seed", "-1"], "--imbalance_seed must be an integer >= 0"),
         (["--preflight_sample", "-2"], "--preflight_sample must be an integer >= -1"),
         (["--nonfinite_skip_limit", "0"], "--nonfinite_skip_limit must be an integer >= 1"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be an"),
+        (["--learning_rate", "-0.1"], "--learning_rate must be a number >= 0; got -0.1"),
+        (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be a number >= 0"),
         (
             ["--max_steps", "-1", "--num_train_epochs", "0"],
             "num_train_epochs=0.0 and max_steps=-1: the run would make no optimizer step",
@@ -64,7 +67,7 @@ def test_bad_option_is_named_before_anything_is_touched(train, tmp_path, flags, 
         ("ccar: maybe\n", "option 'ccar' must be true or false; got 'maybe'"),
         ("mixup_alpha: [0.2, 0.4]\n", "option 'mixup_alpha' must be a number"),
         ("lr_milestones: [3, abc]\n", "option 'lr_milestones' must be a number; got 'abc'"),
-        ("imbalance_factor:\n", "option 'imbalance_factor' cannot be empty"),
+        ("learning_rate:\n", "option 'learning_rate' cannot be empty"),
     ],
     ids=lambda v: v.split(":")[0] if isinstance(v, str) and v.endswith("\n") else None,
 )
