@@ -102,7 +102,7 @@ def _coerce(name: str, value: Any, hint: Any, path: Path) -> Any:
             return False
         raise ValueError(f"{where} must be true or false; got {value!r}.")
     lists = [a for a in args if typing.get_origin(a) in (list, Sequence, tuple)]
-    if lists:
+    if lists and not (isinstance(value, str) and str in args):  # report_to: none stays a str
         if not isinstance(value, (list, tuple)):
             value = [value]  # one milestone written as a scalar
         item = (typing.get_args(lists[0]) or (Any,))[0]
