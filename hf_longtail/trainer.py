@@ -49,6 +49,14 @@ Contract of the training step (what is identical to the parent class and what is
 - ``TrainingArguments.label_smoothing_factor`` becomes the loss's ``label_smoothing`` (bases
   ``ce``, ``la``, ``bs``); it is refused for a base that cannot smooth or when the loss config
   sets a different value. ``compute_loss_func`` is refused: the loss is ``loss_config``.
+- Resuming (:meth:`LongTailTrainer.train`): ``resume_from_checkpoint=True`` takes the last
+  *readable* checkpoint (:mod:`hf_longtail.resume`), and a checkpoint written with another loss,
+  other class counts, sampler or seed (its ``longtail_recipe.json``) is refused before loading.
+- Never written: a checkpoint or model whose weights are not finite, and the ``hub_token``
+  (``training_args.bin`` is saved with ``hub_token=None``).
+- Warned: a class-balanced sampler with a loss that corrects for the prior again, and a loss
+  that grows by ``divergence_factor`` without NaN. With :func:`install_signal_checkpointing`,
+  DataLoader workers ignore SIGTERM / SIGINT so the main process can checkpoint.
 - Logged with the Trainer's own ``log`` (so every ``report_to`` integration gets them), averaged
   over the logging window and across processes: ``base_loss``, ``ccar_weight_mean``,
   ``ccar_weight_head``, ``ccar_weight_tail``, ``car_sigma``, ``car_loss``.
@@ -57,9 +65,12 @@ Contract of the training step (what is identical to the parent class and what is
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
+import warnings
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,12 +80,23 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_longtail.losses import LongTailLossConfig, build_loss
+from hf_longtail.resume import (
+    CHECKPOINT_RECIPE_FILE,
+    ResumeMismatchError,
+    checkpoint_problem,
+    last_readable_checkpoint,
+    recipe_changes,
+)
 
 logger = logging.getLogger(__name__)
 
 LOSS_STATE_NAME = "longtail_loss_state.pt"
 NONFINITE_POLICIES = ("raise", "skip")
 SAMPLERS = ("random", "class_balanced", "sqrt", "progressive")
+#: A loss whose recent training losses all exceed this multiple of its first ones has diverged.
+DIVERGENCE_FACTOR = 100.0
+_DIVERGENCE_REFERENCE_STEPS = 3
+_DIVERGENCE_WINDOW = 5
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -120,6 +142,13 @@ class LongTailTrainer(Trainer):
         nonfinite_loss: ``"raise"`` stops at the first non-finite training loss, naming the step
             and the loss part; ``"skip"`` zeroes that step's gradient contribution and counts it
             in ``skipped_nonfinite_steps``.
+        nonfinite_skip_limit: with ``"skip"``, stop with :class:`NonFiniteLossError` once this
+            many consecutive training batches were skipped, or once more than half of the
+            batches were skipped after ``2 * nonfinite_skip_limit`` of them (a run that skips most
+            of its steps learns nothing while looking alive).
+        divergence_factor: warn (once, naming the step) when the last 5 training losses all
+            exceed this multiple of the smallest of the first 3 (a run diverging without
+            producing NaN); ``diverged_at_step`` records the step. ``None`` disables the check.
         lr_milestones: epochs at which the learning rate is multiplied by ``lr_gamma`` after a
             linear warm-up of ``args.warmup_steps`` (the LDAM-DRW CIFAR recipe: warm-up 5 epochs,
             milestones 160 and 180, gamma 0.01 in its code, i.e. lr x0.01 then x0.0001). Epochs
@@ -144,6 +173,8 @@ class LongTailTrainer(Trainer):
         nonfinite_loss: str = "raise",
         lr_milestones: Sequence[float] | None = None,
         lr_gamma: float = 0.1,
+        nonfinite_skip_limit: int = 10,
+        divergence_factor: float | None = DIVERGENCE_FACTOR,
         **kwargs: Any,
     ) -> None:
         if nonfinite_loss not in NONFINITE_POLICIES:
@@ -160,6 +191,16 @@ class LongTailTrainer(Trainer):
                 "hf_longtail.losses.register_base_loss), override compute_loss in a subclass, or "
                 "use transformers.Trainer for a loss of your own."
             )
+        if isinstance(nonfinite_skip_limit, bool) or not isinstance(nonfinite_skip_limit, int):
+            raise TypeError(
+                f"nonfinite_skip_limit must be an int >= 1; got {nonfinite_skip_limit!r}"
+            )
+        if nonfinite_skip_limit < 1:
+            raise ValueError(f"nonfinite_skip_limit must be >= 1; got {nonfinite_skip_limit}")
+        if divergence_factor is not None and not (
+            isinstance(divergence_factor, (int, float)) and divergence_factor > 1
+        ):
+            raise ValueError(f"divergence_factor must be > 1 or None; got {divergence_factor!r}")
         if isinstance(loss_config, dict):
             loss_config = LongTailLossConfig.from_dict(loss_config)
         loss_config = loss_config if loss_config is not None else LongTailLossConfig()
@@ -168,9 +209,19 @@ class LongTailTrainer(Trainer):
         self.sampler_name = sampler
         self.label_column = label_column
         self.nonfinite_loss = nonfinite_loss
-        self.lr_milestones = list(lr_milestones) if lr_milestones else None
+        self.nonfinite_skip_limit = nonfinite_skip_limit
+        self.divergence_factor = divergence_factor
+        self.diverged_at_step: int | None = None
+        self.lr_milestones = normalize_lr_milestones(lr_milestones)
         self.lr_gamma = float(lr_gamma)
         self.skipped_nonfinite_steps = 0
+        self._consecutive_skips = 0
+        self._train_batches = 0
+        self._first_losses: list[float] = []
+        self._recent_losses: deque[float] = deque(maxlen=_DIVERGENCE_WINDOW)
+        self._worker_ignored_signals: tuple[int, ...] = ()
+        check_run_length(args)
+        _warn_double_rebalancing(sampler, self.loss_config)
         self._stat_sums: dict[str, float] = {}
         self._stat_steps = 0
 
@@ -264,8 +315,12 @@ class LongTailTrainer(Trainer):
         return local, local
 
     def _check_finite(self, loss: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
-        if bool(torch.isfinite(loss)):
+        value = float(loss.detach())  # one host sync per micro-batch, as the finiteness test
+        self._train_batches += 1
+        if math.isfinite(value):
+            self._consecutive_skips = 0
             self._accumulate_stats()
+            self._watch_divergence(value)
             return loss
         parts = {k: float(v) for k, v in self.loss_fn.last_stats.items()}
         bad = [k for k, v in parts.items() if not math.isfinite(v)] or ["total"]
@@ -283,12 +338,55 @@ class LongTailTrainer(Trainer):
                 "nonfinite_loss='skip'."
             )
         self.skipped_nonfinite_steps += 1
+        self._consecutive_skips += 1
+        if "logits" in bad:  # the loss did not run, so _check_finite did not count this batch
+            self._train_batches += 1
         logger.warning("Skipping non-finite loss at step %d (parts: %s)", step, ", ".join(bad))
+        limit = self.nonfinite_skip_limit
+        mostly = (
+            self._train_batches >= 2 * limit
+            and self.skipped_nonfinite_steps * 2 > self._train_batches
+        )
+        if self._consecutive_skips >= limit or mostly:
+            raise NonFiniteLossError(
+                f"nonfinite_loss='skip' skipped {self.skipped_nonfinite_steps} of "
+                f"{self._train_batches} training batches ({self._consecutive_skips} in a row, "
+                f"last at step {step}, part(s): {', '.join(bad)}): the run is not learning. "
+                f"Stopped before saving anything more (nonfinite_skip_limit={limit}); the last "
+                "checkpoint is untouched. Lower the learning rate, enable gradient clipping "
+                "(max_grad_norm), or check the data for NaN/inf pixels."
+            )
         # A zero built from the parameters, not from the non-finite loss: every parameter gets
         # an exact zero gradient (0 * NaN would be NaN), so this batch contributes nothing and
         # under DDP every gradient hook still fires.
         params = [p for p in model.parameters() if p.requires_grad]
         return sum((p.sum() * 0.0 for p in params), torch.zeros((), device=self.args.device))
+
+    def _watch_divergence(self, value: float) -> None:
+        """Warn once when the last few losses all exceed ``divergence_factor`` times the mean of
+        the run's first ones: a loss growing by orders of magnitude without NaN is a diverged
+        run whose results would otherwise look merely bad."""
+        if self.divergence_factor is None or self.diverged_at_step is not None:
+            return
+        if len(self._first_losses) < _DIVERGENCE_REFERENCE_STEPS:
+            self._first_losses.append(value)
+            return
+        self._recent_losses.append(value)
+        # The smallest of the first few losses: a run can diverge within its first steps, and
+        # later losses of a healthy run only fall below it.
+        reference = min(self._first_losses)
+        bound = self.divergence_factor * max(reference, 1e-8)
+        if len(self._recent_losses) == _DIVERGENCE_WINDOW and min(self._recent_losses) > bound:
+            self.diverged_at_step = self.state.global_step + 1
+            message = (
+                f"Training diverged at step {self.diverged_at_step}: the last "
+                f"{_DIVERGENCE_WINDOW} losses ({', '.join(f'{v:.4g}' for v in self._recent_losses)}) "
+                f"are all above {self.divergence_factor:g} x the smallest of the run's first losses "
+                f"({reference:.4g}). The model is being destroyed without NaN; lower the "
+                "learning rate, add warm-up or gradient clipping (max_grad_norm)."
+            )
+            logger.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def _accumulate_stats(self) -> None:
         for key, value in self.loss_fn.last_stats.items():
@@ -330,15 +428,118 @@ class LongTailTrainer(Trainer):
         super().log(logs, start_time)
 
     # ----------------------------------------------------------- checkpoints
+    def checkpoint_recipe(self) -> dict[str, Any]:
+        """What a checkpoint of this trainer may only be resumed with: the loss recipe, the
+        training class counts (hence the number of labels), the sampler and the seeds."""
+        return {
+            "loss": self.loss_config.to_dict(),
+            "class_counts": list(self.class_counts),
+            "num_labels": len(self.class_counts),
+            "sampler": self.sampler_name,
+            "seed": self.args.seed,
+            "data_seed": self.args.data_seed,
+        }
+
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        # The loss state goes in first: the parent writes trainer_state.json (the marker of a
-        # complete checkpoint) last and then deletes older checkpoints, so a run killed at any
-        # moment never leaves a "complete" checkpoint without its CAR state.
+        # Weights that are no longer finite are never written: with save_total_limit the older,
+        # good checkpoints would then be rotated away.
+        self._check_weights_finite("checkpoint")
+        # The loss state and the recipe go in first: the parent writes trainer_state.json (the
+        # marker of a complete checkpoint) last and then deletes older checkpoints, so a run
+        # killed at any moment never leaves a "complete" checkpoint without its CAR state.
         if self.args.should_save:
             run_dir = self._get_output_dir(trial=trial)
             folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             save_loss_state(self.loss_fn, folder)
+            with open(os.path.join(folder, CHECKPOINT_RECIPE_FILE), "w", encoding="utf-8") as f:
+                json.dump(self.checkpoint_recipe(), f, indent=2, sort_keys=True)
         super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The parent's ``save_model``, refused (on every process) when a weight is not finite."""
+        if not _internal_call:
+            self._check_weights_finite("model")
+        super().save_model(output_dir, _internal_call=_internal_call)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # The parent pickles the whole TrainingArguments into training_args.bin (output dir and
+        # every checkpoint), hub_token included, and Trainer.push_to_hub uploads that folder.
+        # The token is blanked for the write only; a push still uses it.
+        token = getattr(self.args, "hub_token", None)
+        if token is None:
+            return super()._save(output_dir, state_dict)
+        self.args.hub_token = None
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            self.args.hub_token = token
+
+    def _check_weights_finite(self, what: str) -> None:
+        model = self.accelerator.unwrap_model(self.model) if self.model is not None else None
+        if model is None:
+            return
+        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise NonFiniteLossError(
+                f"Not saving the {what} at step {self.state.global_step}: {len(bad)} parameter "
+                f"tensor(s) are not finite (first: {bad[0]}). Earlier checkpoints are kept; "
+                "resume from the last one with a lower learning rate or gradient clipping."
+            )
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """The parent's ``train`` with safe resuming, and a refusal of a run that trained nothing.
+
+        - ``resume_from_checkpoint=True`` takes the last *readable* checkpoint of ``output_dir``
+          (:func:`hf_longtail.resume.last_readable_checkpoint`: one with an empty or truncated
+          ``trainer_state.json`` or weights is skipped with a warning naming the file); a path
+          that cannot be read is refused naming the file.
+        - A checkpoint written with another loss, other class counts (number of labels),
+          sampler or seed is refused with :class:`hf_longtail.resume.ResumeMismatchError`
+          naming every change, before anything is loaded.
+        - A run that made no optimizer step raises ``RuntimeError`` (its model is untrained).
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_readable_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise FileNotFoundError(
+                    f"resume_from_checkpoint=True but {self.args.output_dir} holds no readable "
+                    "checkpoint-* directory."
+                )
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            resume_from_checkpoint = str(resume_from_checkpoint)
+            problem = checkpoint_problem(resume_from_checkpoint)
+            if problem:
+                raise FileNotFoundError(
+                    f"Cannot resume from {resume_from_checkpoint}: {problem}. Resume from an "
+                    "earlier checkpoint (resume_from_checkpoint=True takes the last readable one)."
+                )
+            self._check_checkpoint_recipe(resume_from_checkpoint)
+        result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        if self.state.global_step == 0:
+            raise RuntimeError(
+                "The run made no optimizer step: the model is untrained. "
+                f"{_run_length_description(self.args, self.train_dataset)}. Raise "
+                "num_train_epochs / max_steps, or use a smaller batch."
+            )
+        return result
+
+    def _check_checkpoint_recipe(self, folder: str) -> None:
+        path = os.path.join(folder, CHECKPOINT_RECIPE_FILE)
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            logger.warning("%s has no readable %s: its recipe is not checked.", folder, path)
+            return
+        fields = tuple(self.checkpoint_recipe())
+        changes = recipe_changes(saved, self.checkpoint_recipe(), fields)
+        if changes:
+            raise ResumeMismatchError(
+                f"Cannot resume {folder}: it was written with another recipe. Changed: "
+                + "; ".join(changes)
+                + ". Resume with the original settings, or train from scratch in another "
+                "output_dir."
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None):
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
@@ -359,6 +560,30 @@ class LongTailTrainer(Trainer):
         # num_training_steps / num_train_epochs is wrong whenever max_steps is set.
         self._update_steps_per_epoch = int(values[1])
         return values
+
+    # ----------------------------------------------------------- dataloaders
+    def get_train_dataloader(self):
+        return self._shield_workers(super().get_train_dataloader())
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return self._shield_workers(super().get_eval_dataloader(eval_dataset))
+
+    def get_test_dataloader(self, test_dataset):
+        return self._shield_workers(super().get_test_dataloader(test_dataset))
+
+    def _shield_workers(self, dataloader):
+        """DataLoader workers ignore the checkpointing signals (see
+        :func:`install_signal_checkpointing`): a scheduler signals the whole process group, and
+        a worker killed first would make the main process fail before it can checkpoint."""
+        signals = self._worker_ignored_signals
+        # accelerate's DataLoaderShard delegates to the DataLoader it wraps, which starts the
+        # workers (skip_first_batches, on resume, copies the setting from there).
+        loader = getattr(dataloader, "base_dataloader", dataloader)
+        if signals and getattr(loader, "num_workers", 0) > 0:
+            inner = loader.worker_init_fn
+            if not isinstance(inner, _IgnoreSignalsInWorker):
+                loader.worker_init_fn = _IgnoreSignalsInWorker(signals, inner)
+        return dataloader
 
     # -------------------------------------------------------------- sampling
     def _planned_epochs(self, dataset) -> float:
@@ -481,7 +706,10 @@ def load_loss_state(
         if len(loss_fn.state_dict()):
             logger.warning("%s has no %s: the loss state starts fresh.", folder, LOSS_STATE_NAME)
         return False
-    state = torch.load(path, map_location=device or "cpu", weights_only=True)
+    # Always read onto the CPU: ``load_state_dict`` copies into the module's buffers wherever
+    # they live. An indexed CPU device (``cpu:0``, what ``args.device`` is in a multi-process CPU
+    # run) is not a valid ``map_location`` for torch.load.
+    state = torch.load(path, map_location="cpu", weights_only=True)
     loss_fn.load_state_dict(state)
     return True
 
@@ -591,6 +819,101 @@ def _check_label_range(dataset: Any, label_column: str | None, num_classes: int)
         )
 
 
+def normalize_lr_milestones(value: Any) -> list[float] | None:
+    """``lr_milestones`` as a list of epochs (``None`` for none); a single number (as YAML gives
+    ``lr_milestones: 160``) is one milestone. Each must be a finite number >= 0, in increasing
+    order; otherwise ``TypeError`` / ``ValueError`` naming the option."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise TypeError(f"lr_milestones must be a list of epochs (numbers); got {value!r}")
+    values = list(value)
+    for m in values:
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0:
+            raise ValueError(f"lr_milestones must hold finite epochs >= 0; got {m!r} in {values}")
+    if values != sorted(values):
+        raise ValueError(f"lr_milestones must be in increasing order; got {values}")
+    return [float(m) for m in values] or None
+
+
+def check_run_length(args: Any) -> None:
+    """Refuse at construction a run that cannot make an optimizer step (``num_train_epochs <= 0``
+    without ``max_steps``): it would save an untrained model as if it were trained."""
+    if args is None:
+        return
+    max_steps = getattr(args, "max_steps", -1) or -1
+    epochs = getattr(args, "num_train_epochs", 1)
+    if max_steps <= 0 and not epochs > 0:
+        raise ValueError(
+            f"num_train_epochs={epochs} and max_steps={getattr(args, 'max_steps', None)}: the run "
+            "would make no optimizer step. Set num_train_epochs > 0 or max_steps > 0."
+        )
+
+
+def _run_length_description(args: Any, dataset: Any) -> str:
+    try:
+        size = len(dataset)
+    except TypeError:
+        size = "?"
+    return (
+        f"num_train_epochs={args.num_train_epochs}, max_steps={args.max_steps}, {size} training "
+        f"examples, per_device_train_batch_size={args.per_device_train_batch_size} x "
+        f"gradient_accumulation_steps={args.gradient_accumulation_steps} x world size "
+        f"{args.world_size}, dataloader_drop_last={args.dataloader_drop_last}"
+    )
+
+
+#: Base losses that already correct for the training label prior (logit adjustment, balanced
+#: softmax, class-balanced reweighting); DRW reweights by class from ``drw_epoch`` on.
+_PRIOR_CORRECTING_BASES = {"la": "logit-adjusted", "bs": "balanced-softmax", "cb": "class-balanced"}
+
+
+def _warn_double_rebalancing(sampler: str, config: LongTailLossConfig) -> None:
+    """A class-balanced sampler makes the batches' label prior uniform; a loss that also
+    corrects for the (long-tailed) training prior then corrects twice, over-favouring the tail
+    classes. Warned, not refused: a few recipes do this on purpose."""
+    if sampler != "class_balanced":
+        return
+    reasons = []
+    if config.base in _PRIOR_CORRECTING_BASES:
+        reasons.append(f"the {_PRIOR_CORRECTING_BASES[config.base]} loss (base={config.base!r})")
+    if config.drw_epoch is not None:
+        reasons.append(f"deferred re-weighting (drw_epoch={config.drw_epoch})")
+    if reasons:
+        message = (
+            "sampler='class_balanced' together with "
+            + " and ".join(reasons)
+            + " rebalances twice: the sampler already makes every class equally frequent in "
+            "the batches, and the loss corrects for the long-tailed prior again, over-favouring "
+            "the tail. Use sampler='random' with this loss, or a plain base loss (ce/focal/ldam) "
+            "with the class-balanced sampler."
+        )
+        logger.warning(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+class _IgnoreSignalsInWorker:
+    """``worker_init_fn`` of a DataLoader worker: ignore ``signals``, then call the original.
+
+    Picklable (for the spawn / forkserver start methods). The worker still exits when its main
+    process tells it to, or when the main process dies (PyTorch's worker watchdog).
+    """
+
+    def __init__(self, signals: Sequence[int], inner: Any = None) -> None:
+        self.signals = tuple(int(s) for s in signals)
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        import signal
+
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)
+        if self.inner is not None:
+            self.inner(worker_id)
+
+
 def _check_num_labels(model: nn.Module | None, num_classes: int) -> None:
     config = getattr(model, "config", None)
     num_labels = getattr(config, "num_labels", None)
@@ -607,8 +930,12 @@ class SignalCheckpointCallback(TrainerCallback):
 
     The first signal only sets a flag (a handler must not do I/O mid-step); at the next step end
     the Trainer saves a full checkpoint (model, optimizer, scheduler, RNG, loss state, sampler
-    position via ``global_step``) and stops. A second signal falls back to the previous handler,
-    so an impatient Ctrl-C still kills the run. Under ``torch.distributed`` the flag is max-reduced
+    position via ``global_step``) and stops. A second SIGINT more than a second after the first
+    falls back to the previous handler, so an impatient Ctrl-C still kills the run; a repeated
+    SIGTERM, or any repeat within a second (a launcher forwarding the signal its process group
+    already got), is ignored. DataLoader workers ignore the signals (a scheduler signals the
+    whole process group; a worker dying first would crash the main process before it can
+    checkpoint). Under ``torch.distributed`` the flag is max-reduced
     every step so all ranks stop at the same step even if only one received the signal.
     """
 
@@ -623,13 +950,27 @@ class SignalCheckpointCallback(TrainerCallback):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        import time
+
+        now = time.monotonic()
         if self.received is not None:
+            # One stop request often arrives twice: a scheduler signals the whole process group
+            # and a launcher (torchrun) forwards the same signal to its workers. A repeated
+            # SIGTERM (schedulers escalate with SIGKILL, not with a second SIGTERM) and a
+            # repeat within a second are that duplicate; a later second SIGINT is an impatient
+            # Ctrl-C and falls back to the previous handler.
+            if signum == self._signal.SIGTERM or now - self._received_at < 1.0:
+                logger.warning(
+                    "Signal %d again: still checkpointing at the end of this step.", signum
+                )
+                return
             previous = self._previous.get(signum)
             self.restore()
             if callable(previous):
                 previous(signum, frame)
             raise KeyboardInterrupt
         self.received = signum
+        self._received_at = now
         logger.warning("Received signal %d: checkpointing at the end of this step.", signum)
 
     def restore(self) -> None:
@@ -661,6 +1002,8 @@ def install_signal_checkpointing(
 ) -> SignalCheckpointCallback:
     """Make ``trainer`` save a checkpoint and stop on SIGTERM/SIGINT (see the callback)."""
     callback = SignalCheckpointCallback(trainer, signals)
+    # DataLoader workers started from now on ignore these signals (see _shield_workers).
+    trainer._worker_ignored_signals = tuple(callback._previous)
     trainer.stopped_by_signal = None
     trainer.stopped_by_signal_number = 0
     trainer.add_callback(callback)

@@ -10,8 +10,13 @@ Usage (transformers-examples style)::
         --loss la --ccar --car_weight 0.5 --output_dir outputs/vit-c100lt
     accelerate launch --multi_gpu --num_processes 2 scripts/train.py CONFIG.yaml
 
-A YAML/JSON file given as the first argument sets the defaults; flags after it override them.
-Unknown keys in the file are an error that names them.
+A YAML/JSON file (anywhere among the arguments) sets the defaults; flags override it. Unknown
+keys, values of the wrong type and out-of-range options are errors that name the option, raised
+before any data is loaded and before anything in ``output_dir`` is touched.
+
+Re-running the same command continues the run from its last readable checkpoint; a different
+recipe in ``output_dir`` is refused (``--overwrite_output_dir`` replaces it, but only once every
+option, the data and the model are validated; ``--resume_from_checkpoint`` wins over it).
 
 After training the script evaluates on the evaluation split and writes into ``output_dir``:
 the model (and image processor), ``all_results.json`` (``test_*`` metrics), ``longtail_run.json``
@@ -25,9 +30,8 @@ import dataclasses
 import json
 import logging
 import os
-import re
-import shutil
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,16 +41,20 @@ from typing import Any
 # 2 loaded cores. Passive waiting costs little when the cores are free. An explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from hf_longtail.arguments import check_number, read_config_file, split_config_file
 from hf_longtail.losses import LongTailLossConfig
+from hf_longtail.resume import (
+    RESULTS_FILE,
+    RUN_FILE,
+    OutputDirPlan,
+    check_output_dir_usable,
+    plan_output_dir,
+    replace_previous_run,
+)
 
 logger = logging.getLogger("hf_longtail.train")
-
-RUN_FILE = "longtail_run.json"
-RESULTS_FILE = "all_results.json"
-MIN_FREE_BYTES = 200 * 1024**2
 
 
 @dataclass
@@ -110,8 +118,12 @@ class DataArguments:
     split_dir: str | None = field(
         default=None, metadata={"help": "Directory of the protocol split files (*_train.txt)."}
     )
-    imbalance_factor: float = field(
-        default=100.0, metadata={"help": "n_max / n_min of the long-tailed training set (>= 1)."}
+    imbalance_factor: float | None = field(
+        default=100.0,
+        metadata={
+            "help": "n_max / n_min of the long-tailed training set (>= 1); null in a config: "
+            "use the source as it is (the ImageNet-LT / iNaturalist split files)."
+        },
     )
     imbalance_profile: str = field(default="exp", metadata={"help": "'exp', 'step' or 'pareto'."})
     imbalance_seed: int = field(default=0, metadata={"help": "Seed of the per-class subsets."})
@@ -141,6 +153,14 @@ class DataArguments:
         metadata={
             "help": "An unreadable (truncated/corrupt/missing) image met while reading batches: "
             "'raise' stops naming the file; 'skip' drops it from its batch (logged, counted)."
+        },
+    )
+    preflight_sample: int = field(
+        default=1000,
+        metadata={
+            "help": "Before training, every row of each split is checked for a missing image "
+            "and a missing file; this many random rows per split also get their image header "
+            "opened (-1: all rows; 0: none). Bad rows follow --on_bad_image."
         },
     )
     max_eval_samples: int | None = field(
@@ -237,13 +257,24 @@ class RunArguments:
     """Run management beyond TrainingArguments."""
 
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Replace a different run already in output_dir."}
+        default=False,
+        metadata={
+            "help": "Replace a previous run in output_dir (deleted only once the options, data "
+            "and model are validated; ignored when resuming)."
+        },
     )
     lr_milestones: list[float] | None = field(
         default=None, metadata={"help": "Epochs of x lr_gamma step decay (LDAM recipe: 160 180)."}
     )
     lr_gamma: float = field(default=0.1, metadata={"help": "Step-decay factor."})
     nonfinite_loss: str = field(default="raise", metadata={"help": "'raise' or 'skip'."})
+    nonfinite_skip_limit: int = field(
+        default=10,
+        metadata={
+            "help": "With --nonfinite_loss skip: stop after this many consecutive skipped "
+            "batches (or more than half of them)."
+        },
+    )
     save_on_signal: bool = field(
         default=True, metadata={"help": "Checkpoint on SIGTERM/SIGINT before exiting."}
     )
@@ -256,36 +287,18 @@ DATACLASSES = (ModelArguments, DataArguments, LossArguments, RunArguments, Train
 def parse_args(argv: list[str] | None = None) -> tuple[Any, ...]:
     """Parse ``[CONFIG.yaml|CONFIG.json] [--flag value ...]`` into the argument dataclasses.
 
-    The file (optional, first) provides defaults; flags override them. Unknown keys in the file
-    raise a ``ValueError`` naming them and the closest valid names.
+    The file (optional, anywhere among the arguments) provides defaults; flags override them.
+    Its values are checked against the options' types (:func:`hf_longtail.arguments.
+    read_config_file`): unknown keys and wrong types raise a ``ValueError`` naming them.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(DATACLASSES)
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
-        config_path = Path(argv.pop(0))
-        if not config_path.is_file():
-            raise FileNotFoundError(f"Config file {config_path} does not exist.")
-        text = config_path.read_text(encoding="utf-8")
-        values = json.loads(text) if config_path.suffix == ".json" else yaml.safe_load(text)
-        values = values or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{config_path} must hold a mapping of option names to values.")
-        known = {f.name for dc in DATACLASSES for f in dataclasses.fields(dc) if f.init}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            import difflib
-
-            hints = [
-                f"{k!r} (did you mean {difflib.get_close_matches(k, known, n=1)[0]!r}?)"
-                if difflib.get_close_matches(k, known, n=1)
-                else repr(k)
-                for k in unknown
-            ]
-            raise ValueError(
-                f"Unknown key(s) in {config_path}: {', '.join(hints)}. Valid keys are the "
-                "options of scripts/train.py --help."
-            )
-        parser.set_defaults(**values)
+    value_flags = {
+        flag for action in parser._actions if action.nargs is None for flag in action.option_strings
+    }
+    config_path, argv = split_config_file(argv, value_flags)
+    if config_path is not None:
+        parser.set_defaults(**read_config_file(config_path, DATACLASSES))
     if _multi_process_without_gpu() and parser.get_default("use_cpu") is not True:
         # accelerate's multi-process launch on a machine without a GPU only becomes a gloo group
         # when use_cpu is set; otherwise every process would train alone on the same output_dir.
@@ -309,107 +322,20 @@ def loss_config_from_args(loss_args: LossArguments):
 
 
 # ------------------------------------------------------------------------ output dir safety
-def prepare_output_dir(training_args: TrainingArguments, run_args: RunArguments, run_info: dict):
-    """Refuse to mix two runs in one directory; pick the checkpoint to resume from.
-
-    - ``resume_from_checkpoint=True`` (or a path) resumes the last (or that) checkpoint.
-    - An ``output_dir`` holding checkpoints or a finished run of a *different* recipe is refused
-      unless ``--overwrite_output_dir`` (which deletes it); the *same* recipe with checkpoints
-      resumes automatically, so a re-submitted job continues instead of starting over.
-    - Unwritable directories and nearly full disks fail here, before any data is loaded.
-
-    Returns the checkpoint path to resume from, or ``None``.
-    """
-    out = Path(training_args.output_dir)
-    resume = training_args.resume_from_checkpoint
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"output_dir {out} exists and is not a directory.")
-    last = _last_complete_checkpoint(out) if out.is_dir() else None
-    previous = _read_json(out / RUN_FILE)
-    has_run = last is not None or (out / RESULTS_FILE).exists() or previous is not None
-    if run_args.overwrite_output_dir and has_run and training_args.process_index == 0:
-        logger.warning("--overwrite_output_dir: deleting the previous run in %s", out)
-        shutil.rmtree(out)
-        last, previous, has_run = None, None, False
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        resume = True
-    if resume is True:
-        if last is None:
-            raise FileNotFoundError(
-                f"resume_from_checkpoint=True but {out} holds no checkpoint-* directory."
-            )
-        resume = last
-    elif resume in (None, False, "", "false", "False"):
-        resume = None
-        if has_run:
-            same = previous is not None and _same_recipe(previous, run_info)
-            if same and last is not None:
-                logger.info("Resuming the same run from %s", last)
-                resume = last
-            else:
-                why = "a different run" if previous is not None and not same else "a previous run"
-                raise FileExistsError(
-                    f"output_dir {out} already holds {why}"
-                    + (f" (last checkpoint {last})" if last else "")
-                    + ". Pass --overwrite_output_dir to replace it, --resume_from_checkpoint "
-                    "true to continue it, or choose another --output_dir."
-                )
-    elif not Path(resume).is_dir():
-        raise FileNotFoundError(f"resume_from_checkpoint={resume} is not a directory.")
-    elif not (Path(resume) / "trainer_state.json").is_file():
-        raise FileNotFoundError(
-            f"resume_from_checkpoint={resume} is incomplete (no trainer_state.json: the run was "
-            "killed while writing it). Resume from an earlier checkpoint, or pass "
-            "--resume_from_checkpoint true to take the last complete one."
-        )
-
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise type(err)(
-            f"output_dir {out} cannot be created ({err.strerror or err}): a parent is a file, "
-            "is read-only or does not allow it. Choose another --output_dir."
-        ) from err
-    probe = out / f".write_test_{os.getpid()}"
-    try:
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(f"output_dir {out} is not writable: {err}") from err
-    free = shutil.disk_usage(out).free
-    if free < MIN_FREE_BYTES:
-        raise OSError(
-            f"Only {free / 1024**2:.0f} MiB free on the disk of {out}; checkpoints need more. "
-            "Free some space or choose another --output_dir."
-        )
-    return resume
-
-
-def _last_complete_checkpoint(out: Path) -> str | None:
-    """The highest ``checkpoint-N`` in ``out`` holding ``trainer_state.json`` (the Trainer writes
-    it last), skipping with a warning the ones a killed run left half-written."""
-    found = []
-    for child in out.iterdir():
-        match = re.fullmatch(r"checkpoint-(\d+)", child.name)
-        if match and child.is_dir():
-            found.append((int(match.group(1)), child))
-    for _, path in sorted(found, reverse=True):
-        if (path / "trainer_state.json").is_file():
-            return str(path)
-        logger.warning("Ignoring incomplete checkpoint %s (no trainer_state.json).", path)
-    return None
-
-
-def _same_recipe(previous: dict, current: dict) -> bool:
-    keys = ("model_name_or_path", "classifier", "dataset", "loss")
-    return all(previous.get(k) == current.get(k) for k in keys)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+def prepare_output_dir(
+    training_args: TrainingArguments, run_args: RunArguments, run_info: dict
+) -> OutputDirPlan:
+    """Decide resume / fresh start / replacement (:func:`hf_longtail.resume.plan_output_dir`,
+    nothing is deleted here) and make sure the directory can be written, before any data is
+    loaded."""
+    plan = plan_output_dir(
+        training_args.output_dir,
+        run_info,
+        resume_from_checkpoint=training_args.resume_from_checkpoint,
+        overwrite=run_args.overwrite_output_dir,
+    )
+    check_output_dir_usable(training_args.output_dir)
+    return plan
 
 
 # ----------------------------------------------------------------------------------- main
@@ -434,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # --label_smoothing_factor (TrainingArguments) is applied by the loss: record it there.
     loss_config = apply_label_smoothing_factor(loss_config, training_args.label_smoothing_factor)
-    _check_options(data_args, run_args)
+    _check_options(data_args, run_args, training_args)
     _check_classifier(model_args, loss_config)
 
     import hf_longtail
@@ -445,6 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
         collate_fn,
         detect_columns,
         load_long_tailed,
+        preflight_splits,
         with_transforms,
     )
     from hf_longtail.metrics import long_tail_metrics, make_compute_metrics
@@ -463,13 +390,19 @@ def main(argv: list[str] | None = None) -> dict:
             "eval_split": data_args.eval_split,
         },
         "loss": loss_config.to_dict(),
+        # The part of the training summary that is recipe (completed below).
+        "training": {
+            "seed": training_args.seed,
+            "data_seed": training_args.data_seed,
+            "sampler": data_args.sampler,
+        },
     }
     if model_args.classifier != "linear":  # absent for the model's own head (older run files)
         run_info["classifier"] = {"type": model_args.classifier, "scale": model_args.cosine_scale}
-    # Process 0 inspects (and with --overwrite_output_dir deletes) the directory first; the others
-    # then see what it left, so every process takes the same decision, without a race.
+    # Process 0 inspects (and creates) the directory first; the others then see what it left,
+    # so every process takes the same decision. Nothing is deleted here.
     with training_args.main_process_first(local=False, desc="output_dir check"):
-        resume = prepare_output_dir(training_args, run_args, run_info)
+        plan = prepare_output_dir(training_args, run_args, run_info)
 
     dataset = load_long_tailed(
         data_args.dataset_name,
@@ -495,6 +428,17 @@ def main(argv: list[str] | None = None) -> dict:
     image_col, label_col = detect_columns(
         train_ds, data_args.image_column_name, data_args.label_column_name
     )
+    # Missing images / files in either split stop the run now, not mid-training or at the
+    # final evaluation (or are dropped with --on_bad_image skip).
+    sample = None if data_args.preflight_sample < 0 else data_args.preflight_sample
+    checked = preflight_splits(
+        {"train": train_ds, data_args.eval_split: eval_ds},
+        image_col,
+        on_bad_image=data_args.on_bad_image,
+        sample=sample,
+        seed=data_args.imbalance_seed,
+    )
+    train_ds, eval_ds = checked["train"], checked[data_args.eval_split]
     counts = class_counts(train_ds, label_column=label_col)
     class_names = list(train_ds.features[label_col].names)
     run_info["dataset"].update(
@@ -507,6 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
             "eval_size": len(eval_ds),
         }
     )
+    plan.check_data(run_info)  # a resume must see the data its run was started with
 
     from hf_longtail.models import is_model
 
@@ -595,6 +540,7 @@ def main(argv: list[str] | None = None) -> dict:
         sampler=data_args.sampler,
         label_column=label_col,
         nonfinite_loss=run_args.nonfinite_loss,
+        nonfinite_skip_limit=run_args.nonfinite_skip_limit,
         lr_milestones=run_args.lr_milestones,
         lr_gamma=run_args.lr_gamma,
     )
@@ -607,10 +553,15 @@ def main(argv: list[str] | None = None) -> dict:
         "many": data_args.many_shot_threshold,
         "few": data_args.few_shot_threshold,
     }
+    # Everything is validated: only now may --overwrite_output_dir delete the previous run.
+    if plan.replace_previous:
+        with training_args.main_process_first(local=False, desc="replacing the previous run"):
+            if training_args.process_index == 0:
+                replace_previous_run(plan)
     if training_args.should_save:
-        _write_json(Path(training_args.output_dir) / RUN_FILE, run_info)
+        _write_json(Path(training_args.output_dir) / RUN_FILE, plan.record(run_info))
 
-    train_result = trainer.train(resume_from_checkpoint=resume)
+    train_result = trainer.train(resume_from_checkpoint=plan.resume)
     if getattr(trainer, "stopped_by_signal", None):
         logger.warning("Stopped by %s after saving a checkpoint.", trainer.stopped_by_signal)
         sys.exit(128 + int(trainer.stopped_by_signal_number))
@@ -618,6 +569,8 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_state()
     train_metrics = dict(train_result.metrics)
     train_metrics["train_samples"] = len(train_ds)
+    if trainer.diverged_at_step is not None:
+        train_metrics["train_diverged_at_step"] = trainer.diverged_at_step
 
     # Final evaluation with the full metric set (lists included) on every process.
     prediction = trainer.predict(eval_ds, metric_key_prefix="test")
@@ -647,23 +600,79 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def _check_options(data_args: DataArguments, run_args: RunArguments) -> None:
-    """Reject invalid choice options and imbalance factors before the output dir or the data
-    are touched (each message names the option and its valid values)."""
-    from hf_longtail.data.profiles import validate_imbalance_factor
-    from hf_longtail.data.transforms import ON_BAD_IMAGE
-    from hf_longtail.trainer import NONFINITE_POLICIES, SAMPLERS
+def _check_options(
+    data_args: DataArguments, run_args: RunArguments, training_args: TrainingArguments
+) -> None:
+    """Reject invalid options before the output dir or the data are touched (each message names
+    the option and its valid values), and warn about combinations that give silently wrong
+    results."""
+    from hf_longtail.data.profiles import PROFILES, validate_imbalance_factor
+    from hf_longtail.data.transforms import AUTO_AUGMENT, ON_BAD_IMAGE
+    from hf_longtail.trainer import (
+        NONFINITE_POLICIES,
+        SAMPLERS,
+        check_run_length,
+        normalize_lr_milestones,
+    )
 
     choices = (
         ("sampler", data_args.sampler, SAMPLERS),
         ("on_bad_image", data_args.on_bad_image, ON_BAD_IMAGE),
         ("nonfinite_loss", run_args.nonfinite_loss, NONFINITE_POLICIES),
+        ("imbalance_profile", data_args.imbalance_profile, tuple(PROFILES)),
+        ("train_transform", data_args.train_transform, TRANSFORMS),
+        ("auto_augment", data_args.auto_augment, (None, *AUTO_AUGMENT)),
     )
     for name, value, valid in choices:
         if value not in valid:
             raise ValueError(f"--{name} {value!r} is not valid; use one of {list(valid)}.")
     if data_args.imbalance_factor is not None:  # None: use the source as it is
         validate_imbalance_factor(data_args.imbalance_factor)
+    check_number("imbalance_seed", data_args.imbalance_seed, minimum=0, integer=True)
+    check_number("mixup_alpha", data_args.mixup_alpha, minimum=0)
+    check_number("cutmix_alpha", data_args.cutmix_alpha, minimum=0)
+    check_number("image_size", data_args.image_size, minimum=1, integer=True, allow_none=True)
+    check_number("preflight_sample", data_args.preflight_sample, minimum=-1, integer=True)
+    check_number(
+        "max_eval_samples", data_args.max_eval_samples, minimum=1, integer=True, allow_none=True
+    )
+    check_number("many_shot_threshold", data_args.many_shot_threshold, minimum=0, integer=True)
+    check_number("few_shot_threshold", data_args.few_shot_threshold, minimum=0, integer=True)
+    if data_args.few_shot_threshold > data_args.many_shot_threshold:
+        raise ValueError(
+            f"--few_shot_threshold {data_args.few_shot_threshold} is above "
+            f"--many_shot_threshold {data_args.many_shot_threshold}; few-shot classes have fewer "
+            "training images than many-shot ones."
+        )
+    check_number("posthoc_tau", data_args.posthoc_tau, allow_none=True)
+    check_number("lr_gamma", run_args.lr_gamma, above=0)
+    check_number("nonfinite_skip_limit", run_args.nonfinite_skip_limit, minimum=1, integer=True)
+    try:
+        run_args.lr_milestones = normalize_lr_milestones(run_args.lr_milestones)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--{err}") from None
+    check_run_length(training_args)
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        check_number(name, getattr(training_args, name), minimum=1, integer=True)
+    check_number(
+        "gradient_accumulation_steps", training_args.gradient_accumulation_steps, minimum=1
+    )
+    check_number("learning_rate", training_args.learning_rate, minimum=0)
+    check_number("weight_decay", training_args.weight_decay, minimum=0)
+    check_number("warmup_steps", training_args.warmup_steps, minimum=0)
+    check_number("dataloader_num_workers", training_args.dataloader_num_workers, minimum=0)
+    if data_args.sampler == "class_balanced" and data_args.posthoc_tau:
+        warnings.warn(
+            f"--sampler class_balanced with --posthoc_tau {data_args.posthoc_tau} rebalances "
+            "twice: the balanced batches already remove the training prior that the post-hoc "
+            "logit adjustment subtracts again. Use one of the two.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+#: Values of --train_transform.
+TRANSFORMS = ("auto", "model", "cifar", "cifar10", "cifar100")
 
 
 def classifier_kwargs(model_args: ModelArguments) -> dict[str, Any]:
@@ -733,6 +742,7 @@ def _training_summary(training_args: TrainingArguments, trainer) -> dict:
         "warmup_steps",
         "weight_decay",
         "seed",
+        "data_seed",
         "bf16",
         "fp16",
     )

@@ -100,8 +100,9 @@ def test_two_processes_share_one_car_state_and_reduce_logged_parts(tmp_path):
 @pytest.mark.distributed
 def test_train_script_under_two_processes_replaces_a_previous_run(tmp_path):
     """The README's ``accelerate launch`` form of scripts/train.py on 2 CPU processes, into an
-    output dir that holds another run: process 0 deletes it (--overwrite_output_dir in the
-    digits config) before the other process looks, and the run writes its results once."""
+    output dir that holds another run: with --overwrite_output_dir, process 0 deletes it once
+    everything is validated, while the other process waits, and the run writes its results
+    once."""
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     if accelerate is None:
         pytest.skip("the accelerate CLI is not installed next to this Python")
@@ -116,7 +117,7 @@ def test_train_script_under_two_processes_replaces_a_previous_run(tmp_path):
         "--main_process_port", str(_free_port()),
         str(repo / "scripts" / "train.py"),
         str(repo / "scripts" / "configs" / "digits_ccar_car.yaml"),
-        "--output_dir", str(out),
+        "--output_dir", str(out), "--overwrite_output_dir", "true",
         "--model_name_or_path", "resnet20_cifar", "--image_size", "16",
         "--max_steps", "3", "--per_device_train_batch_size", "16",
         "--save_strategy", "no", "--logging_strategy", "no",

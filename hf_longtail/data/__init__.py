@@ -9,7 +9,8 @@ Knows nothing of losses, the Trainer or the Hub helpers. Main entry points:
   :func:`longtail_record` -- the long-tail builder and its recorded provenance;
 - :func:`detect_columns`, :func:`ensure_class_label` -- column detection and label conversion;
 - :func:`build_transforms`, :func:`apply_transforms`, :func:`collate_fn`, :class:`MixupCollator`
-  -- feeding a model (``on_bad_image="raise"|"skip"`` for unreadable files; :func:`find_bad_images`);
+  -- feeding a model (``on_bad_image="raise"|"skip"`` for unreadable files; :func:`find_bad_images`;
+  :func:`preflight_splits` / :func:`check_images`, a cheap check of every split before training);
 - :class:`ClassAwareSampler` -- class-balanced / square-root / progressive sampling under DDP.
 """
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
         stratified_split_indices,
         write_longtail_record,
     )
+    from hf_longtail.data.preflight import check_images, preflight_splits
     from hf_longtail.data.profiles import PROFILES, long_tailed_counts, validate_imbalance_factor
     from hf_longtail.data.samplers import (
         SAMPLING_MODES,
@@ -98,6 +100,8 @@ _EXPORTS: dict[str, str] = {
     "load_long_tailed": "hf_longtail.data.sources",
     "load_protocol": "hf_longtail.data.sources",
     "load_split_file": "hf_longtail.data.sources",
+    "check_images": "hf_longtail.data.preflight",
+    "preflight_splits": "hf_longtail.data.preflight",
     "long_tailed_counts": "hf_longtail.data.profiles",
     "long_tailed_indices": "hf_longtail.data.longtail",
     "longtail_record": "hf_longtail.data.longtail",
@@ -126,6 +130,7 @@ __all__ = [
     "bad_image_count",
     "build_class_aware_sampler",
     "build_transforms",
+    "check_images",
     "cifar_transforms",
     "class_counts",
     "collate_fn",
@@ -145,6 +150,7 @@ __all__ = [
     "long_tailed_indices",
     "longtail_record",
     "make_long_tailed",
+    "preflight_splits",
     "sampling_distribution",
     "stratified_split_indices",
     "to_rgb",

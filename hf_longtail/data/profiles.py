@@ -136,9 +136,33 @@ def long_tailed_counts(
     counts = PROFILES[profile](n_max, num_classes, imbalance_factor, pareto_alpha=pareto_alpha)
     for i, n in enumerate(counts):
         if n < 1:
+            limit = _largest_usable_imbalance_factor(n_max, num_classes, profile, pareto_alpha)
             raise ValueError(
                 f"profile {profile!r} with n_max={n_max} and imbalance_factor={imbalance_factor:g} "
                 f"gives class index {i} zero images (n_max / IF < 1). Use imbalance_factor <= "
-                f"{n_max} for this source (largest class has {n_max} images)."
+                f"{limit} for this source (largest class has {n_max} images)."
             )
     return counts
+
+
+def _largest_usable_imbalance_factor(
+    n_max: int, num_classes: int, profile: str, pareto_alpha: float
+) -> str:
+    """The largest IF (as printed in the error, at most 2 decimals) for which every class of
+    ``profile`` gets at least one image, verified by evaluating the profile: ``n_max`` itself
+    can fail through rounding (``int(49 * (1 / 49)) == 0``)."""
+
+    def usable(factor: float) -> bool:
+        counts = PROFILES[profile](n_max, num_classes, factor, pareto_alpha=pareto_alpha)
+        return min(counts) >= 1
+
+    if usable(float(n_max)):
+        return str(n_max)
+    low, high = 1.0, float(n_max)  # usable(1) holds: IF = 1 gives n_max everywhere
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if usable(middle) else (low, middle)
+    value = math.floor(low * 100) / 100
+    while not usable(value):  # guards the decimal round trip; never more than a step or two
+        value = round(value - 0.01, 2)
+    return f"{value:.2f}"

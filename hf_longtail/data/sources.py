@@ -370,6 +370,27 @@ def _drop_unlabelled_splits(raw: DatasetDict, train_split: str, label_col: str) 
     return DatasetDict(keep)
 
 
+_TABLE_SUFFIXES = (".csv", ".json", ".jsonl")
+
+
+def _paths_relative_to(raw: DatasetDict, image_column: str, folder: Path) -> DatasetDict:
+    """Make the relative paths of a string image column relative to ``folder`` (the CSV/JSON
+    file's folder, as ``datasets``' imagefolder does for its ``metadata.csv``), so a run does not
+    depend on the directory it is started from. Absolute paths, URLs and empty values stay."""
+    feature = raw[next(iter(raw))].features.get(image_column)
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        return raw
+
+    def resolve(batch: dict[str, list]) -> dict[str, list]:
+        batch[image_column] = [
+            p if not p or os.path.isabs(p) or "://" in p else str(folder / p)
+            for p in batch[image_column]
+        ]
+        return batch
+
+    return raw.map(resolve, batched=True, desc="image paths relative to the CSV folder")
+
+
 def _looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or os.path.isabs(name)
 
@@ -435,6 +456,7 @@ def load_long_tailed(
     kind = "dataset"
 
     protocol_key = _protocol_key(name)
+    table_dir = None  # the folder of a CSV/JSON source: its relative image paths start there
     if name.lower() == "digits":
         raw = load_digits_dataset(
             test_size if test_size is not None else DIGITS_TEST_SIZE, split_seed
@@ -466,6 +488,8 @@ def load_long_tailed(
             source_name, kind = proto.name, "protocol"
         else:
             raw = _as_dict(_load_local(path, config_name, **load_kwargs), train_split)
+            if path.is_file() and path.suffix.lower() in _TABLE_SUFFIXES:
+                table_dir = path.resolve().parent
     elif _looks_local(name):
         raise FileNotFoundError(f"local path does not exist: {name}")
     else:
@@ -478,6 +502,8 @@ def load_long_tailed(
         )
     image_col, label_col = detect_columns(raw[train_split], image_column, label_column)
     raw = _drop_unlabelled_splits(raw, train_split, label_col)
+    if table_dir is not None:
+        raw = _paths_relative_to(raw, image_col, table_dir)
     raw = ensure_image_feature(raw, image_col)
     raw = ensure_class_label(raw, label_col)
 

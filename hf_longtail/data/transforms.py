@@ -417,6 +417,10 @@ def build_transforms(
 
 
 def _describe_image(value: Any, label: Any) -> str:
+    if value is None or (
+        isinstance(value, dict) and not value.get("path") and not value.get("bytes")
+    ):
+        return f"missing image (None, label {label})"
     if isinstance(value, str):
         return f"image file {value!r} (label {label})"
     if isinstance(value, dict):
@@ -431,6 +435,10 @@ def _describe_image(value: Any, label: Any) -> str:
 
 
 def _decode_image(decoder: ImageFeature, value: Any) -> Any:
+    if value is None or (
+        isinstance(value, dict) and not value.get("path") and not value.get("bytes")
+    ):
+        raise ValueError("the row has no image")
     if isinstance(value, str):
         value = {"path": value, "bytes": None}
     if isinstance(value, dict):

@@ -146,14 +146,35 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-class TrainRun:
-    """``scripts/train.py`` in its own process group, its output in ``log_path``."""
+#: A complete digits run of ``scripts/train.py`` in seconds: ResNet-20 on 16x16 images, CE + CCAR +
+#: CAR, 4 steps of 32 with a checkpoint every 2 (flags may be appended to override any of them).
+TINY_RUN = [
+    "--dataset_name", "digits", "--imbalance_factor", "10",
+    "--many_shot_threshold", "60", "--few_shot_threshold", "20",
+    "--model_name_or_path", "resnet20_cifar", "--train_transform", "cifar10", "--image_size", "16",
+    "--loss", "ce", "--ccar", "true", "--car_weight", "0.5",
+    "--max_steps", "4", "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "256",
+    "--learning_rate", "0.05", "--optim", "sgd", "--logging_steps", "1",
+    "--eval_strategy", "no", "--save_strategy", "steps", "--save_steps", "2",
+    "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
+    "--dataloader_num_workers", "0", "--use_cpu", "true",
+]  # fmt: skip
 
-    def __init__(self, args: Sequence[str], log_path: Path) -> None:
+
+def run_files(out: Path) -> dict[str, bytes]:
+    """Every file under ``out`` (relative path -> bytes): a run directory's exact content."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+class TrainRun:
+    """``scripts/train.py`` (or ``launcher`` + it) in its own process group, output in
+    ``log_path``."""
+
+    def __init__(self, args: Sequence[str], log_path: Path, launcher: Sequence[str] = ()) -> None:
         self.log_path = log_path
         self._log = open(log_path, "w")  # closed in wait()
         self.process = subprocess.Popen(
-            [sys.executable, str(TRAIN_SCRIPT), *args],
+            [sys.executable, *launcher, str(TRAIN_SCRIPT), *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=subprocess_env(),
@@ -182,6 +203,11 @@ class TrainRun:
     def send(self, sig: int) -> None:
         self.process.send_signal(sig)
 
+    def send_group(self, sig: int) -> None:
+        """``sig`` to the run's whole process group (its DataLoader workers, torchrun's
+        workers), as a cluster scheduler's cancel or a container stop delivers it."""
+        os.killpg(self.process.pid, sig)
+
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
@@ -199,8 +225,10 @@ class TrainRun:
         return code
 
 
-def run_train(args: Sequence[str], log_path: Path, timeout: float = 240.0) -> tuple[int, str]:
+def run_train(
+    args: Sequence[str], log_path: Path, timeout: float = 240.0, launcher: Sequence[str] = ()
+) -> tuple[int, str]:
     """Run ``scripts/train.py`` to the end; ``(exit code, output)``."""
-    run = TrainRun(args, log_path)
+    run = TrainRun(args, log_path, launcher)
     code = run.wait(timeout)
     return code, run.log()

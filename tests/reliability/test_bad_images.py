@@ -199,9 +199,14 @@ def test_train_script_passes_on_bad_image_through(tmp_path, policy):
     ]  # fmt: skip
     train = load_train_module()
     if policy == "raise":
-        with pytest.raises(BadImageError, match=r"embedded image \(\d+ bytes, sha1 "):
+        # Found by the pre-flight check, before training...
+        with pytest.raises(BadImageError, match=r"before training: split 'train' row \d+: cannot"):
             train.main(argv)
+        assert not (tmp_path / "run" / "trainer_state.json").exists()
+        # ... and, beyond the pre-flight's sample, by the transform in its batch.
+        with pytest.raises(BadImageError, match=r"embedded image \(\d+ bytes, sha1 "):
+            train.main([*argv, "--preflight_sample", "0"])
         return
-    results = train.main(argv)
+    results = train.main([*argv, "--preflight_sample", "0"])  # the transform skips it
     assert math.isfinite(results["train_loss"])
     assert (tmp_path / "run" / "model.safetensors").is_file()

@@ -220,6 +220,34 @@ def test_imbalance_factor_that_leaves_a_class_empty_names_it_and_the_limit():
     assert min(class_counts(counts)) == 1
 
 
+def test_the_hinted_imbalance_factor_trains(train_module, tmp_path):
+    """The hint must be a value that works: with 49 images in the largest class, IF = 49 gives
+    the tail int(49 * (1 / 49)) = int(0.999...) = 0 images. A real dataset on disk, a real
+    ``scripts/train.py`` run with the hinted value."""
+    from datasets import DatasetDict
+
+    source = tmp_path / "data"
+    DatasetDict(
+        {"train": image_dataset((49, 30, 20, 10), seed=1), "test": image_dataset((5, 5, 5, 5))}
+    ).save_to_disk(source)
+    out = tmp_path / "run"
+    argv = [
+        "--dataset_name", str(source), "--model_name_or_path", "resnet20_cifar",
+        "--train_transform", "cifar10", "--image_size", "8", "--max_steps", "1",
+        "--per_device_train_batch_size", "8", "--save_strategy", "no", "--report_to", "none",
+        "--use_cpu", "true", "--disable_tqdm", "true", "--output_dir", str(out),
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="zero images") as err:
+        train_module.main([*argv, "--imbalance_factor", "1000"])
+    hint = re.search(r"Use imbalance_factor <= ([0-9.]+) ", str(err.value)).group(1)
+    assert float(hint) < 49  # 49 itself empties the tail class
+    train_module.main([*argv, "--imbalance_factor", hint])
+    import json
+
+    counts = json.loads((out / "longtail_run.json").read_text())["dataset"]["class_counts"]
+    assert counts[0] == 49 and counts[-1] == 1
+
+
 def test_source_class_without_images_is_named():
     ds = image_dataset((5, 4, 3), names=["a", "b", "c"])
     ds = ds.filter(lambda y: y != 1, input_columns="label")  # class 'b' now has no image

@@ -10,18 +10,22 @@ float32 reduction order.
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _reliability_helpers import free_port, subprocess_env
+from _reliability_helpers import TINY_RUN, TrainRun, free_port, run_train, subprocess_env
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "_ddp_train.py"
 ATOL, RTOL = 2e-5, 1e-4
+LOSS_LINE = re.compile(r"^\{'loss': ", re.MULTILINE)
 
 
 @pytest.mark.slow
@@ -101,3 +105,49 @@ def test_a_nonfinite_batch_on_one_rank_is_skipped_without_hanging(tmp_path):
     for key, value in ranks[0]["weights"].items():
         assert torch.equal(value, ranks[1]["weights"][key]), key
         assert torch.isfinite(value).all(), key
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_run_interrupted_by_the_scheduler_resumes(tmp_path):
+    """``scripts/train.py`` under ``torch.distributed.run`` (2 CPU processes, gloo), stopped by a
+    SIGTERM to the whole process group (torchrun forwards it to its workers too: the repeated
+    signal must not kill them mid-checkpoint), then the same command again: every process loads
+    the checkpoint (the loss state used to crash ``torch.load`` with map location ``cpu:0``)
+    and the run continues to its last step."""
+    out = tmp_path / "run"
+    launcher = [
+        "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+    ]  # fmt: skip
+    argv = [*TINY_RUN, "--output_dir", str(out), "--max_steps", "10", "--save_steps", "100"]
+    run = TrainRun(argv, tmp_path / "stopped.txt", launcher)
+    try:
+        run.wait_for(lambda: len(LOSS_LINE.findall(run.log())) >= 3, timeout=240)
+        run.send_group(signal.SIGTERM)
+        run.wait()
+    except BaseException:
+        run.kill()
+        raise
+    log = run.log()
+    assert log.count("Stopped by SIGTERM after saving a checkpoint") == 2, log[-4000:]
+    (checkpoint,) = out.glob("checkpoint-*")
+    step = int(checkpoint.name.split("-")[1])
+    assert 3 <= step < 10
+    assert sorted(p.name for p in checkpoint.glob("rng_state_*.pth")) == [
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    ]
+
+    launcher[-1] = str(free_port())
+    code, log = run_train(argv, tmp_path / "resumed.txt", launcher=launcher)
+    assert code == 0, log[-4000:]
+    assert f"Resuming the same run from {checkpoint}" in log
+    assert len(LOSS_LINE.findall(log)) == 10 - step
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 10
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == list(range(1, 11))
+    loss_state = torch.load(out / "checkpoint-10" / "longtail_loss_state.pt", weights_only=True)
+    assert int(loss_state["regularizer.num_steps"]) == 10  # CAR state carried over the resume
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["test_accuracy"] is not None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -128,12 +129,16 @@ def _assert_same_run(out: Path, reference: Path) -> None:
     assert results["test_loss"] == pytest.approx(results_expected["test_loss"], abs=1e-6)
 
 
-def _stopped_run(config: Path, out: Path, sig: int) -> tuple[TrainRun, int]:
-    """Start a run, send ``sig`` once 3 steps are logged, return it with its exit code."""
-    run = TrainRun([str(config), "--output_dir", str(out)], out.parent / f"log-{sig}.txt")
+def _stopped_run(
+    config: Path, out: Path, sig: int, *extra: str, group: bool = False
+) -> tuple[TrainRun, int]:
+    """Start a run, send ``sig`` (to its whole process group if ``group``) once 3 steps are
+    logged, return it with its exit code."""
+    argv = [str(config), "--output_dir", str(out), *extra]
+    run = TrainRun(argv, out.parent / f"log-{sig}.txt")
     try:
         run.wait_for(lambda: _logged_steps(run) >= 3)
-        run.send(sig)
+        run.send_group(sig) if group else run.send(sig)
         code = run.wait()
     except BaseException:
         run.kill()
@@ -203,3 +208,76 @@ def test_sigkill_then_resume_from_last_checkpoint_matches_uninterrupted(
     assert code == 0, log[-4000:]
     assert len(LOSS_LINE.findall(log)) == MAX_STEPS - SAVE_STEPS
     _assert_same_run(out, reference)
+
+
+def _group_alive(pgid: int) -> list[int]:
+    """Processes still in the process group ``pgid`` (from /proc)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_to_the_process_group_with_dataloader_workers_still_checkpoints(
+    config, tmp_path, sig
+):
+    """A scheduler's cancel / a container stop / Ctrl-C signals the whole process group,
+    DataLoader workers included. The workers ignore it (the main process would otherwise crash
+    on 'DataLoader worker is killed by signal' before checkpointing); the main process
+    checkpoints the step it stopped at, and re-running the same command continues from there."""
+    out = tmp_path / "run"
+    workers = ("--dataloader_num_workers", "2")
+    run, code = _stopped_run(config, out, sig, *workers, group=True)
+    assert code == 128 + sig, run.log()[-4000:]
+    assert "is killed by signal" not in run.log()
+    step = _assert_checkpoint_at_stop(run, out, sig)
+    deadline = time.monotonic() + 20
+    while _group_alive(run.process.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _group_alive(run.process.pid)  # no worker left behind
+    if sig == signal.SIGINT:
+        return  # the resume is the same for both signals
+    argv = [str(config), "--output_dir", str(out), *workers]
+    code, log = run_train(argv, tmp_path / "rerun.txt")  # the same command again
+    assert code == 0, log[-4000:]
+    assert f"Resuming the same run from {out / f'checkpoint-{step}'}" in log
+    assert len(LOSS_LINE.findall(log)) == MAX_STEPS - step
+    final = out / f"checkpoint-{MAX_STEPS}"
+    loss_state = torch.load(final / "longtail_loss_state.pt", weights_only=True)
+    assert int(loss_state["regularizer.num_steps"]) == MAX_STEPS
+
+
+def test_a_repeated_signal_is_one_stop_request_but_a_late_second_ctrl_c_is_not(tmp_path):
+    """torchrun forwards the SIGTERM its process group already delivered: the repeat must not
+    kill a worker mid-checkpoint. A second Ctrl-C more than a second later still interrupts."""
+    import os
+
+    from _reliability_helpers import tiny_vit, train_dataset, training_args
+
+    from hf_longtail import LongTailTrainer
+    from hf_longtail.data import collate_fn
+    from hf_longtail.trainer import install_signal_checkpointing
+
+    trainer = LongTailTrainer(
+        model=tiny_vit(), args=training_args(tmp_path), train_dataset=train_dataset(),
+        data_collator=collate_fn,
+    )  # fmt: skip
+    callback = install_signal_checkpointing(trainer)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher's copy: ignored
+        assert callback.received == signal.SIGTERM
+        callback.received = None
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # within a second: the same Ctrl-C
+        time.sleep(1.1)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # an impatient second Ctrl-C
+    finally:
+        callback.restore()

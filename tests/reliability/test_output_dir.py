@@ -1,6 +1,10 @@
-"""The output directory: never mix two runs, resume only from complete checkpoints, fail at
-start-up when it cannot be written (``scripts/train.py``'s ``prepare_output_dir`` and the
-Trainer's checkpoint order)."""
+"""The output directory: never mix two runs, never lose one, resume only from readable
+checkpoints, fail at start-up when it cannot be written (``hf_longtail.resume`` through
+``scripts/train.py``, and the Trainer's checkpoint order).
+
+The run directories here are real: ``scripts/train.py`` (in-process, seconds) trains 4 steps with
+a checkpoint every 2, and the tests re-run it the way a user would.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,19 @@ from collections import namedtuple
 
 import pytest
 import torch
-from _reliability_helpers import load_train_module, tiny_vit, train_dataset, training_args
+from _reliability_helpers import (
+    TINY_RUN,
+    load_train_module,
+    run_files,
+    tiny_vit,
+    train_dataset,
+    training_args,
+)
 
 from hf_longtail import LongTailTrainer
 from hf_longtail.data import collate_fn
 from hf_longtail.losses import LongTailLossConfig
+from hf_longtail.resume import ResumeMismatchError
 from hf_longtail.trainer import LOSS_STATE_NAME
 
 RECIPE = {
@@ -30,86 +42,242 @@ def train():
     return load_train_module()
 
 
+@pytest.fixture(scope="module")
+def finished_run(train, tmp_path_factory):
+    """A real finished run: checkpoint-2, checkpoint-4, model, results, longtail_run.json."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train.main([*TINY_RUN, "--output_dir", str(out)])
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    return out
+
+
+@pytest.fixture
+def run_dir(finished_run, tmp_path):
+    """A private copy of the finished run, for a test to re-run or damage."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    return out
+
+
 def _args(train, out, *, overwrite=False, resume=None):
     training = training_args(out, resume_from_checkpoint=resume)
     return training, train.RunArguments(overwrite_output_dir=overwrite)
 
 
-def _checkpoint(out, step, complete=True):
-    folder = out / f"checkpoint-{step}"
-    folder.mkdir(parents=True)
-    (folder / "model.safetensors").write_bytes(b"weights")
-    if complete:
-        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    return folder
+def _steps_trained(out):
+    state = json.loads((out / "trainer_state.json").read_text())
+    return [h["step"] for h in state["log_history"] if "loss" in h]
 
 
-def _previous_run(out, recipe=RECIPE):
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "longtail_run.json").write_text(json.dumps(recipe))
-
-
-def test_a_different_run_is_refused_with_the_three_ways_out(train, tmp_path):
-    out = tmp_path / "run"
-    _previous_run(out, {**RECIPE, "model_name_or_path": "resnet32_cifar"})
-    _checkpoint(out, 5)
+def test_a_different_run_is_refused_naming_the_change_and_the_three_ways_out(train, run_dir):
+    before = run_files(run_dir)
     with pytest.raises(FileExistsError) as err:
-        train.prepare_output_dir(*_args(train, out), RECIPE)
+        train.main(
+            [*TINY_RUN, "--output_dir", str(run_dir), "--model_name_or_path", "resnet32_cifar"]
+        )
     message = str(err.value)
-    assert "already holds a different run" in message and "checkpoint-5" in message
+    assert "already holds a different run" in message and "checkpoint-4" in message
+    assert "model_name_or_path: 'resnet20_cifar' -> 'resnet32_cifar'" in message
     for way_out in ("--overwrite_output_dir", "--resume_from_checkpoint true", "--output_dir"):
         assert way_out in message
-    assert (out / "checkpoint-5").is_dir()  # nothing was touched
+    assert run_files(run_dir) == before  # nothing was touched
 
 
 def test_finished_run_without_checkpoints_is_refused(train, tmp_path):
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "all_results.json").write_text("{}")
+    no_saves = [*TINY_RUN, "--output_dir", str(out), "--save_strategy", "no", "--max_steps", "1"]
+    train.main(no_saves)
     with pytest.raises(FileExistsError, match="already holds a previous run"):
-        train.prepare_output_dir(*_args(train, out), RECIPE)
+        train.main(no_saves)
 
 
-def test_overwrite_deletes_the_previous_run(train, tmp_path):
-    out = tmp_path / "run"
-    _previous_run(out, {**RECIPE, "loss": {"base": "ldam"}})
-    _checkpoint(out, 5)
-    assert train.prepare_output_dir(*_args(train, out, overwrite=True), RECIPE) is None
-    assert out.is_dir() and list(out.iterdir()) == []
+def test_identical_rerun_continues_the_run(train, run_dir, caplog):
+    """The recipe compared is the recipe written: re-running the command (here with a longer
+    run) resumes from the last checkpoint, and the record says so."""
+    with caplog.at_level(logging.INFO, logger="hf_longtail.resume"):
+        train.main([*TINY_RUN, "--output_dir", str(run_dir), "--max_steps", "6"])
+    assert f"Resuming the same run from {run_dir / 'checkpoint-4'}" in caplog.text
+    assert _steps_trained(run_dir) == [1, 2, 3, 4, 5, 6]  # steps 5 and 6 added, not restarted
+    record = json.loads((run_dir / "longtail_run.json").read_text())
+    assert record["resumes"] == [{"checkpoint": "checkpoint-4", "changed": {"max_steps": [4, 6]}}]
+    assert record["training"]["max_steps"] == 6
 
 
-def test_same_recipe_resumes_automatically_from_the_last_checkpoint(train, tmp_path):
-    out = tmp_path / "run"
-    _previous_run(out)
-    for step in (5, 10, 40):
-        _checkpoint(out, step)
-    resumed = train.prepare_output_dir(*_args(train, out), RECIPE)
-    assert resumed == str(out / "checkpoint-40")
+@pytest.mark.parametrize(
+    ("flags", "changed"),
+    [
+        (["--car_weight", "0.1"], "loss.car_weight: 0.5 -> 0.1"),
+        (["--loss", "ldam"], "loss.base: 'ce' -> 'ldam'"),
+        (["--imbalance_factor", "5"], "dataset.imbalance_factor: 10.0 -> 5.0"),
+        (["--dataset_name", "./elsewhere"], "dataset.name: 'digits' -> './elsewhere'"),
+        (["--seed", "1"], "training.seed: 0 -> 1"),
+    ],
+    ids=["car_weight", "loss", "imbalance_factor", "dataset", "seed"],
+)
+@pytest.mark.parametrize("resume", ["true", "checkpoint-4"])
+def test_resume_with_a_changed_recipe_is_refused_before_loading(
+    train, run_dir, flags, changed, resume
+):
+    before = run_files(run_dir)
+    target = "true" if resume == "true" else str(run_dir / resume)
+    argv = [*TINY_RUN, "--output_dir", str(run_dir), "--resume_from_checkpoint", target, *flags]
+    with pytest.raises(ResumeMismatchError, match=r"Cannot resume .*checkpoint-4") as err:
+        train.main(argv)
+    assert changed in str(err.value)
+    assert run_files(run_dir) == before  # the record still describes the run that was trained
+
+
+def test_resume_on_a_dataset_that_changed_under_its_name_is_refused(train, tmp_path):
+    """Same options, but the local dataset was rebuilt with more images: the class counts,
+    known once the data are loaded, are compared before the model is built."""
+    from _reliability_helpers import image_dataset
+    from datasets import DatasetDict
+
+    source, out = tmp_path / "data", tmp_path / "run"
+
+    def build(counts):
+        splits = {"train": image_dataset(counts, seed=1), "test": image_dataset((3, 3, 3, 3))}
+        DatasetDict(splits).save_to_disk(source)
+
+    argv = [*TINY_RUN, "--output_dir", str(out), "--dataset_name", str(source)]
+    argv += ["--imbalance_factor", "2", "--image_size", "8"]
+    build((20, 16, 12, 8))
+    train.main(argv)
+    before = run_files(out)
+    shutil.rmtree(source)
+    build((30, 16, 12, 8))
+    with pytest.raises(
+        ResumeMismatchError, match=r"dataset\.class_counts: \[20, 15, 12, 8\] -> \[30, 16, 12, 8\]"
+    ):
+        train.main(argv)
+    assert run_files(out) == before
+
+
+def test_the_trainer_refuses_a_checkpoint_of_another_recipe(run_dir, tmp_path):
+    """Python users resuming with LongTailTrainer directly: the checkpoint's recipe file."""
+    recipe = json.loads((run_dir / "checkpoint-4" / "longtail_recipe.json").read_text())
+    assert recipe["loss"]["car_weight"] == 0.5 and recipe["num_labels"] == 10
+    trainer = LongTailTrainer(
+        model=tiny_vit(num_labels=6),
+        args=training_args(tmp_path / "other", max_steps=2),
+        train_dataset=train_dataset(),
+        data_collator=collate_fn,
+    )
+    with pytest.raises(ResumeMismatchError) as err:
+        trainer.train(resume_from_checkpoint=str(run_dir / "checkpoint-4"))
+    message = str(err.value)
+    for change in ("loss.car_weight: 0.5 -> 0.0", "num_labels: 10 -> 6", "class_counts"):
+        assert change in message
+
+
+def test_overwrite_deletes_only_after_everything_is_validated(train, run_dir):
+    before = run_files(run_dir)
+    for bad in (["--eval_split", "nope"], ["--train_transform", "model"]):
+        with pytest.raises((KeyError, ValueError)):
+            train.main(
+                [*TINY_RUN, "--output_dir", str(run_dir), "--overwrite_output_dir", "true", *bad]
+            )
+        assert run_files(run_dir) == before  # the previous run survives a failed start
+    train.main(
+        [
+            *TINY_RUN,
+            "--output_dir",
+            str(run_dir),
+            "--overwrite_output_dir",
+            "true",
+            "--loss",
+            "focal",
+        ]
+    )
+    assert json.loads((run_dir / "longtail_run.json").read_text())["loss"]["base"] == "focal"
+    assert "resumes" not in json.loads((run_dir / "longtail_run.json").read_text())
+    assert _steps_trained(run_dir) == [1, 2, 3, 4]  # a fresh run
+
+
+def test_resume_wins_over_overwrite(train, run_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_longtail.resume"):
+        train.main(
+            [*TINY_RUN, "--output_dir", str(run_dir), "--max_steps", "6",
+             "--overwrite_output_dir", "true", "--resume_from_checkpoint", "true"]
+        )  # fmt: skip
+    assert "resuming" in caplog.text and "nothing is deleted" in caplog.text
+    assert _steps_trained(run_dir) == [1, 2, 3, 4, 5, 6]
+
+
+def test_no_bundled_config_sets_overwrite():
+    from _reliability_helpers import REPO_ROOT
+
+    for config in sorted((REPO_ROOT / "scripts" / "configs").glob("*.yaml")):
+        assert "overwrite_output_dir" not in config.read_text(), config.name
 
 
 def test_resume_true_without_a_checkpoint_is_an_error(train, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    with pytest.raises(FileNotFoundError, match=r"holds no checkpoint-\* directory"):
+    with pytest.raises(FileNotFoundError, match=r"holds no readable checkpoint-\* directory"):
         train.prepare_output_dir(*_args(train, out, resume="true"), RECIPE)
 
 
-def test_resume_skips_a_half_written_checkpoint(train, tmp_path, caplog):
-    """SIGKILL while a checkpoint is written leaves it without trainer_state.json (the Trainer
-    writes it last): resuming must take the previous complete one."""
-    out = tmp_path / "run"
-    _previous_run(out)
-    _checkpoint(out, 20)
-    _checkpoint(out, 30, complete=False)
-    with caplog.at_level(logging.WARNING, logger="hf_longtail.train"):
-        resumed = train.prepare_output_dir(*_args(train, out, resume=True), RECIPE)
-    assert resumed == str(out / "checkpoint-20")
-    assert "Ignoring incomplete checkpoint" in caplog.text and "checkpoint-30" in caplog.text
-    # Also when resuming automatically (same recipe, no flag).
-    assert train.prepare_output_dir(*_args(train, out), RECIPE) == str(out / "checkpoint-20")
-    # An explicit path to the broken one is refused with the fix.
-    with pytest.raises(FileNotFoundError, match=r"is incomplete .*--resume_from_checkpoint true"):
-        train.prepare_output_dir(*_args(train, out, resume=str(out / "checkpoint-30")), RECIPE)
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        ("delete trainer_state.json", "trainer_state.json is missing"),
+        ("empty trainer_state.json", "trainer_state.json is empty"),
+        ("truncated trainer_state.json", "trainer_state.json cannot be read"),
+        ("truncated model.safetensors", "model.safetensors is truncated"),
+    ],
+)
+def test_unreadable_checkpoint_is_skipped_naming_the_file(train, run_dir, caplog, damage, named):
+    """A kill or a full disk during a checkpoint write: resume takes the previous readable one
+    (automatically or with --resume_from_checkpoint true); an explicit path is refused."""
+    action, name = damage.split(" ", 1)
+    path = run_dir / "checkpoint-4" / name
+    if action == "delete":
+        path.unlink()
+    elif action == "empty":
+        path.write_bytes(b"")
+    else:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    for resume in (None, "true"):
+        with caplog.at_level(logging.WARNING, logger="hf_longtail.resume"):
+            plan = train.prepare_output_dir(*_args(train, run_dir, resume=resume), _record(run_dir))
+        assert plan.resume == str(run_dir / "checkpoint-2")
+        assert (
+            f"Ignoring checkpoint {run_dir / 'checkpoint-4'}" in caplog.text
+            and named in caplog.text
+        )
+    with pytest.raises(FileNotFoundError, match=rf"cannot be resumed from: .*{named}"):
+        train.prepare_output_dir(
+            *_args(train, run_dir, resume=str(run_dir / "checkpoint-4")), _record(run_dir)
+        )
+    # The real run continues from checkpoint-2 and rewrites checkpoint-4 whole.
+    train.main([*TINY_RUN, "--output_dir", str(run_dir), "--resume_from_checkpoint", "true"])
+    assert _steps_trained(run_dir) == [1, 2, 3, 4]
+    assert (
+        json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())["global_step"]
+        == 4
+    )
+
+
+def test_same_run_stopped_before_its_first_checkpoint_starts_again(train, run_dir, caplog):
+    """Killed while writing its first checkpoint (no results, no readable checkpoint): the
+    re-submitted job starts over instead of asking for a flag."""
+    for name in ("checkpoint-4", "model.safetensors", "all_results.json"):
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (run_dir / "checkpoint-2" / "trainer_state.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="hf_longtail.resume"):
+        train.main([*TINY_RUN, "--output_dir", str(run_dir)])
+    assert "holds the same run without a readable checkpoint: starting it again" in caplog.text
+    assert _steps_trained(run_dir) == [1, 2, 3, 4]
+    assert (
+        json.loads((run_dir / "checkpoint-2" / "trainer_state.json").read_text())["global_step"]
+        == 2
+    )
+
+
+def _record(out):
+    return json.loads((out / "longtail_run.json").read_text())
 
 
 def test_output_dir_under_a_file_fails_at_start_up(train, tmp_path):
@@ -141,15 +309,6 @@ def test_unwritable_output_dir_fails_at_start_up(train, tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "write_bytes", read_only)
     with pytest.raises(PermissionError, match=r"is not writable: .*Read-only file system"):
         train.prepare_output_dir(*_args(train, tmp_path / "run"), RECIPE)
-
-
-def test_script_refuses_a_different_run_before_loading_anything(train, tmp_path):
-    out = tmp_path / "run"
-    _previous_run(out, {**RECIPE, "model_name_or_path": "something_else"})
-    _checkpoint(out, 3)
-    with pytest.raises(FileExistsError, match="different run"):
-        train.main(["--output_dir", str(out), "--model_name_or_path", "resnet20_cifar"])
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3", "longtail_run.json"]
 
 
 def test_checkpoint_writes_the_loss_state_before_its_completion_marker(tmp_path, monkeypatch):

@@ -1,0 +1,400 @@
+"""Run directories that never lose work: readable checkpoints, recipes, resume-or-refuse.
+
+A run directory holds the checkpoints of one training run (``checkpoint-N/``), its record
+``longtail_run.json`` (what was trained: model, dataset construction, loss, seed; schema in
+``docs/design.md``) and, once finished, its results. Three rules keep it safe:
+
+- A checkpoint counts only when it can be read (:func:`checkpoint_problem`): its
+  ``trainer_state.json`` (which ``transformers.Trainer`` writes last) parses and holds a step, and
+  its weights file has a readable header. A kill or a full disk during a write leaves one that is
+  skipped with a warning naming the file (:func:`last_readable_checkpoint`).
+- A run is continued only with the recipe it was started with (:func:`run_recipe`,
+  :func:`recipe_changes`); otherwise it is refused before anything is loaded, naming every field
+  that changed. A re-run of the same command continues from the last readable checkpoint.
+- Nothing is deleted while deciding (:func:`plan_output_dir`): ``overwrite`` only marks the
+  previous run for deletion, done by :func:`replace_previous_run` once everything has been
+  validated (data, model, trainer), right before training starts; resuming wins over
+  overwriting.
+
+Everything here is local file handling (no torch, no transformers) so it can run before any
+heavy import.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CHECKPOINT_RECIPE_FILE",
+    "MIN_FREE_BYTES",
+    "RECIPE_FIELDS",
+    "RESULTS_FILE",
+    "RUN_FILE",
+    "OutputDirPlan",
+    "ResumeMismatchError",
+    "check_output_dir_usable",
+    "checkpoint_problem",
+    "last_readable_checkpoint",
+    "plan_output_dir",
+    "recipe_changes",
+    "replace_previous_run",
+    "run_recipe",
+]
+
+RUN_FILE = "longtail_run.json"
+RESULTS_FILE = "all_results.json"
+#: Written by ``LongTailTrainer`` into every checkpoint (loss, class counts, sampler, seeds).
+CHECKPOINT_RECIPE_FILE = "longtail_recipe.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+MIN_FREE_BYTES = 200 * 1024**2
+
+#: Dotted fields of a run record that define *what* is trained; a resume must keep them all.
+#: (Run length, learning rate, batch size, logging may change on resume; they are recorded.)
+RECIPE_FIELDS = (
+    "model_name_or_path",
+    "classifier",  # a replaced head (e.g. cosine); absent for the model's own
+    "dataset.name",
+    "dataset.config_name",
+    "dataset.imbalance_factor",
+    "dataset.profile",
+    "dataset.seed",
+    "dataset.eval_split",
+    "loss",
+    "training.seed",
+    "training.data_seed",
+    "training.sampler",
+)
+#: Fields known only after the data are loaded (a local dataset may change under its name).
+DATA_FIELDS = ("dataset.class_counts", "dataset.class_names")
+
+_CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+
+
+class ResumeMismatchError(ValueError):
+    """A run would be resumed with a recipe other than the one it was started with."""
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why the checkpoint ``folder`` cannot be resumed from, or ``None`` if it can.
+
+    Readable means: ``trainer_state.json`` exists, parses as JSON and holds ``global_step``
+    (``transformers.Trainer`` writes it last, so a kill or a full disk during the write leaves it
+    missing, empty or truncated), and ``model.safetensors``, when present, has a readable header.
+    Only headers are read: the check costs a few small reads per checkpoint.
+    """
+    folder = Path(folder)
+    state = folder / TRAINER_STATE_FILE
+    if not state.is_file():
+        return f"{state} is missing (the run stopped while writing this checkpoint)"
+    try:
+        text = state.read_text(encoding="utf-8")
+        data = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        what = "is empty" if state.stat().st_size == 0 else f"cannot be read ({err})"
+        return f"{state} {what} (a full disk or a kill while it was written?)"
+    if not isinstance(data, dict) or not isinstance(data.get("global_step"), int):
+        return f"{state} holds no global_step"
+    weights = folder / "model.safetensors"
+    if weights.exists():
+        problem = _safetensors_problem(weights)
+        if problem:
+            return problem
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file starts with an 8-byte little-endian header length and a JSON header;
+    the data must then be as long as the header says."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if size < 8 or length <= 0 or 8 + length > size:
+                return f"{path} is truncated ({size} bytes)"
+            header = json.loads(f.read(length))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{path} cannot be read ({err})"
+    if ends and 8 + length + max(ends) > size:
+        return f"{path} is truncated ({size} bytes, the header describes more)"
+    return None
+
+
+def last_readable_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The highest ``checkpoint-N`` of ``output_dir`` that :func:`checkpoint_problem` accepts.
+
+    Each newer checkpoint that cannot be read is skipped with a warning naming the file and the
+    problem. ``None`` when the directory holds no readable checkpoint (or does not exist).
+    """
+    out = Path(output_dir)
+    if not out.is_dir():
+        return None
+    found = []
+    for child in out.iterdir():
+        match = _CHECKPOINT_RE.fullmatch(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    for _, path in sorted(found, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        logger.warning("Ignoring checkpoint %s: %s.", path, problem)
+    return None
+
+
+# ---------------------------------------------------------------------------------- recipe
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(getattr(value, "value", value))
+
+
+def _normalised(value: Any) -> Any:
+    # Compare what would be written: tuples become lists, enums strings, 10 == 10.0.
+    return json.loads(json.dumps(value, sort_keys=True, default=_jsonable))
+
+
+def _get(record: dict, dotted: str) -> Any:
+    value: Any = record
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def run_recipe(run_info: dict, fields: tuple[str, ...] = RECIPE_FIELDS) -> dict[str, Any]:
+    """The ``fields`` of a run record (dotted paths), JSON-normalised: what a resume must keep.
+
+    Extracted the same way from the record on disk and from the record being built, so a record
+    that gains fields later (class counts, training summary) still compares equal.
+    """
+    return {name: _normalised(_get(run_info, name)) for name in fields}
+
+
+def recipe_changes(
+    previous: dict, current: dict, fields: tuple[str, ...] = RECIPE_FIELDS
+) -> list[str]:
+    """``"field: old -> new"`` for every recipe field that differs (loss fields one by one)."""
+    old, new = run_recipe(previous, fields), run_recipe(current, fields)
+    changes = []
+    for name in fields:
+        a, b = old[name], new[name]
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                if a.get(key) != b.get(key):
+                    changes.append(f"{name}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
+        else:
+            changes.append(f"{name}: {_short(a)} -> {_short(b)}")
+    return changes
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+# ------------------------------------------------------------------------------ output dir
+@dataclass
+class OutputDirPlan:
+    """What :func:`plan_output_dir` decided; nothing has been changed on disk yet.
+
+    Attributes:
+        output_dir: the run directory.
+        resume: the checkpoint to resume from, or ``None`` for a fresh start.
+        replace_previous: the directory holds a previous run that ``overwrite`` replaces; call
+            :func:`replace_previous_run` once everything is validated, right before training.
+        previous: the previous run record of the resumed checkpoint's directory, if any.
+    """
+
+    output_dir: Path
+    resume: str | None
+    replace_previous: bool
+    previous: dict | None
+
+    def record(self, run_info: dict) -> dict:
+        """The run record to write: ``run_info`` for a fresh run; for a resume, ``run_info``
+        plus ``resumes``, the list of (checkpoint, non-recipe training settings that changed
+        ``[before, after]``), so that the record stays true for the whole run."""
+        if self.resume is None or self.previous is None:
+            return run_info
+        before = _normalised(self.previous.get("training") or {})
+        after = _normalised(run_info.get("training") or {})
+        changed = {
+            key: [before.get(key), after.get(key)]
+            for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key)
+        }
+        entry = {"checkpoint": Path(self.resume).name, "changed": changed}
+        return {**run_info, "resumes": [*self.previous.get("resumes", []), entry]}
+
+    def check_data(self, run_info: dict) -> None:
+        """Refuse a resume whose freshly loaded data (class counts, names) differ from the
+        previous run's: a local dataset can change under the same name."""
+        if self.resume is not None and self.previous is not None:
+            _refuse_changes(self.previous, run_info, self.resume, DATA_FIELDS)
+
+
+def _refuse_changes(previous: dict, current: dict, checkpoint: str, fields) -> None:
+    changes = recipe_changes(previous, current, fields)
+    if changes:
+        raise ResumeMismatchError(
+            f"Cannot resume {checkpoint}: the run was started with another recipe. Changed: "
+            + "; ".join(changes)
+            + ". Resume with the original options, or start a new run in another --output_dir "
+            "(or replace this one with --overwrite_output_dir and no --resume_from_checkpoint)."
+        )
+
+
+def plan_output_dir(
+    output_dir: str | os.PathLike,
+    run_info: dict,
+    *,
+    resume_from_checkpoint: str | bool | None = None,
+    overwrite: bool = False,
+) -> OutputDirPlan:
+    """Decide how a run uses ``output_dir``, before any data or model is loaded; delete nothing.
+
+    - ``resume_from_checkpoint`` true (``True``, ``"true"``, ``"last"``): the last readable
+      checkpoint (an error if there is none); a path: that checkpoint (an error naming the file
+      if it cannot be read). Resuming wins over ``overwrite`` (which is then ignored, with a
+      warning).
+    - Otherwise, if the directory holds a previous run (checkpoints, results or a record): the
+      same recipe with a readable checkpoint resumes from it (re-running a command continues
+      it), and without one (stopped before its first complete checkpoint, no results) starts
+      again; with ``overwrite`` the previous run is marked for replacement; anything else is a
+      ``FileExistsError`` naming the changed fields and the three ways out.
+    - A resume whose recipe differs from the record of the checkpoint's run directory
+      (:data:`RECIPE_FIELDS`) is a :class:`ResumeMismatchError` naming every changed field.
+    """
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output_dir {out} exists and is not a directory.")
+    resume = resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last", "yes", "1"):
+        resume = True
+    if resume in (None, False, "") or (isinstance(resume, str) and resume.lower() in _FALSE):
+        resume = None
+    previous = _read_record(out / RUN_FILE)
+    last = last_readable_checkpoint(out)
+    has_run = last is not None or previous is not None or (out / RESULTS_FILE).exists()
+    has_run = has_run or any(_CHECKPOINT_RE.fullmatch(p.name) for p in _children(out))
+
+    if resume is True:
+        if last is None:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint=true but {out} holds no readable checkpoint-* "
+                "directory (see the warnings above for any that were skipped)."
+            )
+        resume = last
+    elif resume is not None:
+        problem = (
+            checkpoint_problem(resume) if Path(resume).is_dir() else f"{resume} is not a directory"
+        )
+        if problem:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint={resume} cannot be resumed from: {problem}. Resume "
+                "from an earlier checkpoint, or pass --resume_from_checkpoint true to take the "
+                "last readable one."
+            )
+        resume = str(resume)
+        if Path(resume).resolve().parent != out.resolve():
+            previous = _read_record(Path(resume).parent / RUN_FILE)
+    elif has_run:
+        same = previous is not None and not recipe_changes(previous, run_info)
+        if overwrite:
+            logger.warning(
+                "--overwrite_output_dir: the previous run in %s will be deleted once every "
+                "option, the data and the model are validated, right before training.",
+                out,
+            )
+            return OutputDirPlan(out, None, True, None)
+        if same and last is not None:
+            logger.info("Resuming the same run from %s", last)
+            resume = last
+        elif same and not (out / RESULTS_FILE).exists():
+            # Stopped before its first checkpoint was complete: nothing finished to keep, and
+            # the fresh start rewrites any half-written checkpoint of the same step.
+            logger.warning(
+                "%s holds the same run without a readable checkpoint: starting it again.", out
+            )
+        else:
+            changed = recipe_changes(previous, run_info) if previous is not None else []
+            why = "a different run (" + "; ".join(changed) + ")" if changed else "a previous run"
+            raise FileExistsError(
+                f"output_dir {out} already holds {why}"
+                + (f" (last readable checkpoint {last})" if last else "")
+                + ". Pass --overwrite_output_dir to replace it, --resume_from_checkpoint "
+                "true to continue it, or choose another --output_dir."
+            )
+    if resume is not None:
+        if overwrite:
+            logger.warning(
+                "Both --overwrite_output_dir and a checkpoint to resume: resuming %s; nothing is "
+                "deleted.",
+                resume,
+            )
+        if previous is not None:
+            _refuse_changes(previous, run_info, resume, RECIPE_FIELDS)
+    return OutputDirPlan(out, resume, False, previous if resume is not None else None)
+
+
+_FALSE = ("false", "no", "0", "none")
+
+
+def _children(out: Path) -> list[Path]:
+    return list(out.iterdir()) if out.is_dir() else []
+
+
+def check_output_dir_usable(output_dir: str | os.PathLike, min_free: int = MIN_FREE_BYTES) -> None:
+    """Create ``output_dir`` and fail now (naming the fix) if it cannot be written or its disk
+    has less than ``min_free`` bytes free: a run must not find out at its first checkpoint."""
+    out = Path(output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise type(err)(
+            f"output_dir {out} cannot be created ({err.strerror or err}): a parent is a file, "
+            "is read-only or does not allow it. Choose another --output_dir."
+        ) from err
+    probe = out / f".write_test_{os.getpid()}"
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"output_dir {out} is not writable: {err}") from err
+    free = shutil.disk_usage(out).free
+    if free < min_free:
+        raise OSError(
+            f"Only {free / 1024**2:.0f} MiB free on the disk of {out}; checkpoints need more. "
+            "Free some space or choose another --output_dir."
+        )
+
+
+def replace_previous_run(plan: OutputDirPlan) -> None:
+    """Delete the previous run that ``plan`` marked for replacement (call it on one process,
+    after everything is validated and right before training). A no-op otherwise."""
+    if not plan.replace_previous:
+        return
+    logger.warning("--overwrite_output_dir: deleting the previous run in %s", plan.output_dir)
+    shutil.rmtree(plan.output_dir)
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    plan.replace_previous = False
