@@ -510,6 +510,26 @@ def _base_model_display(base_model: str | None, model_source: Any) -> str:
     return ""
 
 
+def _stage_context(run: RunDir) -> dict[str, Any] | None:
+    """The decoupled second stage that produced the model (``longtail_run.json`` ``stage``)."""
+    stage = run.run.get("stage")
+    if not isinstance(stage, dict) or not stage.get("name"):
+        return None
+    tau = stage.get("tau")
+    scales = stage.get("scales")
+    return {
+        "name": _md(stage["name"]),
+        "description": _md(stage.get("description", stage["name"])),
+        "from_run": _md(_public_name(stage.get("from_run"), default="not recorded")),
+        "tau": _fmt_number(tau) if isinstance(tau, int | float) else None,
+        "tau_selected_on": _md(stage.get("tau_selected_on", "")),
+        "sampler": _md(stage.get("sampler", "")),
+        "scales": (
+            ", ".join(f"{float(v):.3g}" for v in scales) if isinstance(scales, list) else None
+        ),
+    }
+
+
 def eval_results_for_run(run: RunDir, dataset_type: str, dataset_name: str) -> list[EvalResult]:
     """``EvalResult`` s for every long-tail metric of the run that has a finite value.
 
@@ -591,6 +611,9 @@ def build_model_card(
         tags.append("ccar")
     if loss["car"]:
         tags.append("car")
+    stage = _stage_context(run)
+    if stage is not None:
+        tags.append("decoupled-" + stage["name"].replace("_", "-"))
     metrics_present = {s.key for s in METRIC_SPECS if run.metrics.get(s.key) is not None}
     hub_metrics = ["accuracy"] + (["f1"] if "macro_f1" in metrics_present else [])
 
@@ -632,6 +655,7 @@ def build_model_card(
         base_model_display=_base_model_display(base_model, model_source),
         model_source=_public_name(model_source, default="not recorded"),
         hf_longtail_version=str(run.run.get("hf_longtail_version", "")),
+        stage=stage,
         dataset=dataset,
         counts=counts,
         loss=loss,
