@@ -375,12 +375,15 @@ def validation_split(
     take = np.minimum(available, per_class)
     chosen = rest[long_tailed_indices(labels[rest], take, common["seed"])]
     missing = [i for i, n in enumerate(take) if n == 0]
-    if missing:
-        logger.warning("validation hold-out has no image of classes %s", missing)
     source = (
         f"held out: {int(take.sum())} training images of the source not in the long-tailed "
         f"subset (up to {per_class} per class)"
     )
+    if missing:
+        # A class whose every training image is in the long-tailed subset (the capped head
+        # class) has nothing to hold out; its training images would flatter it, so it is left out.
+        logger.warning("validation hold-out has no image of classes %s", missing)
+        source += f"; no held-out image of class(es) {', '.join(map(str, missing))}"
     return _Splits(dd["train"], full.select(chosen), dd[eval_split], source, image_col, label_col)
 
 
