@@ -121,7 +121,9 @@ class DataArguments:
         default="auto",
         metadata={
             "help": "'auto' (the model's image processor, else the CIFAR protocol), 'model', "
-            "'cifar10' or 'cifar100' (CIFAR protocol with that dataset's mean/std)."
+            "'pad_crop' (CIFAR-style pad-and-crop with the model's mean/std, for small centred "
+            "images; CIFAR protocol without a processor), 'cifar10' or 'cifar100' (CIFAR "
+            "protocol with that dataset's mean/std)."
         },
     )
     auto_augment: str | None = field(

@@ -67,6 +67,7 @@ __all__ = [
     "build_transforms",
     "cifar_transforms",
     "find_bad_images",
+    "processor_mean_std",
     "select_transforms",
     "to_rgb",
     "transforms_from_image_processor",
@@ -440,7 +441,31 @@ def build_transforms(
 
 
 #: ``train_transform`` choices of :func:`select_transforms` (and ``scripts/train.py``).
-TRANSFORM_PROTOCOLS = ("auto", "model", "cifar", "cifar10", "cifar100")
+TRANSFORM_PROTOCOLS = ("auto", "model", "pad_crop", "cifar", "cifar10", "cifar100")
+
+
+def processor_mean_std(processor: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` of a transformers image processor or a timm ``TimmWrapperImageProcessor``."""
+    config = getattr(processor, "data_config", None)
+    if isinstance(config, dict) and "mean" in config:
+        return tuple(config["mean"]), tuple(config["std"])
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    if mean is None or std is None:
+        raise ValueError(f"{type(processor).__name__} has no mean/std to normalise with.")
+    return tuple(mean), tuple(std)
+
+
+def _processor_size(processor: Any) -> int:
+    config = getattr(processor, "data_config", None)
+    if isinstance(config, dict) and "input_size" in config:
+        return int(config["input_size"][-1])
+    fields = _size_fields(getattr(processor, "crop_size", None)) or _size_fields(
+        getattr(processor, "size", None)
+    )
+    for key in ("height", "shortest_edge", "longest_edge"):
+        if key in fields:
+            return int(fields[key])
+    raise ValueError(f"cannot read the input size of {type(processor).__name__}.")
 
 
 def select_transforms(
@@ -453,21 +478,32 @@ def select_transforms(
     """``(resolved protocol, train transform, eval transform)`` for a model and a protocol name.
 
     ``protocol``: ``"auto"`` (``"model"`` when the model has an image processor, else
-    ``"cifar"``), ``"model"`` (the processor's preprocessing, :func:`build_transforms`), or
-    ``"cifar"``/``"cifar10"``/``"cifar100"`` (the CIFAR protocol with that mean/std);
-    ``image_size`` overrides the output side in every case. Raises ``ValueError`` for an unknown
-    protocol or ``"model"`` without a processor.
+    ``"cifar"``), ``"model"`` (the processor's preprocessing, :func:`build_transforms`: random-
+    resized crops for training, resize + centre crop for evaluation), ``"pad_crop"`` (the CIFAR
+    protocol's geometry -- resize to the side, 1/8-side zero padding + random crop, flip; eval
+    only resizes -- normalised with the *model's* mean/std: for small, centred images such as
+    digits, where a random-resized crop of 8% of the image destroys the object; a model without
+    a processor gets the plain CIFAR protocol), or ``"cifar"``/``"cifar10"``/``"cifar100"`` (the
+    CIFAR protocol with that dataset's mean/std). ``image_size`` overrides the output side in
+    every case. Raises ``ValueError`` for an unknown protocol, or ``"model"`` without a
+    processor.
     """
     if protocol not in TRANSFORM_PROTOCOLS:
         raise ValueError(f"train_transform={protocol!r}: use one of {list(TRANSFORM_PROTOCOLS)}.")
-    if protocol == "auto":
+    if protocol == "auto" or (protocol == "pad_crop" and processor is None):
         protocol = "cifar" if processor is None else "model"
-    if protocol == "model":
-        if processor is None:
-            raise ValueError(
-                "train_transform='model' but the model has no image processor; use "
-                "train_transform='cifar10' (or 'cifar100')."
-            )
+    if protocol == "model" and processor is None:
+        raise ValueError(
+            "train_transform='model' but the model has no image processor; use "
+            "train_transform='cifar10' (or 'cifar100')."
+        )
+    if protocol == "pad_crop":
+        mean, std = processor_mean_std(processor)
+        size = int(image_size) if image_size is not None else _processor_size(processor)
+        train, eval_ = cifar_transforms(
+            mean, std, size=size, padding=max(1, size // 8), auto_augment=auto_augment
+        )
+    elif protocol == "model":
         train, eval_ = build_transforms(processor, auto_augment=auto_augment, image_size=image_size)
     else:
         train, eval_ = build_transforms(protocol, auto_augment=auto_augment, image_size=image_size)
