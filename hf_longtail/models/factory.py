@@ -47,6 +47,7 @@ __all__ = [
     "create_model",
     "is_model",
     "list_models",
+    "record_eval_preprocessing",
     "register_checkpoint",
     "register_model",
     "resolve_labels",
@@ -473,6 +474,55 @@ def create_image_processor(
             ) from err
         logger.info("%s has no image processor config (%s); returning None.", name, err)
         return None
+
+
+def record_eval_preprocessing(
+    model: PreTrainedModel, processor: Any, protocol: str, image_size: int | None
+) -> Any:
+    """Make the preprocessing saved with ``model`` the evaluation preprocessing of the run.
+
+    When training overrides the input side (``image_size``) or uses the ``pad_crop`` protocol
+    (plain resize, no centre crop, bilinear), the checkpoint's own preprocessing (e.g. 224 px,
+    crop 0.875) would no longer match how the model was trained. For a timm model the run's
+    values go into ``config.pretrained_cfg`` (what ``config.json`` carries and
+    ``TimmWrapperImageProcessor`` reads); for a transformers image processor a copy with
+    ``size`` / ``crop_size`` set to ``image_size`` is returned (saved beside the model). Returns
+    the processor to save (``processor`` itself when nothing changes).
+    """
+    if processor is None or (image_size is None and protocol != "pad_crop"):
+        return processor
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) == "timm_wrapper":
+        pcfg = dict(getattr(config, "pretrained_cfg", None) or {})
+        side = int(image_size) if image_size is not None else int(pcfg["input_size"][-1])
+        pcfg["input_size"] = [3, side, side]
+        if protocol == "pad_crop":
+            pcfg.update({"crop_pct": 1.0, "interpolation": "bilinear"})
+        config.pretrained_cfg = pcfg
+        return _timm_processor(config.architecture, pcfg)
+    if image_size is None:
+        return processor
+    processor = copy.deepcopy(processor)
+    side = int(image_size)
+    size = getattr(processor, "size", None)
+    if protocol == "pad_crop" or not getattr(processor, "do_center_crop", False):
+        processor.size = {"height": side, "width": side}
+        if hasattr(processor, "do_center_crop"):
+            processor.do_center_crop = False
+    else:
+        edge = _size_field(size, "shortest_edge")
+        old = _size_field(getattr(processor, "crop_size", None), "height")
+        if edge and old:
+            processor.size = {"shortest_edge": max(1, round(edge * side / old))}
+        processor.crop_size = {"height": side, "width": side}
+    return processor
+
+
+def _size_field(size: Any, key: str) -> int | None:
+    """``size[key]`` of a processor's ``size`` / ``crop_size`` (a dict, or transformers 5's
+    ``SizeDict``), or ``None``."""
+    value = size.get(key) if isinstance(size, Mapping) else getattr(size, key, None)
+    return int(value) if value else None
 
 
 def _timm_processor(arch: str, pretrained_cfg: Mapping[str, Any] | None) -> Any:
