@@ -467,7 +467,10 @@ def _usage_snippet(run: RunDir, model_ref: str, needs_hf_longtail: bool) -> str:
         header = [
             "import hf_longtail.models  # noqa: F401 -- registers the architecture with transformers"
         ]
-    if any(run.has_file(name) for name in PROCESSOR_FILES):
+    # A timm model's preprocessing travels in config.json (pretrained_cfg), so the pipeline
+    # builds its processor from the model directory alone.
+    timm_wrapper = run.config.get("model_type") == "timm_wrapper"
+    if timm_wrapper or any(run.has_file(name) for name in PROCESSOR_FILES):
         return "\n".join(
             [
                 *header,
