@@ -199,11 +199,14 @@ def freeze_backbone(model: nn.Module, train_last_stage: bool = False) -> list[st
 
 def _pin_frozen_modules_to_eval(model: nn.Module) -> None:
     def fully_frozen(module: nn.Module) -> bool:
-        return all(not p.requires_grad for p in module.parameters())
+        # Stateless modules (dropout, pooling, activations) are not "frozen": beside a trainable
+        # part they keep their training behaviour; inside a frozen parent they follow it.
+        has_state = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+        return has_state and all(not p.requires_grad for p in module.parameters())
 
     def visit(module: nn.Module) -> None:
         for child in module.children():
-            if fully_frozen(child) and any(True for _ in child.modules()):
+            if fully_frozen(child):
                 child.eval()
                 child.train = types.MethodType(_eval_only_train, child)
             else:

@@ -70,6 +70,9 @@ def test_train_last_stage_unfreezes_exactly_the_last_stage():
     )
     assert any(n.startswith(f"timm_model.blocks.{blocks}.") for n in trainable)
     assert not any(n.startswith(f"timm_model.blocks.{blocks - 1}.") for n in trainable)
+    model.train()  # the trainable last stage trains (BatchNorm in batch mode), the rest does not
+    assert model.timm_model.blocks[blocks].training and model.timm_model.bn2.training
+    assert not model.timm_model.blocks[0].training and not model.timm_model.bn1.training
     vit = tiny_vit()
     names = freeze_backbone(vit, train_last_stage=True)
     # transformers 5 names ViT's block list `vit.layers` (4.x: `vit.encoder.layer`).
