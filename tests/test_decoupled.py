@@ -233,3 +233,28 @@ def test_freeze_backbone_through_train_py_reuses_the_cache(train_script, first_s
     text = caplog.text
     assert text.count("Cached ") == 2 and text.count("Feature cache hit") == 2  # train + test
     assert runs[0]["test_accuracy"] == runs[1]["test_accuracy"]
+
+
+def test_train_last_stage_through_train_py_changes_only_that_stage_and_the_head(
+    train_script, tmp_path
+):
+    """ResNet-20 on digits with --freeze_backbone --train_last_stage: every tensor of the stem and
+    the first two stages -- BatchNorm running statistics included -- is exactly as initialised."""
+    from transformers import AutoModelForImageClassification, set_seed
+
+    from hf_longtail.models import create_model
+
+    out = tmp_path / "last"
+    argv = _argv(out, tmp_path / "cache", "--freeze_backbone", "true", "--train_last_stage",
+                 "true", "--max_steps", "3", "--seed", "0")  # fmt: skip
+    train_script.main(argv)
+    set_seed(0)  # train.py seeds --seed (0) before building the model
+    initial = create_model("resnet20_cifar", num_labels=10, id2label=[str(i) for i in range(10)])
+    trained = AutoModelForImageClassification.from_pretrained(out)
+    before, after = initial.state_dict(), trained.state_dict()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(n.startswith(("resnet.stages.2.", "classifier.")) for n in changed)
+    assert any(n.startswith("resnet.stages.2.") for n in changed)
+    run = json.loads((out / "longtail_run.json").read_text())
+    assert run["freeze_backbone"]["train_last_stage"] is True
+    assert run["freeze_backbone"]["feature_cache"] is False
