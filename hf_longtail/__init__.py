@@ -6,8 +6,11 @@ except where noted):
 - :mod:`hf_longtail.losses`  -- CCAR, CAR and the long-tail baselines (pure PyTorch).
 - :mod:`hf_longtail.data`    -- long-tailed versions of any image dataset, transforms, samplers.
 - :mod:`hf_longtail.metrics` -- many/medium/few-shot, worst-class, calibration metrics.
-- :mod:`hf_longtail.models`  -- model factory (transformers, timm, CIFAR ResNet-32).
+- :mod:`hf_longtail.models`  -- model factory (transformers, timm, CIFAR ResNet-32, and the
+  offline ImageNet EfficientNet-Lite0 converted from a PyPI wheel).
+- :mod:`hf_longtail.features` -- frozen backbones and the on-disk feature cache.
 - :mod:`hf_longtail.trainer` -- ``LongTailTrainer``, which composes the parts above.
+- :mod:`hf_longtail.decoupled` -- the decoupled second stage (cRT, tau-norm, LWS) on a run.
 - :mod:`hf_longtail.hub`     -- model cards and publishing to the Hugging Face Hub.
 """
 

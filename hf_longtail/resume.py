@@ -62,6 +62,7 @@ MIN_FREE_BYTES = 200 * 1024**2
 RECIPE_FIELDS = (
     "model_name_or_path",
     "classifier",  # a replaced head (e.g. cosine); absent for the model's own
+    "freeze_backbone",  # frozen-backbone training; absent for full fine-tuning
     "dataset.name",
     "dataset.config_name",
     "dataset.imbalance_factor",

@@ -57,6 +57,11 @@ Contract of the training step (what is identical to the parent class and what is
 - Warned: a class-balanced sampler with a loss that corrects for the prior again, and a loss
   that grows by ``divergence_factor`` without NaN. With :func:`install_signal_checkpointing`,
   DataLoader workers ignore SIGTERM / SIGINT so the main process can checkpoint.
+- Cached backbone features: a batch with a ``features`` entry and no ``pixel_values`` (a split
+  from :func:`hf_longtail.features.cached_features`) goes through the model's classifier head
+  only (:func:`hf_longtail.features.find_classifier`), so a frozen-backbone head trains in
+  seconds with every loss, sampler and metric, and ``save_model`` still writes the full model.
+  Single process only (the head bypasses the DDP wrapper).
 - Logged with the Trainer's own ``log`` (so every ``report_to`` integration gets them), averaged
   over the logging window and across processes: ``base_loss``, ``ccar_weight_mean``,
   ``ccar_weight_head``, ``ccar_weight_tail``, ``car_sigma``, ``car_loss``.
@@ -226,6 +231,17 @@ class LongTailTrainer(Trainer):
         self._stat_steps = 0
 
         train_dataset = kwargs.get("train_dataset")
+        self.uses_cached_features = _uses_features(train_dataset, kwargs.get("eval_dataset"))
+        if self.uses_cached_features:
+            if args is not None and args.world_size > 1:
+                raise ValueError(
+                    "Training on cached features runs the classifier head outside the "
+                    "distributed wrapper; run it in a single process (it takes seconds)."
+                )
+            if args is not None and args.remove_unused_columns:
+                # The Trainer would drop the `features` column: the model's forward has no such
+                # argument (the head is called directly).
+                args.remove_unused_columns = False
         if class_counts is None:
             if train_dataset is None:
                 raise ValueError(
@@ -275,7 +291,10 @@ class LongTailTrainer(Trainer):
             )
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**model_inputs)
+        if "features" in model_inputs and "pixel_values" not in model_inputs:
+            outputs = self._classify_features(model, model_inputs["features"])
+        else:
+            outputs = model(**model_inputs)
         logits = _logits_of(outputs)
 
         training = model.training
@@ -298,6 +317,18 @@ class LongTailTrainer(Trainer):
         if training:
             loss = self._check_finite(loss, model)
         return (loss, outputs) if return_outputs else loss
+
+    def _classify_features(self, model: nn.Module, features: torch.Tensor) -> Any:
+        """Logits of cached backbone features: the model's classifier head alone."""
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        from hf_longtail.features import find_classifier
+
+        _, head = find_classifier(self.accelerator.unwrap_model(model))
+        weight = next(head.parameters(), None)
+        if weight is not None:
+            features = features.to(device=weight.device, dtype=weight.dtype)
+        return ImageClassifierOutput(logits=head(features))
 
     def _count_nonfinite_logits(self, logits: torch.Tensor) -> tuple[int, int]:
         """``(here, all processes)``: non-finite logits of this micro-batch, and their sum over
@@ -775,6 +806,12 @@ def apply_label_smoothing_factor(
             f"config's label_smoothing={config.label_smoothing}; set only one of them."
         )
     return dataclasses.replace(config, label_smoothing=factor)
+
+
+def _uses_features(*datasets: Any) -> bool:
+    from hf_longtail.features import is_feature_dataset
+
+    return any(d is not None and is_feature_dataset(d) for d in datasets)
 
 
 def _logits_of(outputs: Any) -> torch.Tensor:

@@ -9,6 +9,9 @@ Usage (transformers-examples style)::
         --model_name_or_path google/vit-base-patch16-224-in21k --imbalance_factor 100 \\
         --loss la --ccar --car_weight 0.5 --output_dir outputs/vit-c100lt
     accelerate launch --multi_gpu --num_processes 2 scripts/train.py CONFIG.yaml
+    python scripts/train.py scripts/configs/digits_ccar_car.yaml --freeze_backbone true
+    python scripts/train.py scripts/configs/decoupled_stage.yaml --stage crt \
+        --from_run outputs/digits-ccar-car --output_dir outputs/digits-crt
 
 A YAML/JSON file (anywhere among the arguments) sets the defaults; flags override it. Unknown
 keys, values of the wrong type and out-of-range options are errors that name the option, raised
@@ -21,7 +24,10 @@ option, the data and the model are validated; ``--resume_from_checkpoint`` wins 
 After training the script evaluates on the evaluation split and writes into ``output_dir``:
 the model (and image processor), ``all_results.json`` (``test_*`` metrics), ``longtail_run.json``
 (dataset construction, loss recipe, hyper-parameters), ``per_class_accuracy.png`` and
-``confusion_matrix.png``; with ``--push_to_hub`` it then publishes them with a model card.
+``confusion_matrix.png`` and the model card ``README.md``; with ``--push_to_hub`` it then
+publishes them. ``--freeze_backbone`` trains the classifier head on cached backbone features
+(:mod:`hf_longtail.features`); ``--stage crt|tau_norm|lws --from_run DIR`` runs the decoupled
+second stage (:mod:`hf_longtail.decoupled`) on a finished run instead of training.
 """
 
 from __future__ import annotations
@@ -89,6 +95,25 @@ class ModelArguments:
             "e.g. 16-30 with the other losses."
         },
     )
+    freeze_backbone: bool = field(
+        default=False,
+        metadata={"help": "Train only the classifier head (frozen modules stay in eval mode)."},
+    )
+    train_last_stage: bool = field(
+        default=False,
+        metadata={"help": "With --freeze_backbone: also train the backbone's last stage."},
+    )
+    feature_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "With --freeze_backbone (head only): compute each split's backbone features "
+            "once, store them on disk (keyed by model, transform and split) and train on them."
+        },
+    )
+    feature_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Feature cache directory (default: ~/.cache/hf_longtail/features)."},
+    )
 
 
 CLASSIFIERS = ("linear", "cosine")
@@ -132,7 +157,9 @@ class DataArguments:
         default="auto",
         metadata={
             "help": "'auto' (the model's image processor, else the CIFAR protocol), 'model', "
-            "'cifar10' or 'cifar100' (CIFAR protocol with that dataset's mean/std)."
+            "'pad_crop' (CIFAR-style pad-and-crop with the model's mean/std, for small centred "
+            "images; CIFAR protocol without a processor), 'cifar10' or 'cifar100' (CIFAR "
+            "protocol with that dataset's mean/std)."
         },
     )
     auto_augment: str | None = field(
@@ -142,7 +169,10 @@ class DataArguments:
     cutmix_alpha: float = field(default=0.0, metadata={"help": "CutMix alpha (0 disables)."})
     image_size: int | None = field(
         default=None,
-        metadata={"help": "Side of the CIFAR-protocol images (default 32; e.g. 16 for digits)."},
+        metadata={
+            "help": "Side of the input images: the CIFAR protocol's (default 32; e.g. 16 for "
+            "digits) or, with the model's transforms, instead of its input size (e.g. 96)."
+        },
     )
     sampler: str = field(
         default="random",
@@ -278,6 +308,26 @@ class RunArguments:
     save_on_signal: bool = field(
         default=True, metadata={"help": "Checkpoint on SIGTERM/SIGINT before exiting."}
     )
+    stage: str | None = field(
+        default=None,
+        metadata={
+            "help": "Decoupled second stage (Kang et al. 2020) on --from_run: 'crt' (re-train "
+            "the head, class-balanced), 'tau_norm' (tau chosen on validation) or 'lws'."
+        },
+    )
+    from_run: str | None = field(
+        default=None, metadata={"help": "With --stage: the finished run directory to start from."}
+    )
+    validation_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --stage tau_norm: split to choose tau on (default: 'validation', else a "
+            "balanced hold-out of source training images unused by the long-tailed subset)."
+        },
+    )
+    validation_per_class: int = field(
+        default=20, metadata={"help": "Images per class of the held-out validation split."}
+    )
 
 
 DATACLASSES = (ModelArguments, DataArguments, LossArguments, RunArguments, TrainingArguments)
@@ -362,20 +412,27 @@ def main(argv: list[str] | None = None) -> dict:
     loss_config = apply_label_smoothing_factor(loss_config, training_args.label_smoothing_factor)
     _check_options(data_args, run_args, training_args)
     _check_classifier(model_args, loss_config)
+    _check_frozen_options(model_args, data_args, run_args)
+    if run_args.stage is not None:
+        return _second_stage(model_args, data_args, loss_config, run_args, training_args)
 
     import hf_longtail
     from hf_longtail.data import (
         MixupCollator,
-        build_transforms,
         class_counts,
         collate_fn,
         detect_columns,
         load_long_tailed,
         preflight_splits,
+        select_transforms,
         with_transforms,
     )
     from hf_longtail.metrics import long_tail_metrics, make_compute_metrics
-    from hf_longtail.models import create_image_processor, create_model
+    from hf_longtail.models import (
+        create_image_processor,
+        create_model,
+        record_eval_preprocessing,
+    )
     from hf_longtail.trainer import LongTailTrainer
 
     run_info: dict[str, Any] = {
@@ -399,6 +456,13 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if model_args.classifier != "linear":  # absent for the model's own head (older run files)
         run_info["classifier"] = {"type": model_args.classifier, "scale": model_args.cosine_scale}
+    use_features = model_args.freeze_backbone and not model_args.train_last_stage
+    use_features = use_features and model_args.feature_cache
+    if model_args.freeze_backbone:  # recipe: a frozen run must not resume a full fine-tune
+        run_info["freeze_backbone"] = {
+            "train_last_stage": model_args.train_last_stage,
+            "feature_cache": use_features,
+        }
     # Process 0 inspects (and creates) the directory first; the others then see what it left,
     # so every process takes the same decision. Nothing is deleted here.
     with training_args.main_process_first(local=False, desc="output_dir check"):
@@ -475,43 +539,46 @@ def main(argv: list[str] | None = None) -> dict:
         **classifier_kwargs(model_args),
     )
     processor = create_image_processor(model_args.model_name_or_path, model)
-    protocol = data_args.train_transform
-    if protocol == "auto":
-        protocol = "cifar" if processor is None else "model"
-    if protocol == "model" and processor is None:
-        raise ValueError(
-            f"train_transform='model' but {model_args.model_name_or_path!r} has no image "
-            "processor; use --train_transform cifar."
-        )
-    if protocol == "model":
-        train_tf, eval_tf = build_transforms(processor, auto_augment=data_args.auto_augment)
-    elif data_args.image_size is not None:
-        from hf_longtail.data import transforms as T
-
-        stats = {
-            "cifar10": (T.CIFAR10_MEAN, T.CIFAR10_STD),
-            "cifar": (T.CIFAR10_MEAN, T.CIFAR10_STD),
-        }
-        stats["cifar100"] = (T.CIFAR100_MEAN, T.CIFAR100_STD)
-        if protocol not in stats:
-            raise ValueError(
-                f"train_transform={protocol!r}: use 'auto', 'model' or {sorted(stats)}."
-            )
-        mean, std = stats[protocol]
-        train_tf, eval_tf = T.cifar_transforms(
-            mean, std, size=data_args.image_size, auto_augment=data_args.auto_augment
-        )
-    else:
-        train_tf, eval_tf = build_transforms(protocol, auto_augment=data_args.auto_augment)
+    protocol, train_tf, eval_tf = select_transforms(
+        data_args.train_transform,
+        processor,
+        image_size=data_args.image_size,
+        auto_augment=data_args.auto_augment,
+    )
+    run_info["preprocessing"] = {"train_transform": protocol, "image_size": data_args.image_size}
+    # The saved model's preprocessing must be this run's evaluation preprocessing.
+    processor = record_eval_preprocessing(model, processor, protocol, data_args.image_size)
     on_bad = data_args.on_bad_image
-    train_ds = with_transforms(train_ds, train_tf, image_col, label_col, on_bad_image=on_bad)
-    eval_ds = with_transforms(eval_ds, eval_tf, image_col, label_col, on_bad_image=on_bad)
+    if model_args.freeze_backbone:
+        from hf_longtail.features import freeze_backbone
+
+        trainable = freeze_backbone(model, train_last_stage=model_args.train_last_stage)
+        run_info["trainable_parameters"] = sum(model.get_parameter(n).numel() for n in trainable)
+    if use_features:
+        from hf_longtail.features import cached_features
+
+        model.to(training_args.device)
+        cache = {
+            "cache_dir": model_args.feature_cache_dir,
+            "image_column": image_col,
+            "label_column": label_col,
+            "on_bad_image": on_bad,
+            "batch_size": training_args.per_device_eval_batch_size,
+        }
+        train_ds = cached_features(model, train_ds, eval_tf, split="train", **cache)
+        eval_ds = cached_features(model, eval_ds, eval_tf, split=data_args.eval_split, **cache)
+        label_col = None  # the feature datasets' ClassLabel column `labels`, detected
+    else:
+        train_ds = with_transforms(train_ds, train_tf, image_col, label_col, on_bad_image=on_bad)
+        eval_ds = with_transforms(eval_ds, eval_tf, image_col, label_col, on_bad_image=on_bad)
     if data_args.mixup_alpha > 0 or data_args.cutmix_alpha > 0:
         collator = MixupCollator(
             num_classes=len(class_names),
             mixup_alpha=data_args.mixup_alpha,
             cutmix_alpha=data_args.cutmix_alpha,
         )
+    elif use_features:
+        collator = None  # rows are {features, labels} tensors: the Trainer's default collator
     else:
         collator = collate_fn
 
@@ -594,6 +661,7 @@ def main(argv: list[str] | None = None) -> dict:
         predicted = prediction.predictions.argmax(-1)
         confusion = confusion_matrix(predicted, prediction.label_ids, len(class_names))
         _write_plots(out, test_metrics, confusion, counts, class_names, data_args)
+        _write_card(out)
         _print_summary(test_metrics, data_args)
     if push_requested and training_args.should_save:
         _push(training_args)
@@ -716,6 +784,78 @@ def _check_classifier(model_args: ModelArguments, loss_config) -> None:
             "(Only the LDAM loss applies its own scale s.)",
             loss_config.base,
         )
+
+
+def _check_frozen_options(
+    model_args: ModelArguments, data_args: DataArguments, run_args: RunArguments
+) -> None:
+    """Reject contradictory frozen-backbone / second-stage options before any work."""
+    from hf_longtail.data.transforms import TRANSFORM_PROTOCOLS
+
+    if data_args.train_transform not in TRANSFORM_PROTOCOLS:
+        raise ValueError(
+            f"--train_transform {data_args.train_transform!r} is not valid; use one of "
+            f"{list(TRANSFORM_PROTOCOLS)}."
+        )
+    if model_args.train_last_stage and not model_args.freeze_backbone:
+        raise ValueError(
+            "--train_last_stage needs --freeze_backbone (it unfreezes the last stage)."
+        )
+    cached = model_args.freeze_backbone and model_args.feature_cache
+    if cached and not model_args.train_last_stage:
+        if data_args.mixup_alpha > 0 or data_args.cutmix_alpha > 0:
+            raise ValueError(
+                "--mixup_alpha/--cutmix_alpha mix images, but --freeze_backbone trains on cached "
+                "features; pass --feature_cache false to mix images through the frozen backbone."
+            )
+    if run_args.stage is not None:
+        from hf_longtail.decoupled import STAGES
+
+        if run_args.stage not in STAGES:
+            raise ValueError(f"--stage {run_args.stage!r} is not valid; use one of {list(STAGES)}.")
+        if not run_args.from_run:
+            raise ValueError("--stage needs --from_run DIR (a finished scripts/train.py run).")
+    elif run_args.from_run:
+        raise ValueError("--from_run is only used with --stage crt|tau_norm|lws.")
+
+
+def _second_stage(model_args, data_args, loss_config, run_args, training_args) -> dict:
+    """``--stage``: the decoupled second stage on ``--from_run``, written to ``--output_dir``."""
+    from hf_longtail.decoupled import run_second_stage
+
+    result = run_second_stage(
+        run_args.from_run,
+        run_args.stage,
+        training_args.output_dir,
+        training_args,
+        loss_config=loss_config,
+        validation_split_name=run_args.validation_split,
+        validation_per_class=run_args.validation_per_class,
+        feature_cache_dir=model_args.feature_cache_dir,
+        data_dir=data_args.data_dir,
+        split_dir=data_args.split_dir,
+        progress=not training_args.disable_tqdm,
+    )
+    if "tau" in result.stage_info:
+        print(f"\ntau = {result.stage_info['tau']:g} ({result.stage_info['tau_selected_on']})")
+    thresholds = result.run_info.get("metric_thresholds") or {}
+    shown = dataclasses.replace(
+        data_args,
+        many_shot_threshold=thresholds.get("many", data_args.many_shot_threshold),
+        few_shot_threshold=thresholds.get("few", data_args.few_shot_threshold),
+    )
+    _print_summary(result.test_metrics, shown)
+    return result.results
+
+
+def _write_card(out: Path) -> None:
+    """The long-tail model card (README.md) of the finished run directory."""
+    from hf_longtail.hub import OutputDirError, write_model_card
+
+    try:
+        write_model_card(out)
+    except OutputDirError as err:  # the run itself is complete: say why there is no card
+        logger.warning("No model card written: %s", err)
 
 
 def _peak_memory() -> dict[str, float]:

@@ -167,6 +167,52 @@ def test_timm_data_config_and_model():
         build_transforms(42)
 
 
+def test_image_size_overrides_the_model_resolution_and_keeps_normalisation():
+    from transformers import ConvNextImageProcessor, TimmWrapperImageProcessor
+
+    cfg = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5,) * 3,
+           "std": (0.5,) * 3, "crop_pct": 1.0, "crop_mode": "center"}  # fmt: skip
+    processor = TimmWrapperImageProcessor(pretrained_cfg=cfg, architecture="x")
+    white = PILImage.new("RGB", (20, 30), (255, 255, 255))
+    train_tf, eval_tf = build_transforms(processor, image_size=48)
+    assert train_tf(white).shape == (3, 48, 48)  # (colour jitter: values vary)
+    out = eval_tf(white)
+    assert out.shape == (3, 48, 48)
+    torch.testing.assert_close(out, torch.ones_like(out))  # (1 - 0.5) / 0.5
+    # An image processor with a crop fraction (ConvNeXt: resize 64/0.875 = 73, crop 64) keeps
+    # the fraction at the new side: 32 -> resize 36 (73 * 32/64, rounded), crop 32.
+    convnext = ConvNextImageProcessor(size={"shortest_edge": 64})
+    _, eval_tf = transforms_from_image_processor(convnext, image_size=32)
+    assert eval_tf(_rand_rgb(120, 300)).shape == (3, 32, 32)
+    assert next(op for op in eval_tf.transforms if type(op).__name__ == "Resize").size == [36]
+
+
+def test_select_transforms_protocols():
+    from transformers import TimmWrapperImageProcessor
+
+    from hf_longtail.data import select_transforms
+
+    cfg = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5,) * 3,
+           "std": (0.25,) * 3, "crop_pct": 0.875, "crop_mode": "center"}  # fmt: skip
+    processor = TimmWrapperImageProcessor(pretrained_cfg=cfg, architecture="x")
+    assert select_transforms("auto", None)[0] == "cifar"
+    assert select_transforms("auto", processor)[0] == "model"
+    # pad_crop: CIFAR geometry (resize to the side, pad 1/8, crop, flip) with the model's mean/std.
+    name, train_tf, eval_tf = select_transforms("pad_crop", processor, image_size=32)
+    img = _rand_rgb(8, 8, seed=5)
+    expected = (
+        np.asarray(img.resize((32, 32), PILImage.BILINEAR), np.float32) / 255.0 - 0.5
+    ) / 0.25
+    np.testing.assert_allclose(eval_tf(img).numpy(), expected.transpose(2, 0, 1), atol=0.02)
+    assert name == "pad_crop" and train_tf(img).shape == (3, 32, 32)
+    assert [op.padding for op in train_tf.transforms if hasattr(op, "padding")] == [[4, 4, 4, 4]]
+    assert select_transforms("pad_crop", None)[0] == "cifar"  # no processor: CIFAR protocol
+    with pytest.raises(ValueError, match="no image processor"):
+        select_transforms("model", None)
+    with pytest.raises(ValueError, match="train_transform='imagenet'"):
+        select_transforms("imagenet", processor)
+
+
 # ---------------------------------------------------------------- lazy application
 
 

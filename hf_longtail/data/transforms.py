@@ -57,6 +57,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ON_BAD_IMAGE",
+    "TRANSFORM_PROTOCOLS",
     "BadImageError",
     "ImageClassificationTransform",
     "ResizeIfNeeded",
@@ -66,6 +67,8 @@ __all__ = [
     "build_transforms",
     "cifar_transforms",
     "find_bad_images",
+    "processor_mean_std",
+    "select_transforms",
     "to_rgb",
     "transforms_from_image_processor",
     "transforms_from_timm",
@@ -269,7 +272,7 @@ def _size_fields(size: Any) -> dict[str, int]:
 
 
 def transforms_from_image_processor(
-    processor: Any, *, auto_augment: str | None = None
+    processor: Any, *, auto_augment: str | None = None, image_size: int | None = None
 ) -> tuple[v2.Compose, v2.Compose]:
     """Train/eval transforms matching a transformers image processor.
 
@@ -283,6 +286,9 @@ def transforms_from_image_processor(
     ``RandomResizedCrop((H, W))`` + horizontal flip + [auto_augment]. Both: ``ToRGB`` first, then
     ``pixel = (x * rescale_factor - image_mean) / image_std`` like the processor (no
     normalisation when ``do_normalize`` is False), with the processor's ``resample``.
+    ``image_size = s`` replaces the output resolution by ``(s, s)`` and scales the eval resize by
+    the same factor (so the processor's crop fraction is kept), e.g. to fine-tune at low
+    resolution on CPU.
 
     Raises:
         ValueError: the processor has no usable ``size``/``crop_size``.
@@ -320,6 +326,12 @@ def transforms_from_image_processor(
         )
     if do_crop:
         out = (crop["height"], crop["width"]) if "height" in crop else (crop["shortest_edge"],) * 2
+    if image_size is not None:
+        factor = int(image_size) / out[0]
+        size = resize.size
+        scaled = [max(1, round(v * factor)) for v in size] if size is not None else None
+        resize = v2.Resize(scaled, interpolation, antialias=True)
+        out = (int(image_size), int(image_size))
     mean = getattr(processor, "image_mean", None) or IMAGENET_MEAN
     std = getattr(processor, "image_std", None) or IMAGENET_STD
     if not getattr(processor, "do_normalize", True):
@@ -348,7 +360,7 @@ def transforms_from_image_processor(
 
 
 def transforms_from_timm(
-    model_or_config: Any, *, auto_augment: str | None = None
+    model_or_config: Any, *, auto_augment: str | None = None, image_size: int | None = None
 ) -> tuple[Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor]]:
     """Train/eval transforms from a timm model or data config.
 
@@ -357,6 +369,8 @@ def transforms_from_timm(
     ``crop_pct``, ``crop_mode``) or a ``pretrained_cfg`` dict (resolved). The transforms are
     ``timm.data.create_transform(**config, is_training=True/False)`` (train: random-resized crop,
     flip, [auto_augment]; eval: resize + centre crop by ``crop_pct``), preceded by ``ToRGB``.
+    ``image_size = s`` sets ``input_size`` to ``(C, s, s)`` (mean, std, interpolation and
+    ``crop_pct`` unchanged).
     """
     from timm.data import create_transform, resolve_data_config
 
@@ -373,6 +387,8 @@ def transforms_from_timm(
         )
     keep = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     config = {k: v for k, v in config.items() if k in keep}
+    if image_size is not None:
+        config["input_size"] = (config["input_size"][0], int(image_size), int(image_size))
     aa = None
     if auto_augment is not None:
         aa = _TIMM_AUTO_AUGMENT.get(auto_augment.lower(), auto_augment)
@@ -382,7 +398,7 @@ def transforms_from_timm(
 
 
 def build_transforms(
-    source: Any = "cifar", *, auto_augment: str | None = None
+    source: Any = "cifar", *, auto_augment: str | None = None, image_size: int | None = None
 ) -> tuple[Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor]]:
     """``(train_transform, eval_transform)`` from ``source``:
 
@@ -392,28 +408,106 @@ def build_transforms(
       :func:`transforms_from_image_processor`;
     - a timm model (``pretrained_cfg`` attribute), a data-config dict or transformers'
       ``TimmWrapperImageProcessor`` (its ``data_config``): :func:`transforms_from_timm`.
+
+    ``image_size`` overrides the output side (the CIFAR protocol's ``size``, the model's input
+    size) without changing the normalisation.
     """
     if isinstance(source, str):
         key = source.lower().replace("-", "").replace("_", "")
+        size = {"size": int(image_size)} if image_size is not None else {}
         if key in ("cifar", "cifar10"):
-            return cifar_transforms(CIFAR10_MEAN, CIFAR10_STD, auto_augment=auto_augment)
+            return cifar_transforms(CIFAR10_MEAN, CIFAR10_STD, auto_augment=auto_augment, **size)
         if key == "cifar100":
-            return cifar_transforms(CIFAR100_MEAN, CIFAR100_STD, auto_augment=auto_augment)
+            return cifar_transforms(CIFAR100_MEAN, CIFAR100_STD, auto_augment=auto_augment, **size)
         raise ValueError(
             f"unknown transform preset {source!r}; use 'cifar10', 'cifar100', an image processor, "
             f"a timm model or a timm data config"
         )
     if hasattr(source, "image_mean") and hasattr(source, "size"):
-        return transforms_from_image_processor(source, auto_augment=auto_augment)
+        return transforms_from_image_processor(
+            source, auto_augment=auto_augment, image_size=image_size
+        )
     if isinstance(getattr(source, "data_config", None), dict):
         # transformers' TimmWrapperImageProcessor: the timm data config of the checkpoint.
-        return transforms_from_timm(source.data_config, auto_augment=auto_augment)
+        return transforms_from_timm(
+            source.data_config, auto_augment=auto_augment, image_size=image_size
+        )
     if isinstance(source, dict) or hasattr(source, "pretrained_cfg"):
-        return transforms_from_timm(source, auto_augment=auto_augment)
+        return transforms_from_timm(source, auto_augment=auto_augment, image_size=image_size)
     raise TypeError(
         f"cannot build transforms from {type(source).__name__}; pass 'cifar10', 'cifar100', a "
         f"transformers image processor, a timm model or a timm data-config dict"
     )
+
+
+#: ``train_transform`` choices of :func:`select_transforms` (and ``scripts/train.py``).
+TRANSFORM_PROTOCOLS = ("auto", "model", "pad_crop", "cifar", "cifar10", "cifar100")
+
+
+def processor_mean_std(processor: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` of a transformers image processor or a timm ``TimmWrapperImageProcessor``."""
+    config = getattr(processor, "data_config", None)
+    if isinstance(config, dict) and "mean" in config:
+        return tuple(config["mean"]), tuple(config["std"])
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    if mean is None or std is None:
+        raise ValueError(f"{type(processor).__name__} has no mean/std to normalise with.")
+    return tuple(mean), tuple(std)
+
+
+def _processor_size(processor: Any) -> int:
+    config = getattr(processor, "data_config", None)
+    if isinstance(config, dict) and "input_size" in config:
+        return int(config["input_size"][-1])
+    fields = _size_fields(getattr(processor, "crop_size", None)) or _size_fields(
+        getattr(processor, "size", None)
+    )
+    for key in ("height", "shortest_edge", "longest_edge"):
+        if key in fields:
+            return int(fields[key])
+    raise ValueError(f"cannot read the input size of {type(processor).__name__}.")
+
+
+def select_transforms(
+    protocol: str,
+    processor: Any = None,
+    *,
+    image_size: int | None = None,
+    auto_augment: str | None = None,
+) -> tuple[str, Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor]]:
+    """``(resolved protocol, train transform, eval transform)`` for a model and a protocol name.
+
+    ``protocol``: ``"auto"`` (``"model"`` when the model has an image processor, else
+    ``"cifar"``), ``"model"`` (the processor's preprocessing, :func:`build_transforms`: random-
+    resized crops for training, resize + centre crop for evaluation), ``"pad_crop"`` (the CIFAR
+    protocol's geometry -- resize to the side, 1/8-side zero padding + random crop, flip; eval
+    only resizes -- normalised with the *model's* mean/std: for small, centred images such as
+    digits, where a random-resized crop of 8% of the image destroys the object; a model without
+    a processor gets the plain CIFAR protocol), or ``"cifar"``/``"cifar10"``/``"cifar100"`` (the
+    CIFAR protocol with that dataset's mean/std). ``image_size`` overrides the output side in
+    every case. Raises ``ValueError`` for an unknown protocol, or ``"model"`` without a
+    processor.
+    """
+    if protocol not in TRANSFORM_PROTOCOLS:
+        raise ValueError(f"train_transform={protocol!r}: use one of {list(TRANSFORM_PROTOCOLS)}.")
+    if protocol == "auto" or (protocol == "pad_crop" and processor is None):
+        protocol = "cifar" if processor is None else "model"
+    if protocol == "model" and processor is None:
+        raise ValueError(
+            "train_transform='model' but the model has no image processor; use "
+            "train_transform='cifar10' (or 'cifar100')."
+        )
+    if protocol == "pad_crop":
+        mean, std = processor_mean_std(processor)
+        size = int(image_size) if image_size is not None else _processor_size(processor)
+        train, eval_ = cifar_transforms(
+            mean, std, size=size, padding=max(1, size // 8), auto_augment=auto_augment
+        )
+    elif protocol == "model":
+        train, eval_ = build_transforms(processor, auto_augment=auto_augment, image_size=image_size)
+    else:
+        train, eval_ = build_transforms(protocol, auto_augment=auto_augment, image_size=image_size)
+    return protocol, train, eval_
 
 
 def _describe_image(value: Any, label: Any) -> str:

