@@ -675,7 +675,7 @@ def _check_options(
     the option and its valid values), and warn about combinations that give silently wrong
     results."""
     from hf_longtail.data.profiles import PROFILES, validate_imbalance_factor
-    from hf_longtail.data.transforms import AUTO_AUGMENT, ON_BAD_IMAGE
+    from hf_longtail.data.transforms import AUTO_AUGMENT, ON_BAD_IMAGE, TRANSFORM_PROTOCOLS
     from hf_longtail.trainer import (
         NONFINITE_POLICIES,
         SAMPLERS,
@@ -688,7 +688,7 @@ def _check_options(
         ("on_bad_image", data_args.on_bad_image, ON_BAD_IMAGE),
         ("nonfinite_loss", run_args.nonfinite_loss, NONFINITE_POLICIES),
         ("imbalance_profile", data_args.imbalance_profile, tuple(PROFILES)),
-        ("train_transform", data_args.train_transform, TRANSFORMS),
+        ("train_transform", data_args.train_transform, TRANSFORM_PROTOCOLS),
         ("auto_augment", data_args.auto_augment, (None, *AUTO_AUGMENT)),
     )
     for name, value, valid in choices:
@@ -740,7 +740,6 @@ def _check_options(
 
 
 #: Values of --train_transform.
-TRANSFORMS = ("auto", "model", "cifar", "cifar10", "cifar100")
 
 
 def classifier_kwargs(model_args: ModelArguments) -> dict[str, Any]:
@@ -790,13 +789,6 @@ def _check_frozen_options(
     model_args: ModelArguments, data_args: DataArguments, run_args: RunArguments
 ) -> None:
     """Reject contradictory frozen-backbone / second-stage options before any work."""
-    from hf_longtail.data.transforms import TRANSFORM_PROTOCOLS
-
-    if data_args.train_transform not in TRANSFORM_PROTOCOLS:
-        raise ValueError(
-            f"--train_transform {data_args.train_transform!r} is not valid; use one of "
-            f"{list(TRANSFORM_PROTOCOLS)}."
-        )
     if model_args.train_last_stage and not model_args.freeze_backbone:
         raise ValueError(
             "--train_last_stage needs --freeze_backbone (it unfreezes the last stage)."
