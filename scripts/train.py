@@ -125,6 +125,18 @@ class DataArguments:
             "'raise' stops naming the file; 'skip' drops it from its batch (logged, counted)."
         },
     )
+    pixel_cache: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto': decode (and resize) the images once into a uint8 store and augment "
+            "whole batches when the transform allows it and the store fits 4 GiB; 'on': always "
+            "(an error says why not); 'off': decode and transform every image every epoch."
+        },
+    )
+    pixel_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Pixel store directory (default $HF_HOME/hf_longtail/pixel_cache)."},
+    )
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Evaluate on N random evaluation images (debugging)."}
     )
@@ -570,6 +582,8 @@ def main(argv: list[str] | None = None) -> dict:
         nonfinite_loss=run_args.nonfinite_loss,
         lr_milestones=run_args.lr_milestones,
         lr_gamma=run_args.lr_gamma,
+        pixel_cache=data_args.pixel_cache,
+        pixel_cache_dir=data_args.pixel_cache_dir,
     )
     if run_args.save_on_signal:
         from hf_longtail.trainer import install_signal_checkpointing
@@ -624,12 +638,14 @@ def _check_options(data_args: DataArguments, run_args: RunArguments) -> None:
     """Reject invalid choice options and imbalance factors before the output dir or the data
     are touched (each message names the option and its valid values)."""
     from hf_longtail.data.profiles import validate_imbalance_factor
+    from hf_longtail.data.pixel_store import PIXEL_CACHE_MODES
     from hf_longtail.data.transforms import ON_BAD_IMAGE
     from hf_longtail.trainer import NONFINITE_POLICIES, SAMPLERS
 
     choices = (
         ("sampler", data_args.sampler, SAMPLERS),
         ("on_bad_image", data_args.on_bad_image, ON_BAD_IMAGE),
+        ("pixel_cache", data_args.pixel_cache, PIXEL_CACHE_MODES),
         ("nonfinite_loss", run_args.nonfinite_loss, NONFINITE_POLICIES),
     )
     for name, value, valid in choices:
