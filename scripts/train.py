@@ -637,8 +637,8 @@ def main(argv: list[str] | None = None) -> dict:
 def _check_options(data_args: DataArguments, run_args: RunArguments) -> None:
     """Reject invalid choice options and imbalance factors before the output dir or the data
     are touched (each message names the option and its valid values)."""
-    from hf_longtail.data.profiles import validate_imbalance_factor
     from hf_longtail.data.pixel_store import PIXEL_CACHE_MODES
+    from hf_longtail.data.profiles import validate_imbalance_factor
     from hf_longtail.data.transforms import ON_BAD_IMAGE
     from hf_longtail.trainer import NONFINITE_POLICIES, SAMPLERS
 
