@@ -691,6 +691,7 @@ def _training_summary(training_args: TrainingArguments, trainer) -> dict:
     )
     summary["sampler"] = trainer.sampler_name
     summary["lr_milestones"] = trainer.lr_milestones
+    summary["pixel_cache"] = trainer.pixel_cache
     return summary
 
 
