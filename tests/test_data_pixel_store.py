@@ -133,6 +133,37 @@ def test_train_batches_are_crops_of_the_padded_image_with_torchvision_distributi
     assert abs(np.mean([o[1] for o in offsets]) - 4.0) < 4 * math.sqrt(80 / 12 / n)
 
 
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("padding", [(1, 2, 3, 0), (2, 1), 3])
+def test_random_crop_covers_exactly_the_crops_torchvision_can_make(version, padding):
+    """Asymmetric paddings in both torchvision APIs: every output is a crop of the image padded
+    as torchvision pads it, and every such crop position occurs."""
+    import torchvision.transforms as tv1
+    import torchvision.transforms.v2.functional as TF
+
+    from hf_longtail.data.batch_augment import BatchTransform
+
+    crop = (tv1 if version == "v1" else v2).RandomCrop((6, 5), padding=padding)
+    plan = plan_fast_transform(v2.Compose([crop, v2.ToDtype(torch.float32, scale=True)]))
+    image = torch.randint(0, 256, (1, 3, 6, 5), dtype=torch.uint8)
+    pad = [padding] * 4 if isinstance(padding, int) else padding
+    pad = pad * 2 if len(pad) == 2 else pad
+    padded = TF.pad(image[0], list(pad))  # torchvision's own padding, (left, top, right, bottom)
+    positions = {(i, j) for i in range(padded.shape[1] - 5) for j in range(padded.shape[2] - 4)}
+    crops = {
+        (i, j): TF.to_dtype(padded[:, i : i + 6, j : j + 5], torch.float32, scale=True)
+        for i, j in positions
+    }
+    seen = set()
+    transform = BatchTransform(plan)
+    out = transform(image.expand(400, -1, -1, -1), torch.Generator().manual_seed(0))
+    for sample in out:
+        match = [p for p, c in crops.items() if torch.equal(sample, c)]
+        assert match, "not a crop of the torchvision-padded image"
+        seen.update(match)
+    assert seen == positions
+
+
 def test_random_resized_crop_boxes_follow_torchvision():
     """Area fraction and aspect ratio of the fast path's boxes vs torchvision's make_params."""
     torch.manual_seed(0)

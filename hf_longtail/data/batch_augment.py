@@ -89,7 +89,8 @@ def _interpolation(value: Any) -> InterpolationMode:
 
 # ------------------------------------------------------------------------------ random ops
 class _RandomCrop:
-    """Pad (constant ``fill``) then a per-sample crop of ``size``."""
+    """Pad (constant ``fill``; ``padding`` = left, top, right, bottom) then a per-sample crop of
+    ``size``."""
 
     per_sample_resize = False
 
@@ -308,7 +309,10 @@ def _random_op(op: Any) -> Any | None:
         padding = op.padding
         if padding is None:
             padding = [0, 0, 0, 0]
-        elif isinstance(padding, int):
+        elif isinstance(op, v2.RandomCrop):  # parsed by v2 as [left, right, top, bottom]
+            left, right, top, bottom = padding
+            padding = [left, top, right, bottom]
+        elif isinstance(padding, int):  # v1 keeps the argument: int, (lr, tb) or (l, t, r, b)
             padding = [padding] * 4
         elif len(padding) == 1:
             padding = list(padding) * 4
