@@ -41,6 +41,12 @@ Contract of the training step (what is identical to the parent class and what is
   :class:`~hf_longtail.data.BatchSeededSampler`, which re-seeds the host RNGs before each batch
   from ``(seed, epoch, batch index)``; with ``dataloader_num_workers=0`` a run resumed mid-epoch
   then reproduces the uninterrupted run exactly (order, augmentation, loss state).
+- Input pipeline (``pixel_cache``): a dataset prepared with
+  :func:`~hf_longtail.data.with_transforms` whose transform the batched fast path supports is
+  decoded (and resized) once into a uint8 pixel store and augmented batch-wise with a per-batch
+  generator seeded from ``(seed, epoch, batch index)`` (:mod:`hf_longtail.data.pixel_store`):
+  batches are then identical whatever ``dataloader_num_workers`` and on a mid-epoch resume;
+  the class counts, label checks and samplers keep reading the original ``datasets.Dataset``.
 - ``compute_loss`` also runs on evaluation batches: there the loss module is in eval mode, so
   the CAR EMA and the DRW schedule never advance outside training steps.
 - The loss state (CAR EMA confusion matrix, singular vectors, step) is written into every
@@ -164,6 +170,15 @@ class LongTailTrainer(Trainer):
     ``args.label_smoothing_factor`` is applied by the loss (see
     :func:`apply_label_smoothing_factor`); ``compute_loss_func`` is not accepted (a
     ``ValueError`` says what to do instead).
+        pixel_cache: ``"auto"`` (default), ``"on"`` or ``"off"``: the decode-once fast path of
+            :func:`hf_longtail.data.pixel_dataset` for the train/eval/test datasets (``"auto"``:
+            when the transform is supported and the store fits ``pixel_cache_max_bytes``;
+            ``"on"``: an error names why it cannot be used). On the fast path the DataLoader
+            runs in the main process (0 workers) unless the augmentation resizes every image
+            (random-resized crops), where ``dataloader_num_workers`` applies.
+        pixel_cache_dir: where pixel stores are kept (default: ``default_cache_dir()`` for
+            datasets backed by Arrow files, memory for in-memory datasets).
+        pixel_cache_max_bytes: the size limit of ``"auto"``.
     """
 
     def __init__(
@@ -180,6 +195,9 @@ class LongTailTrainer(Trainer):
         lr_gamma: float = 0.1,
         nonfinite_skip_limit: int = 10,
         divergence_factor: float | None = DIVERGENCE_FACTOR,
+        pixel_cache: str = "auto",
+        pixel_cache_dir: str | os.PathLike | None = None,
+        pixel_cache_max_bytes: int | None = None,
         **kwargs: Any,
     ) -> None:
         if nonfinite_loss not in NONFINITE_POLICIES:
@@ -206,6 +224,16 @@ class LongTailTrainer(Trainer):
             isinstance(divergence_factor, (int, float)) and divergence_factor > 1
         ):
             raise ValueError(f"divergence_factor must be > 1 or None; got {divergence_factor!r}")
+        from hf_longtail.data.pixel_store import DEFAULT_MAX_BYTES, PIXEL_CACHE_MODES
+
+        if pixel_cache not in PIXEL_CACHE_MODES:
+            raise ValueError(
+                f"pixel_cache={pixel_cache!r} is not valid; use one of {PIXEL_CACHE_MODES}."
+            )
+        self.pixel_cache = pixel_cache
+        self.pixel_cache_dir = pixel_cache_dir
+        self.pixel_cache_max_bytes = pixel_cache_max_bytes or DEFAULT_MAX_BYTES
+        self._pixel_datasets: dict[int, tuple[Any, Any]] = {}
         if isinstance(loss_config, dict):
             loss_config = LongTailLossConfig.from_dict(loss_config)
         loss_config = loss_config if loss_config is not None else LongTailLossConfig()
@@ -615,6 +643,70 @@ class LongTailTrainer(Trainer):
             if not isinstance(inner, _IgnoreSignalsInWorker):
                 loader.worker_init_fn = _IgnoreSignalsInWorker(signals, inner)
         return dataloader
+
+    # ------------------------------------------------------------ input pipeline
+    def _pixel_dataset(self, dataset: Any) -> Any:
+        """The pixel-cache dataset standing in for ``dataset`` (built once per dataset and
+        trainer, process 0 first so that it writes a disk store the others then read), or
+        ``None`` for the streaming path."""
+        if self.pixel_cache == "off" or dataset is None:
+            return None
+        cached = self._pixel_datasets.get(id(dataset))
+        if cached is not None and cached[0] is dataset:
+            return cached[1]
+        from hf_longtail.data.pixel_store import pixel_dataset
+
+        with self.args.main_process_first(desc="pixel cache"):
+            fast = pixel_dataset(
+                dataset,
+                self.pixel_cache,
+                cache_dir=self.pixel_cache_dir,
+                max_bytes=self.pixel_cache_max_bytes,
+            )
+        self._pixel_datasets[id(dataset)] = (dataset, fast)
+        return fast
+
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, **kwargs):
+        """The parent's DataLoader, or on the pixel-cache fast path one over the
+        :class:`~hf_longtail.data.PixelStoreDataset` (sampler built from the original dataset,
+        its indices tagged with per-batch seeds; workers only when the augmentation pays)."""
+        fast = self._pixel_dataset(dataset)
+        if fast is None:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, **kwargs)
+        from functools import partial
+
+        from torch.utils.data import DataLoader
+        from transformers.trainer_pt_utils import BatchRebalanceSampler
+        from transformers.trainer_utils import seed_worker
+
+        from hf_longtail.data.samplers import BatchSeededSampler
+
+        sampler = sampler_fn(dataset) if sampler_fn is not None else None
+        if isinstance(sampler, (torch.utils.data.BatchSampler, BatchRebalanceSampler)):
+            # A batch sampler (train_sampling_strategy="batch_rebalance"): keep streaming.
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, **kwargs)
+        if isinstance(sampler, BatchSeededSampler):
+            sampler.tag_batches = True
+        workers = self.args.dataloader_num_workers if fast.transform.plan.per_sample_resize else 0
+        params: dict[str, Any] = {
+            "batch_size": batch_size,
+            "sampler": sampler,
+            "collate_fn": self.data_collator,
+            "num_workers": workers,
+            "pin_memory": self.args.dataloader_pin_memory,
+            "drop_last": self.args.dataloader_drop_last,
+        }
+        if workers > 0:
+            params.update(
+                persistent_workers=self.args.dataloader_persistent_workers,
+                prefetch_factor=self.args.dataloader_prefetch_factor,
+                multiprocessing_context=self.args.dataloader_multiprocessing_context,
+            )
+            if kwargs.get("is_training"):
+                params["worker_init_fn"] = partial(
+                    seed_worker, num_workers=workers, rank=self.args.process_index
+                )
+        return self.accelerator.prepare(DataLoader(fast, **params))
 
     # -------------------------------------------------------------- sampling
     def _planned_epochs(self, dataset) -> float:

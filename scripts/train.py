@@ -193,6 +193,18 @@ class DataArguments:
             "opened (-1: all rows; 0: none). Bad rows follow --on_bad_image."
         },
     )
+    pixel_cache: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto': decode (and resize) the images once into a uint8 store and augment "
+            "whole batches when the transform allows it and the store fits 4 GiB; 'on': always "
+            "(an error says why not); 'off': decode and transform every image every epoch."
+        },
+    )
+    pixel_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Pixel store directory (default $HF_HOME/hf_longtail/pixel_cache)."},
+    )
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Evaluate on N random evaluation images (debugging)."}
     )
@@ -610,6 +622,8 @@ def main(argv: list[str] | None = None) -> dict:
         nonfinite_skip_limit=run_args.nonfinite_skip_limit,
         lr_milestones=run_args.lr_milestones,
         lr_gamma=run_args.lr_gamma,
+        pixel_cache=data_args.pixel_cache,
+        pixel_cache_dir=data_args.pixel_cache_dir,
     )
     if run_args.save_on_signal:
         from hf_longtail.trainer import install_signal_checkpointing
@@ -674,6 +688,7 @@ def _check_options(
     """Reject invalid options before the output dir or the data are touched (each message names
     the option and its valid values), and warn about combinations that give silently wrong
     results."""
+    from hf_longtail.data.pixel_store import PIXEL_CACHE_MODES
     from hf_longtail.data.profiles import PROFILES, validate_imbalance_factor
     from hf_longtail.data.transforms import AUTO_AUGMENT, ON_BAD_IMAGE, TRANSFORM_PROTOCOLS
     from hf_longtail.trainer import (
@@ -686,6 +701,7 @@ def _check_options(
     choices = (
         ("sampler", data_args.sampler, SAMPLERS),
         ("on_bad_image", data_args.on_bad_image, ON_BAD_IMAGE),
+        ("pixel_cache", data_args.pixel_cache, PIXEL_CACHE_MODES),
         ("nonfinite_loss", run_args.nonfinite_loss, NONFINITE_POLICIES),
         ("imbalance_profile", data_args.imbalance_profile, tuple(PROFILES)),
         ("train_transform", data_args.train_transform, TRANSFORM_PROTOCOLS),
@@ -887,6 +903,7 @@ def _training_summary(training_args: TrainingArguments, trainer) -> dict:
     )
     summary["sampler"] = trainer.sampler_name
     summary["lr_milestones"] = trainer.lr_milestones
+    summary["pixel_cache"] = trainer.pixel_cache
     return summary
 
 

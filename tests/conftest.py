@@ -15,6 +15,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Pixel stores of disk-backed test datasets go to a per-session temporary directory (inherited
+# by training subprocesses), never into the user's ~/.cache.
+if "HF_LONGTAIL_PIXEL_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _PIXEL_CACHE = tempfile.mkdtemp(prefix="hf_longtail_pixel_cache_")
+    os.environ["HF_LONGTAIL_PIXEL_CACHE"] = _PIXEL_CACHE
+    atexit.register(shutil.rmtree, _PIXEL_CACHE, ignore_errors=True)
 # Multi-process tests put several OpenMP pools on 2 cores; spinning waits would make them crawl.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

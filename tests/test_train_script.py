@@ -132,6 +132,7 @@ def test_digits_run_writes_the_documented_run_directory(digits_run):
     assert data["class_names"] == [str(d) for d in range(10)]
     assert run["loss"]["ccar"] is True and run["loss"]["car_weight"] == 0.5
     assert run["training"]["max_steps"] == 3 and run["training"]["world_size"] == 1
+    assert run["training"]["pixel_cache"] == "auto"
 
 
 def test_digits_run_accuracy_matches_the_saved_model(digits_run):
@@ -251,6 +252,16 @@ def test_local_vit_checkpoint_gets_a_head_for_the_dataset(train_script, tmp_path
 
 
 # ------------------------------------------------------------------ (d) config files
+def test_pixel_cache_option_is_checked_and_on_names_what_it_cannot_do(train_script, tmp_path):
+    with pytest.raises(ValueError, match=r"--pixel_cache 'sometimes' is not valid"):
+        _digits_run(train_script, tmp_path / "a", "--pixel_cache", "sometimes")
+    assert not (tmp_path / "a").exists()  # refused before the output dir was touched
+    with pytest.raises(ValueError, match=r"pixel_cache='on' cannot be used: .*RandAugment"):
+        _digits_run(
+            train_script, tmp_path / "b", "--pixel_cache", "on", "--auto_augment", "randaugment"
+        )
+
+
 def test_unknown_yaml_key_is_an_error_naming_it(train_script, tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("dataset_name: digits\nlearning_rat: 0.1\nccar: true\n")

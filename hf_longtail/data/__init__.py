@@ -11,7 +11,9 @@ Knows nothing of losses, the Trainer or the Hub helpers. Main entry points:
 - :func:`build_transforms`, :func:`apply_transforms`, :func:`collate_fn`, :class:`MixupCollator`
   -- feeding a model (``on_bad_image="raise"|"skip"`` for unreadable files; :func:`find_bad_images`;
   :func:`preflight_splits` / :func:`check_images`, a cheap check of every split before training);
-- :class:`ClassAwareSampler` -- class-balanced / square-root / progressive sampling under DDP.
+- :class:`ClassAwareSampler` -- class-balanced / square-root / progressive sampling under DDP;
+- :func:`pixel_dataset`, :class:`PixelStoreDataset` -- the pixel-cache fast path (decode once
+  into a uint8 store, augment whole batches with a per-batch generator).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from hf_longtail.data.collate import MixupCollator, collate_fn
+    from hf_longtail.data.collate import MixupCollator, PrecollatedBatch, collate_fn
     from hf_longtail.data.columns import (
         detect_columns,
         detect_image_column,
@@ -37,12 +39,19 @@ if TYPE_CHECKING:  # pragma: no cover
         stratified_split_indices,
         write_longtail_record,
     )
+    from hf_longtail.data.pixel_store import (
+        PIXEL_CACHE_MODES,
+        PixelStoreDataset,
+        build_pixel_store,
+        pixel_dataset,
+    )
     from hf_longtail.data.preflight import check_images, preflight_splits
     from hf_longtail.data.profiles import PROFILES, long_tailed_counts, validate_imbalance_factor
     from hf_longtail.data.samplers import (
         SAMPLING_MODES,
         BatchSeededSampler,
         ClassAwareSampler,
+        SeededIndex,
         build_class_aware_sampler,
         create_sampler,
         sampling_distribution,
@@ -81,6 +90,12 @@ _EXPORTS: dict[str, str] = {
     "PROFILES": "hf_longtail.data.profiles",
     "PROTOCOLS": "hf_longtail.data.sources",
     "SAMPLING_MODES": "hf_longtail.data.samplers",
+    "PIXEL_CACHE_MODES": "hf_longtail.data.pixel_store",
+    "PixelStoreDataset": "hf_longtail.data.pixel_store",
+    "PrecollatedBatch": "hf_longtail.data.collate",
+    "SeededIndex": "hf_longtail.data.samplers",
+    "build_pixel_store": "hf_longtail.data.pixel_store",
+    "pixel_dataset": "hf_longtail.data.pixel_store",
     "SplitFileError": "hf_longtail.data.sources",
     "apply_transforms": "hf_longtail.data.transforms",
     "bad_image_count": "hf_longtail.data.transforms",
@@ -120,6 +135,7 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "ON_BAD_IMAGE",
+    "PIXEL_CACHE_MODES",
     "PROFILES",
     "PROTOCOLS",
     "SAMPLING_MODES",
@@ -127,10 +143,14 @@ __all__ = [
     "BatchSeededSampler",
     "ClassAwareSampler",
     "MixupCollator",
+    "PixelStoreDataset",
+    "PrecollatedBatch",
+    "SeededIndex",
     "SplitFileError",
     "apply_transforms",
     "bad_image_count",
     "build_class_aware_sampler",
+    "build_pixel_store",
     "build_transforms",
     "check_images",
     "cifar_transforms",
@@ -152,6 +172,7 @@ __all__ = [
     "long_tailed_indices",
     "longtail_record",
     "make_long_tailed",
+    "pixel_dataset",
     "preflight_splits",
     "sampling_distribution",
     "select_transforms",

@@ -14,13 +14,29 @@ from typing import Any
 
 import torch
 
-__all__ = ["MixupCollator", "collate_fn"]
+__all__ = ["MixupCollator", "PrecollatedBatch", "collate_fn"]
+
+
+class PrecollatedBatch(list):
+    """A batch that a dataset's ``__getitems__`` has already assembled (the pixel-cache fast
+    path, :class:`~hf_longtail.data.pixel_store.PixelStoreDataset`): ``batch`` is the finished
+    ``{"pixel_values": Tensor[B,C,H,W], "labels": Tensor[B]}``. As a list it holds the rows
+    ``{"pixel_values": Tensor[C,H,W] (a view), "labels": int}``, so any row-wise collator still
+    works; :func:`collate_fn` returns ``batch`` itself instead of stacking the rows again."""
+
+    def __init__(self, batch: dict[str, torch.Tensor]) -> None:
+        pixels, labels = batch["pixel_values"], batch["labels"]
+        super().__init__(
+            {"pixel_values": pixels[i], "labels": int(labels[i])} for i in range(len(labels))
+        )
+        self.batch = batch
 
 
 def collate_fn(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack rows ``{"pixel_values": Tensor[C,H,W], "labels": int | Tensor}`` into
     ``{"pixel_values": Tensor[B,C,H,W], "labels": Tensor[B] (long) or Tensor[B,K] (float)}``.
 
+    A :class:`PrecollatedBatch` (the pixel-cache fast path) is returned as already assembled.
     Rows whose ``pixel_values`` is ``None`` (unreadable images skipped by a transform with
     ``on_bad_image="skip"``) are dropped, so the batch is smaller by that many rows.
 
@@ -30,6 +46,8 @@ def collate_fn(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
             ``remove_unused_columns=False``).
         BadImageError: every image of the batch was unreadable.
     """
+    if isinstance(examples, PrecollatedBatch):
+        return dict(examples.batch)
     if not examples:
         raise ValueError("cannot collate an empty batch")
     missing = {"pixel_values", "labels"} - set(examples[0])

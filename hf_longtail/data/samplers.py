@@ -49,6 +49,8 @@ __all__ = [
     "SAMPLING_MODES",
     "BatchSeededSampler",
     "ClassAwareSampler",
+    "SeededIndex",
+    "batch_seed",
     "build_class_aware_sampler",
     "create_sampler",
     "sampling_distribution",
@@ -295,6 +297,30 @@ def seed_host_rngs(*entropy: int) -> None:
     torch.default_generator.manual_seed(int(words[2]) << 32 | int(words[3]))
 
 
+def batch_seed(*entropy: int) -> int:
+    """A 63-bit seed for the ``torch.Generator`` of one batch, from ``(seed, epoch, batch)``
+    through ``numpy.random.SeedSequence`` (platform-stable)."""
+    words = np.random.SeedSequence([int(e) for e in entropy]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+class SeededIndex(int):
+    """A dataset index that carries the seed of the batch it belongs to (``batch_seed``).
+
+    It is an ``int`` for every consumer (``DataLoader`` batching, accelerate's batch sharding and
+    skipping, ``datasets``); a dataset that augments whole batches (the pixel-cache fast path)
+    reads ``indices[0].batch_seed`` in ``__getitems__``. The seed travels with the indices into
+    DataLoader worker processes, so the batch is the same whatever the number of workers."""
+
+    def __new__(cls, index: int, batch_seed: int) -> SeededIndex:
+        obj = super().__new__(cls, index)
+        obj.batch_seed = batch_seed
+        return obj
+
+    def __reduce__(self):
+        return (SeededIndex, (int(self), self.batch_seed))
+
+
 class BatchSeededSampler(Sampler[int]):
     """Wraps a training sampler so that the data randomness of every batch depends only on
     ``(seed, epoch, batch index)``, which makes a resumed run draw what the uninterrupted run drew.
@@ -312,13 +338,21 @@ class BatchSeededSampler(Sampler[int]):
     which ``set_epoch`` makes a function of ``(seed, epoch)``: a resume at an epoch boundary is
     exact, a resume mid-epoch is exact in order and loss state but not in augmentation draws.
 
+    With ``tag_batches=True`` every index is yielded as a :class:`SeededIndex` whose
+    ``batch_seed`` is :func:`batch_seed` ``(seed, epoch, 2, b)``: a dataset that augments the batch
+    with its own generator (the pixel-cache fast path) is then exact on a mid-epoch resume with any
+    number of workers, since the seed travels with the indices.
+
     Args:
         sampler: the wrapped sampler (its ``set_epoch`` is forwarded when it has one).
         batch_size: the per-process batch size of the ``DataLoader``.
         seed: base seed (``TrainingArguments.data_seed`` or ``seed``).
+        tag_batches: yield :class:`SeededIndex` values (see above).
     """
 
-    def __init__(self, sampler: Sampler[int], batch_size: int, seed: int = 0) -> None:
+    def __init__(
+        self, sampler: Sampler[int], batch_size: int, seed: int = 0, tag_batches: bool = False
+    ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
             raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
         if batch_size < 1:
@@ -328,6 +362,7 @@ class BatchSeededSampler(Sampler[int]):
         self.sampler = sampler
         self.batch_size = int(batch_size)
         self.seed = int(seed)
+        self.tag_batches = bool(tag_batches)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -341,10 +376,14 @@ class BatchSeededSampler(Sampler[int]):
         # Seeded before the wrapped iterator starts: a RandomSampler draws its permutation seed
         # from the global torch RNG at its first step.
         seed_host_rngs(self.seed, self.epoch, 0, 0)
+        tag = None
         for position, index in enumerate(self.sampler):
             if position % self.batch_size == 0:
-                seed_host_rngs(self.seed, self.epoch, 1, position // self.batch_size)
-            yield index
+                batch = position // self.batch_size
+                seed_host_rngs(self.seed, self.epoch, 1, batch)
+                if self.tag_batches:
+                    tag = batch_seed(self.seed, self.epoch, 2, batch)
+            yield SeededIndex(index, tag) if self.tag_batches else index
 
     def __len__(self) -> int:
         return len(self.sampler)  # type: ignore[arg-type]

@@ -2,11 +2,13 @@
 number of steps at global batch 16, in 1 process or under ``torch.distributed.run`` (each of the
 N processes then gets 16 / N per step), and save the final weights and loss state.
 
-Usage: ``python _ddp_train.py OUT_DIR [POISON_STEP]`` or
-``python -m torch.distributed.run --nproc_per_node 2 _ddp_train.py OUT_DIR [POISON_STEP]``.
+Usage: ``python _ddp_train.py OUT_DIR [POISON_STEP|-] [PIXEL_CACHE]`` or
+``python -m torch.distributed.run --nproc_per_node 2 _ddp_train.py OUT_DIR [POISON_STEP|-]
+[PIXEL_CACHE]`` (``PIXEL_CACHE``: ``auto``, the default, reads through the pixel-cache fast path;
+``off`` through the streaming PIL transform).
 With ``POISON_STEP`` the last rank's logits are NaN at that training step and the trainer runs
 with ``nonfinite_loss="skip"`` and ``logging_steps=1``.
-Writes ``OUT_DIR/result-ws{world_size}-rank{rank}[-poisoned].pt``.
+Writes ``OUT_DIR/result-ws{world_size}-rank{rank}[-poisoned][-streaming].pt``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class _NaNAt(torch.nn.Module):
         return out
 
 
-def train(out_dir: str | Path, poison_step: int | None = None) -> dict:
+def train(out_dir: str | Path, poison_step: int | None = None, pixel_cache: str = "auto") -> dict:
     """Run the training described in the module docstring; returns (and saves) the result."""
     from hf_longtail import LongTailTrainer
     from hf_longtail.data import collate_fn
@@ -74,6 +76,7 @@ def train(out_dir: str | Path, poison_step: int | None = None) -> dict:
         loss_config=LongTailLossConfig(base="ce", ccar=True, car_weight=0.5),
         sampler="class_balanced",
         nonfinite_loss="skip" if poison_step else "raise",
+        pixel_cache=pixel_cache,
     )
     inner = trainer.model.model if isinstance(trainer.model, _NaNAt) else trainer.model
     initial = model_state(inner)
@@ -89,12 +92,14 @@ def train(out_dir: str | Path, poison_step: int | None = None) -> dict:
         },
         "global_step": trainer.state.global_step,
         "log_history": trainer.state.log_history,
+        "train_dataset_type": type(trainer.get_train_dataloader().dataset).__name__,
     }
-    suffix = "-poisoned" if poison_step else ""
+    suffix = ("-poisoned" if poison_step else "") + ("-streaming" if pixel_cache == "off" else "")
     torch.save(result, out_dir / f"result-ws{world_size}-rank{args.process_index}{suffix}.pt")
     return result
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    train(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)
+    poison = int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2] != "-" else None
+    train(sys.argv[1], poison, sys.argv[3] if len(sys.argv) > 3 else "auto")

@@ -30,18 +30,21 @@ LOSS_LINE = re.compile(r"^\{'loss': ", re.MULTILINE)
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("pixel_cache", ["auto", "off"])  # pixel-cache fast path, streaming
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, pixel_cache):
     sys.path.insert(0, str(HERE))
     import _ddp_train
 
-    single = _ddp_train.train(tmp_path)  # one thread, as the children (conftest.py)
+    single = _ddp_train.train(tmp_path, pixel_cache=pixel_cache)  # one thread, as the children
     assert single["world_size"] == 1 and single["global_step"] == _ddp_train.MAX_STEPS
+    path = "PixelStoreDataset" if pixel_cache == "auto" else "Dataset"
+    assert single["train_dataset_type"] == path
 
     command = [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", "1", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(DRIVER), str(tmp_path),
+        str(DRIVER), str(tmp_path), "-", pixel_cache,
     ]  # fmt: skip
     done = subprocess.run(
         command,
@@ -51,7 +54,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"result-ws2-rank{r}.pt", weights_only=False) for r in (0, 1)]
+    suffix = "-streaming" if pixel_cache == "off" else ""
+    ranks = [
+        torch.load(tmp_path / f"result-ws2-rank{r}{suffix}.pt", weights_only=False) for r in (0, 1)
+    ]
+    assert [r["train_dataset_type"] for r in ranks] == [path, path]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert all(r["distributed_type"].endswith("MULTI_CPU") for r in ranks)
     assert all(r["global_step"] == _ddp_train.MAX_STEPS for r in ranks)

@@ -19,10 +19,12 @@ from hf_longtail.data import MixupCollator, with_transforms
 from hf_longtail.losses import LongTailLossConfig
 
 
-def _augmenting_dataset():
+def _augmenting_dataset(resized_crop: bool = False):
     augment = v2.Compose(
         [
-            v2.RandomCrop(8, padding=2),
+            v2.RandomResizedCrop(8, scale=(0.3, 1.0))
+            if resized_crop
+            else v2.RandomCrop(8, padding=2),
             v2.RandomHorizontalFlip(),
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
@@ -50,25 +52,64 @@ def _dropout_vit():
     return ViTForImageClassification(config)
 
 
-def _trainer(output_dir, **overrides):
-    return LongTailTrainer(
-        model=_dropout_vit(),
+def _trainer(
+    output_dir, pixel_cache="auto", collator=None, resized_crop=False, model=None, **overrides
+):
+    trainer = LongTailTrainer(
+        model=model or _dropout_vit(),
         args=training_args(
             output_dir, max_steps=10, optim="sgd", optim_args="momentum=0.9", **overrides
         ),
-        train_dataset=_augmenting_dataset(),
-        data_collator=MixupCollator(num_classes=6, mixup_alpha=0.4, cutmix_alpha=0.0),
+        train_dataset=_augmenting_dataset(resized_crop),
+        data_collator=collator or MixupCollator(num_classes=6, mixup_alpha=0.4, cutmix_alpha=0.0),
         loss_config=LongTailLossConfig(base="ce", ccar=True, car_weight=0.5),
         sampler="class_balanced",
+        pixel_cache=pixel_cache,
     )
+    fast = type(trainer.get_train_dataloader().dataset).__name__ == "PixelStoreDataset"
+    assert fast == (pixel_cache != "off")  # the path under test is the one taken
+    return trainer
 
 
+@pytest.mark.parametrize("pixel_cache", ["off", "on"])  # streaming PIL path, fast path
 @pytest.mark.parametrize("stop", [3, 6, 8])  # mid-epoch 0, the epoch boundary, mid-epoch 1
-def test_mid_epoch_resume_with_augmentation_mixup_and_dropout_is_exact(tmp_path, stop):
-    full = _trainer(tmp_path / "full", save_strategy="steps", save_steps=stop)
+def test_mid_epoch_resume_with_augmentation_mixup_and_dropout_is_exact(tmp_path, stop, pixel_cache):
+    full = _trainer(tmp_path / "full", pixel_cache, save_strategy="steps", save_steps=stop)
     full.train()
-    resumed = _trainer(tmp_path / "resumed")
+    resumed = _trainer(tmp_path / "resumed", pixel_cache)
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / f"checkpoint-{stop}"))
+    _assert_same_end(full, resumed, stop)
+
+
+@pytest.mark.parametrize("pixel_cache", ["on", "off"])
+def test_fast_path_resume_with_workers_is_exact(tmp_path, pixel_cache):
+    """Random-resized crops (a per-sample resize: the fast path keeps DataLoader workers) and
+    flips; the uninterrupted run reads with 0 workers, the resumed one with 2. On the fast path
+    the batch seeds travel with the indices, so the resumed run ends exactly where the
+    uninterrupted one did; the streaming path (workers seeded per iterator) ends elsewhere.
+    (No dropout and no mixup here: those draw from the main process's RNGs, which the sampler
+    re-seeds ahead of time when workers prefetch.)"""
+    from _reliability_helpers import tiny_vit
+
+    from hf_longtail.data import collate_fn
+
+    common = {"collator": collate_fn, "resized_crop": True, "pixel_cache": pixel_cache}
+    full = _trainer(
+        tmp_path / "full", save_strategy="steps", save_steps=3, model=tiny_vit(6), **common
+    )
+    assert full.get_train_dataloader().num_workers == 0
+    full.train()
+    resumed = _trainer(tmp_path / "resumed", dataloader_num_workers=2, model=tiny_vit(6), **common)
+    assert resumed.get_train_dataloader().num_workers == 2
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    if pixel_cache == "on":
+        _assert_same_end(full, resumed, 3)
+    else:
+        expected, actual = model_state(full.model), model_state(resumed.model)
+        assert max((actual[k] - expected[k]).abs().max() for k in expected) > 1e-4
+
+
+def _assert_same_end(full, resumed, stop):
     assert resumed.state.global_step == full.state.global_step == 10
     expected, actual = model_state(full.model), model_state(resumed.model)
     for key in expected:
