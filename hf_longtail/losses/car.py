@@ -104,6 +104,11 @@ CAR_WEIGHT_FORMS = ("frequency", "count")
 # scripts/bench_losses.py (README, "CAR solvers"): the two cost the same near K = 150.
 EXACT_SOLVER_MAX_K = 128
 
+# The subspace solver's basis grows by subspace_size vectors per iteration up to this many blocks.
+_KRYLOV_BLOCKS = 6
+# New basis directions below this fraction of |M^T U| are rounding, not new information.
+_RANGE_RTOL = 1e-5
+
 # Fold the lazy EMA scale into the dense buffer below this (float32 keeps 1/s * O(1) finite).
 _FOLD_BELOW = 1e-20
 
@@ -462,26 +467,40 @@ class ConfusionSpectralRegularizer(nn.Module):
 
     def _subspace_pair(self, op):
         dtype = op.delta.dtype
-        V = self.basis.to(dtype)
-        Y = op.mm(V)
+        p = self.subspace_size
+        # Restart once the basis holds this many vectors (keeps the Rayleigh-Ritz SVD small).
+        cap = min(self.num_classes, _KRYLOV_BLOCKS * p)
+        X = self.basis.to(dtype)
+        basis, images = [X], [op.mm(X)]
         residual = float("inf")
         iterations = 0
-        while iterations < self.max_iterations:
+        while True:
             iterations += 1
-            Q = torch.linalg.qr(Y).Q
-            Z = op.tmm(Q)  # Q^T M = Z^T: the Rayleigh-Ritz projection of M onto span(Q)
-            Vz, S, Wh = torch.linalg.svd(Z, full_matrices=False)
-            V, sigma, u = Vz, S[0], Q.mv(Wh[0])
-            Y = op.mm(V)  # next iteration's product; Y[:, 0] = M v gives the residual for free
+            B, MB = torch.cat(basis, 1), torch.cat(images, 1)
+            # Rayleigh-Ritz on span(B) (orthonormal): M B = U S W^T, so M (B w_1) = s_1 u_1.
+            U, S, Wh = torch.linalg.svd(MB, full_matrices=False)
+            sigma, u = S[0], U[:, 0]
+            ritz = B @ Wh[:p].T  # the top right Ritz vectors: v and the next warm start
+            v = ritz[:, 0]
+            Z = op.tmm(U[:, :p])  # M^T u_1 = sigma v_1 at convergence: the residual
             scale = float(sigma)
             residual = (
-                float(torch.linalg.vector_norm(Y[:, 0] - sigma * u)) / scale if scale else 0.0
+                float(torch.linalg.vector_norm(Z[:, 0] - sigma * v)) / scale if scale else 0.0
             )
-            if residual <= self.tol:
+            if residual <= self.tol or iterations >= self.max_iterations:
                 break
-        else:
+            if B.shape[1] + p > cap:  # thick restart on the top Ritz vectors: no extra product
+                basis, images = [ritz], [MB @ Wh[:p].T]
+                B = ritz
+            # The next block: M^T M applied to the top Ritz vectors, orthogonal to the basis.
+            X = _orthogonal_complement(Z, B)
+            if X is None:  # span(B) is invariant: the Ritz pair is exact
+                break
+            basis.append(X)
+            images.append(op.mm(X))
+        if residual > self.tol:
             warnings.warn(
-                f"CAR subspace solver: residual |Mv - sigma u| / sigma = {residual:.2e} after "
+                f"CAR subspace solver: residual |M^T u - sigma v| / sigma = {residual:.2e} after "
                 f"{iterations} iterations is above tol = {self.tol:g}; raise max_iterations or "
                 "subspace_size, or use solver='exact'",
                 RuntimeWarning,
@@ -489,9 +508,8 @@ class ConfusionSpectralRegularizer(nn.Module):
             )
         self.last_iterations = iterations
         self.last_residual = residual
-        v = V[:, 0]
-        value = u.dot(Y[:, 0])  # u^T M v = sigma up to the residual
-        return value, u, v, V.to(self.basis.dtype)
+        # M v = sigma u holds exactly in the Ritz basis, so u^T M v = sigma.
+        return sigma, u, v, ritz.to(self.basis.dtype)
 
     @torch.no_grad()
     def _commit(
@@ -532,6 +550,27 @@ class ConfusionSpectralRegularizer(nn.Module):
             f"solver={self.resolved_solver!r}, subspace_size={self.subspace_size}, "
             f"max_iterations={self.max_iterations}, tol={self.tol}"
         )
+
+
+def _orthogonal_complement(Z: torch.Tensor, B: torch.Tensor) -> torch.Tensor | None:
+    """An orthonormal basis of the part of ``span(Z)`` orthogonal to ``span(B)`` (``B``
+    orthonormal), at most ``K - rank(B)`` vectors, or ``None`` if ``Z`` lies in ``span(B)`` to
+    rounding."""
+    room = B.shape[0] - B.shape[1]
+    if room <= 0:
+        return None
+    X = Z - B @ (B.T @ Z)
+    X = X - B @ (B.T @ X)  # twice is enough (Kahan-Parlett) in floating point
+    # The range of X by its SVD: dependent or rounding-level columns are dropped, not
+    # orthonormalised into arbitrary directions that would break the basis.
+    left, values, _ = torch.linalg.svd(X, full_matrices=False)
+    keep = values > _RANGE_RTOL * torch.linalg.vector_norm(Z)
+    n = min(int(keep.sum()), room)
+    if n == 0:
+        return None
+    Q = left[:, :n]
+    Q = Q - B @ (B.T @ Q)
+    return torch.linalg.qr(Q).Q
 
 
 def _initial_basis(k: int, p: int) -> torch.Tensor:
