@@ -32,13 +32,15 @@ with a median 18% error on such trajectories). Two solvers, both exact to a tole
 
 - ``solver="exact"``: ``M`` is built densely and the top eigenpair of ``M^T M`` is computed in
   float64 (``torch.linalg.eigh``), ``O(K^3)``; the cheaper choice for small ``K``;
-- ``solver="subspace"``: block subspace iteration with Rayleigh-Ritz on a warm-started block of
-  ``subspace_size`` (8) right singular vectors: ``Q = orth(M V)``, ``Z = M^T Q``,
-  ``Z = V' S W^T`` (a ``K x p`` SVD), ``sigma = S_1``, ``u = Q W_1``, ``v = V'_1``. It converges
-  at the rate ``(sigma_{p+1} / sigma_1)^2``, not ``(sigma_2 / sigma_1)^2``, so near-ties at the top
-  do not stall it. It stops on the singular vectors, not on ``sigma``: once the residual
-  ``|M v - sigma u| / sigma <= tol`` (``M^T u = sigma v`` holds by construction), after at most
-  ``max_iterations``. Each iteration reads ``E`` twice (two ``K x K`` by ``K x p`` products);
+- ``solver="subspace"``: a block Krylov method with Rayleigh-Ritz, warm-started on the previous
+  step's top ``subspace_size`` (8) right Ritz vectors. The basis ``B`` (orthonormal) grows by one
+  block per iteration: with ``M B = U S W^T`` (a thin SVD), ``sigma = S_1``, ``u = U_1``,
+  ``v = B W_1`` (so ``M v = sigma u`` exactly) and the next block is ``M^T U_{1..p}`` made
+  orthogonal to ``B`` (i.e. ``M^T M`` applied to the top Ritz vectors); after 6 blocks it restarts
+  on the top ``p`` Ritz vectors. Convergence does not hinge on the gap ``sigma_1 / sigma_2``
+  (near-ties at the top do not stall it). It stops on the singular vectors, not on ``sigma``: once
+  the residual ``|M^T u - sigma v| / sigma <= tol``, after at most ``max_iterations``. Each
+  iteration reads ``E`` twice (two ``K x K`` by ``K x p`` products);
 - ``solver="auto"`` picks ``exact`` for ``K <=`` :data:`EXACT_SOLVER_MAX_K` (the CPU crossover
   measured by ``scripts/bench_losses.py``) and ``subspace`` above.
 
@@ -246,7 +248,7 @@ class ConfusionSpectralRegularizer(nn.Module):
         subspace_size: width ``p`` of the subspace solver's warm-started block.
         max_iterations: most subspace iterations per call (a :class:`RuntimeWarning` is issued if
             the residual is still above ``tol`` then).
-        tol: stop once ``|M v - sigma u| <= tol * sigma``.
+        tol: stop once ``|M^T u - sigma v| <= tol * sigma`` (``M v = sigma u`` holds exactly).
         distributed: ``None`` = all-reduce when ``torch.distributed`` is initialized with world
             size > 1; ``False`` never; ``True`` requires it.
         process_group: the group to reduce over (default: the world).
@@ -255,7 +257,7 @@ class ConfusionSpectralRegularizer(nn.Module):
     Attributes:
         confusion: the current ``Cbar`` (K x K, rows predicted, columns true).
         last_iterations: subspace iterations of the last call (0 for the exact solver).
-        last_residual: ``|M v - sigma u| / sigma`` of the last call's pair.
+        last_residual: ``|M^T u - sigma v| / sigma`` of the last call's pair.
     """
 
     def __init__(
