@@ -276,6 +276,10 @@ def build_pixel_store(
         np.save(tmp / "valid.npy", valid)
         meta = {"format": _FORMAT, "key": key, "num_rows": int(labels.size), "bad": bad}
         (tmp / "meta.json").write_text(json.dumps(meta))
+        # mkdtemp makes it private (0700); a cache is shared like any other file here.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         try:
             os.replace(tmp, folder)
         except OSError:  # another process (a DDP rank) finished the same store first
