@@ -11,8 +11,8 @@ value against its field's type hint and names the option:
 - YAML's bare ``no`` / ``off`` (read as ``false``) for a choice option that has a ``"no"``
   choice (``eval_strategy: no``) means ``"no"``; any other boolean for a non-boolean option is
   an error saying to quote it;
-- choice (``Enum``) options must hold one of their choices; unknown keys are named with the
-  closest valid key.
+- choice (``Enum`` / ``Literal``) options must hold one of their choices; unknown keys are
+  named with the closest valid key; a field's ``aliases`` (``--loss`` for ``base``) are keys too.
 
 :func:`check_number` is the shared range check for the options themselves.
 """
@@ -61,12 +61,13 @@ def split_config_file(argv: Sequence[str], value_flags: set[str]) -> tuple[Path 
 
 
 def _choices(hint: Any) -> list[str]:
-    return [
-        str(member.value)
-        for arg in _union_args(hint)
-        if isinstance(arg, type) and issubclass(arg, enum.Enum)
-        for member in arg
-    ]
+    choices = []
+    for arg in _union_args(hint):
+        if typing.get_origin(arg) is typing.Literal:
+            choices += [str(value) for value in typing.get_args(arg)]
+        elif isinstance(arg, type) and issubclass(arg, enum.Enum):
+            choices += [str(member.value) for member in arg]
+    return choices
 
 
 def _union_args(hint: Any) -> tuple:
@@ -147,11 +148,18 @@ def read_config_file(path: str | Path, dataclass_types: Sequence[type]) -> dict[
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of option names to values.")
     hints: dict[str, Any] = {}
+    aliases: dict[str, str] = {}  # e.g. the key `loss` for the field `base` (its --loss alias)
     for dc in dataclass_types:
         type_hints = typing.get_type_hints(dc)
         for f in dataclasses.fields(dc):
             if f.init:
                 hints[f.name] = type_hints.get(f.name, Any)
+                for alias in f.metadata.get("aliases", ()):
+                    aliases[alias.lstrip("-")] = f.name
+    both = [(k, aliases[k]) for k in values if k in aliases and aliases[k] in values]
+    if both:
+        raise ValueError(f"{path} sets both {both[0][0]!r} and {both[0][1]!r}; keep one.")
+    values = {aliases.get(k, k): v for k, v in values.items()}
     unknown = sorted(set(values) - set(hints))
     if unknown:
         described = []

@@ -49,9 +49,13 @@ Contract of the training step (what is identical to the parent class and what is
   the class counts, label checks and samplers keep reading the original ``datasets.Dataset``.
 - ``compute_loss`` also runs on evaluation batches: there the loss module is in eval mode, so
   the CAR EMA and the DRW schedule never advance outside training steps.
-- The loss state (CAR EMA confusion matrix, singular vectors, step) is written into every
-  checkpoint as ``longtail_loss_state.pt`` and restored by ``resume_from_checkpoint`` on every
-  process.
+- The loss (config, class counts and names, and its state: CAR EMA confusion matrix, singular
+  vectors, step; the DRW epoch) is written into every checkpoint and into the saved model by
+  :meth:`~hf_longtail.losses.LongTailLoss.save_pretrained` (``longtail_loss.json`` +
+  ``longtail_loss.safetensors``, before ``trainer_state.json``), so
+  ``LongTailLoss.from_pretrained(checkpoint or output_dir)`` rebuilds it exactly; its state is
+  restored by ``resume_from_checkpoint`` on every process (checkpoints of older releases, with
+  ``longtail_loss_state.pt``, still resume).
 - ``TrainingArguments.label_smoothing_factor`` becomes the loss's ``label_smoothing`` (bases
   ``ce``, ``la``, ``bs``); it is refused for a base that cannot smooth or when the loss config
   sets a different value. ``compute_loss_func`` is refused: the loss is ``loss_config``.
@@ -91,6 +95,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_longtail.losses import LongTailLossConfig, build_loss
+from hf_longtail.losses.longtail import LOSS_WEIGHTS_NAME
 from hf_longtail.resume import (
     CHECKPOINT_RECIPE_FILE,
     ResumeMismatchError,
@@ -101,7 +106,8 @@ from hf_longtail.resume import (
 
 logger = logging.getLogger(__name__)
 
-LOSS_STATE_NAME = "longtail_loss_state.pt"
+#: The loss-state file of checkpoints written before ``LongTailLoss.save_pretrained`` (read only).
+LEGACY_LOSS_STATE_NAME = "longtail_loss_state.pt"
 NONFINITE_POLICIES = ("raise", "skip")
 SAMPLERS = ("random", "class_balanced", "sqrt", "progressive")
 #: A loss whose recent training losses all exceed this multiple of its first ones has diverged.
@@ -284,7 +290,11 @@ class LongTailTrainer(Trainer):
         self.class_counts = [int(c) for c in class_counts]
         _check_num_labels(model, len(self.class_counts))
         # Built before super().__init__ so a bad config fails before any device work starts.
-        self.loss_fn = build_loss(self.loss_config, self.class_counts)
+        self.loss_fn = build_loss(
+            self.loss_config,
+            self.class_counts,
+            class_names=_class_names(model, train_dataset, label_column, len(self.class_counts)),
+        )
 
         super().__init__(model=model, args=args, **kwargs)
         self.loss_fn.to(self.args.device)
@@ -509,7 +519,7 @@ class LongTailTrainer(Trainer):
         if self.args.should_save:
             run_dir = self._get_output_dir(trial=trial)
             folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            save_loss_state(self.loss_fn, folder)
+            self.loss_fn.save_pretrained(folder)
             with open(os.path.join(folder, CHECKPOINT_RECIPE_FILE), "w", encoding="utf-8") as f:
                 json.dump(self.checkpoint_recipe(), f, indent=2, sort_keys=True)
         super()._save_checkpoint(model, trial)
@@ -519,6 +529,12 @@ class LongTailTrainer(Trainer):
         if not _internal_call:
             self._check_weights_finite("model")
         super().save_model(output_dir, _internal_call=_internal_call)
+        # Checkpoints got the loss in _save_checkpoint (before trainer_state.json); a saved model
+        # gets it here, so LongTailLoss.from_pretrained(output_dir) rebuilds the trained loss.
+        if not _internal_call and self.args.should_save:
+            self.loss_fn.save_pretrained(
+                output_dir if output_dir is not None else self.args.output_dir
+            )
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         # The parent pickles the whole TrainingArguments into training_args.bin (output dir and
@@ -604,7 +620,7 @@ class LongTailTrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
         reload_renamed_weights(target, resume_from_checkpoint)
-        load_loss_state(self.loss_fn, resume_from_checkpoint, device=self.args.device)
+        load_loss_state(self.loss_fn, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         super()._load_best_model()
@@ -802,39 +818,52 @@ class LongTailTrainer(Trainer):
         return self.lr_scheduler
 
 
-def save_loss_state(loss_fn: nn.Module, folder: str | os.PathLike) -> str:
-    """Write ``loss_fn.state_dict()`` (CAR EMA, singular vectors, step) into ``folder``."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, LOSS_STATE_NAME)
-    # Tensors move to CPU so a checkpoint written on GPU loads anywhere; the extra state
-    # (plain Python values such as the DRW epoch) is saved as is.
-    state = {
-        k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
-        for k, v in loss_fn.state_dict().items()
-    }
-    torch.save(state, path)
-    return path
+def load_loss_state(loss_fn: nn.Module, folder: str | os.PathLike) -> bool:
+    """Restore the loss state of a checkpoint into ``loss_fn``; ``False`` if it has none.
 
-
-def load_loss_state(
-    loss_fn: nn.Module, folder: str | os.PathLike, device: torch.device | str | None = None
-) -> bool:
-    """Restore the loss state saved by :func:`save_loss_state`; ``False`` if there is none.
-
-    A checkpoint without the file (written by a plain ``Trainer``) is accepted with a warning:
-    the loss state then starts fresh, which only matters when CAR is on.
+    Reads ``longtail_loss.safetensors`` (:meth:`LongTailLoss.save_pretrained`), else the
+    ``longtail_loss_state.pt`` of older checkpoints. Always onto the CPU: ``load_state_dict``
+    copies into the module's buffers wherever they live (and an indexed CPU device such as
+    ``cpu:0``, ``args.device`` in a multi-process CPU run, is no valid ``map_location``). A
+    checkpoint with neither file (written by a plain ``Trainer``) is accepted with a warning: the
+    loss state then starts fresh, which only matters when CAR or DRW is on.
     """
-    path = os.path.join(folder, LOSS_STATE_NAME)
-    if not os.path.isfile(path):
+    weights = os.path.join(folder, LOSS_WEIGHTS_NAME)
+    legacy = os.path.join(folder, LEGACY_LOSS_STATE_NAME)
+    if os.path.isfile(weights):
+        from safetensors.torch import load_file
+
+        state: dict[str, Any] = load_file(weights, device="cpu")
+    elif os.path.isfile(legacy):
+        state = torch.load(legacy, map_location="cpu", weights_only=True)
+    else:
         if len(loss_fn.state_dict()):
-            logger.warning("%s has no %s: the loss state starts fresh.", folder, LOSS_STATE_NAME)
+            logger.warning("%s has no %s: the loss state starts fresh.", folder, LOSS_WEIGHTS_NAME)
         return False
-    # Always read onto the CPU: ``load_state_dict`` copies into the module's buffers wherever
-    # they live. An indexed CPU device (``cpu:0``, what ``args.device`` is in a multi-process CPU
-    # run) is not a valid ``map_location`` for torch.load.
-    state = torch.load(path, map_location="cpu", weights_only=True)
     loss_fn.load_state_dict(state)
     return True
+
+
+def _class_names(
+    model: nn.Module | None, dataset: Any, label_column: str | None, num_classes: int
+) -> list[str] | None:
+    """The class names of the training labels (their ``ClassLabel``, else the model's
+    ``id2label``), kept with the saved loss; ``None`` when neither names ``num_classes``."""
+    features = getattr(dataset, "features", None)
+    if features is not None:
+        from hf_longtail.data import detect_label_column
+
+        try:
+            names = list(
+                getattr(features[detect_label_column(features, label_column)], "names", ())
+            )
+        except (KeyError, ValueError):
+            names = []
+        if len(names) == num_classes:
+            return names
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    names = [id2label.get(i, id2label.get(str(i))) for i in range(num_classes)]
+    return names if len(id2label) == num_classes and None not in names else None
 
 
 def reload_renamed_weights(model: nn.Module, folder: str | os.PathLike) -> bool:

@@ -219,81 +219,6 @@ class DataArguments:
     )
 
 
-_LOSS_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LongTailLossConfig)}
-
-
-@dataclass
-class LossArguments:
-    """The loss recipe; each field maps onto hf_longtail.losses.LongTailLossConfig."""
-
-    loss: str = field(default="ce", metadata={"help": "Base loss: ce, focal, cb, ldam, la, bs."})
-    ccar: bool = field(default=False, metadata={"help": "Wrap the base loss in CCAR."})
-    ccar_omega: float = field(
-        default=_LOSS_DEFAULTS["ccar_omega"], metadata={"help": "CCAR phase threshold omega."}
-    )
-    ccar_variant: str = field(
-        default=_LOSS_DEFAULTS["ccar_variant"],
-        metadata={"help": "'paper', 'e_minus_f' or 'notebook'."},
-    )
-    ccar_detach_weight: bool = field(
-        default=False, metadata={"help": "CCAR as a pure reweighting (no gradient via Omega)."}
-    )
-    ccar_p_t_from: str = field(
-        default=_LOSS_DEFAULTS["ccar_p_t_from"],
-        metadata={"help": "p_t from the base loss's 'adjusted' logits or the 'raw' logits."},
-    )
-    car_weight: float = field(default=0.0, metadata={"help": "CAR alpha (0 disables CAR)."})
-    car_beta: float = field(
-        default=_LOSS_DEFAULTS["car_beta"], metadata={"help": "CAR EMA beta in [0, 1)."}
-    )
-    car_r0: float = field(
-        default=_LOSS_DEFAULTS["car_r0"], metadata={"help": "CAR frequency-weight offset r0."}
-    )
-    car_tau: float = field(
-        default=_LOSS_DEFAULTS["car_tau"], metadata={"help": "CAR softmax temperature."}
-    )
-    car_margin: float = field(
-        default=_LOSS_DEFAULTS["car_margin"],
-        metadata={"help": "CAR gate margin gamma in sigmoid(gamma + f_i - f_y)."},
-    )
-    car_weights: str = field(
-        default=_LOSS_DEFAULTS["car_weights"],
-        metadata={
-            "help": "CAR class weights: 'frequency' (N_j/N + r0)^-1/2 or 'count' (N_j + 10)^-1/2."
-        },
-    )
-    car_ema: str = field(
-        default=_LOSS_DEFAULTS["car_ema"],
-        metadata={"help": "CAR EMA: 'global' (published) or 'per_class' (batch columns only)."},
-    )
-    car_solver: str = field(
-        default=_LOSS_DEFAULTS["car_solver"],
-        metadata={"help": "CAR top singular pair: 'auto', 'exact' or 'subspace'."},
-    )
-    label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing (ce/la/bs)."})
-    focal_gamma: float = field(
-        default=_LOSS_DEFAULTS["focal_gamma"], metadata={"help": "Focal loss gamma."}
-    )
-    cb_beta: float = field(
-        default=_LOSS_DEFAULTS["cb_beta"], metadata={"help": "Class-balanced beta."}
-    )
-    cb_loss_type: str = field(
-        default=_LOSS_DEFAULTS["cb_loss_type"],
-        metadata={"help": "Class-balanced loss: softmax, sigmoid or focal."},
-    )
-    ldam_max_m: float = field(
-        default=_LOSS_DEFAULTS["ldam_max_m"], metadata={"help": "LDAM largest margin."}
-    )
-    ldam_s: float = field(default=_LOSS_DEFAULTS["ldam_s"], metadata={"help": "LDAM scale."})
-    la_tau: float = field(default=_LOSS_DEFAULTS["la_tau"], metadata={"help": "LA loss tau."})
-    drw_epoch: float | None = field(
-        default=None, metadata={"help": "Deferred re-weighting from this epoch (e.g. LDAM-DRW)."}
-    )
-    drw_beta: float = field(
-        default=_LOSS_DEFAULTS["drw_beta"], metadata={"help": "DRW effective-number beta."}
-    )
-
-
 @dataclass
 class RunArguments:
     """Run management beyond TrainingArguments."""
@@ -342,7 +267,9 @@ class RunArguments:
     )
 
 
-DATACLASSES = (ModelArguments, DataArguments, LossArguments, RunArguments, TrainingArguments)
+# The loss recipe is hf_longtail.losses.LongTailLossConfig itself: its fields are the options
+# (--loss is an alias of --base), validated by its __post_init__ while parsing.
+DATACLASSES = (ModelArguments, DataArguments, LongTailLossConfig, RunArguments, TrainingArguments)
 
 
 # ---------------------------------------------------------------------------------- parsing
@@ -376,13 +303,6 @@ def _multi_process_without_gpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def loss_config_from_args(loss_args: LossArguments):
-    """Map the flat ``--loss*`` options onto a :class:`LongTailLossConfig`."""
-    values = dataclasses.asdict(loss_args)
-    values["base"] = values.pop("loss")
-    return LongTailLossConfig.from_dict(values)
-
-
 # ------------------------------------------------------------------------ output dir safety
 def prepare_output_dir(
     training_args: TrainingArguments, run_args: RunArguments, run_info: dict
@@ -403,7 +323,7 @@ def prepare_output_dir(
 # ----------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     """Train, evaluate and write the run directory; returns the final ``test_*`` metrics."""
-    model_args, data_args, loss_args, run_args, training_args = parse_args(argv)
+    model_args, data_args, loss_config, run_args, training_args = parse_args(argv)
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
@@ -417,7 +337,6 @@ def main(argv: list[str] | None = None) -> dict:
         transformers.utils.logging.disable_progress_bar()
         datasets.disable_progress_bars()
     # Everything cheap is validated before any data or model is loaded.
-    loss_config = loss_config_from_args(loss_args)
     from hf_longtail.trainer import apply_label_smoothing_factor
 
     # --label_smoothing_factor (TrainingArguments) is applied by the loss: record it there.

@@ -20,12 +20,13 @@ from _helpers_train import (
     train_dataset,
     training_args,
 )
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from hf_longtail import LongTailTrainer
 from hf_longtail.data import collate_fn
 from hf_longtail.losses import LongTailLossConfig, build_loss
-from hf_longtail.trainer import LOSS_STATE_NAME
+from hf_longtail.losses.longtail import LOSS_WEIGHTS_NAME
 
 #: 16 training images: one optimizer step of batch 16 = the whole set = two micro-batches of 8.
 COUNTS16 = (6, 4, 3, 2, 1)
@@ -351,7 +352,7 @@ def test_resume_mid_run_is_identical_to_uninterrupted(tmp_path, sampler):
     )
     full.train()
     checkpoint = tmp_path / "full" / "checkpoint-3"
-    saved = torch.load(checkpoint / LOSS_STATE_NAME, weights_only=True)
+    saved = load_file(checkpoint / LOSS_WEIGHTS_NAME)
     assert int(saved["regularizer.num_steps"]) == 3
 
     resumed = _trainer(tmp_path / "resumed", config, save_strategy="no", **common)
@@ -375,7 +376,7 @@ def test_resume_restores_loss_state_before_first_resumed_step(tmp_path):
     first = _trainer(tmp_path / "a", config, max_steps=3, save_strategy="steps", save_steps=3)
     first.train()
     checkpoint = tmp_path / "a" / "checkpoint-3"
-    saved = torch.load(checkpoint / LOSS_STATE_NAME, weights_only=True)
+    saved = load_file(checkpoint / LOSS_WEIGHTS_NAME)
     assert int(saved["regularizer.num_steps"]) == 3
 
     seen = {}
@@ -392,6 +393,54 @@ def test_resume_restores_loss_state_before_first_resumed_step(tmp_path):
     for key in car_keys:
         assert torch.equal(seen[key], saved[key]), key
     assert int(again.loss_fn.regularizer.num_steps) == 5
+
+
+def test_checkpoint_and_saved_model_rebuild_the_exact_loss(tmp_path):
+    """LongTailLoss.from_pretrained(checkpoint or output_dir) of a real run: same config, counts,
+    class names and state, and it continues exactly like the trainer's own loss."""
+    from hf_longtail.losses import LongTailLoss
+
+    config = LongTailLossConfig(base="la", ccar=True, car_weight=0.5, drw_epoch=1)
+    trainer = _trainer(tmp_path, config, max_steps=4, save_strategy="steps", save_steps=4)
+    trainer.train()
+    trainer.save_model()
+    names = trainer.train_dataset.features["label"].names
+    for folder in (tmp_path / "checkpoint-4", tmp_path):
+        restored = LongTailLoss.from_pretrained(folder)
+        assert restored.config == trainer.loss_config
+        assert restored.class_counts == list(COUNTS) and restored.class_names == names
+        state = loss_state(trainer)
+        assert restored.state_dict().keys() == state.keys()
+        for key, value in state.items():
+            assert torch.equal(restored.state_dict()[key], value), key
+        assert int(restored.regularizer.num_steps) == 4
+    g = torch.Generator().manual_seed(3)
+    logits, labels = torch.randn(16, len(COUNTS), generator=g), torch.arange(16) % len(COUNTS)
+    expected = trainer.loss_fn.cpu().train()(logits, labels)
+    assert torch.equal(restored.train()(logits, labels), expected)
+
+
+def test_resume_still_reads_the_loss_state_of_older_checkpoints(tmp_path):
+    """A checkpoint written before save_pretrained (longtail_loss_state.pt) still resumes with its
+    CAR state."""
+    import json
+
+    from hf_longtail.trainer import LEGACY_LOSS_STATE_NAME
+
+    config = LongTailLossConfig(base="ce", car_weight=0.5)
+    first = _trainer(tmp_path / "a", config, max_steps=3, save_strategy="steps", save_steps=3)
+    first.train()
+    checkpoint = tmp_path / "a" / "checkpoint-3"
+    saved = load_file(checkpoint / LOSS_WEIGHTS_NAME)
+    torch.save(saved, checkpoint / LEGACY_LOSS_STATE_NAME)
+    (checkpoint / LOSS_WEIGHTS_NAME).unlink()
+    (checkpoint / "longtail_loss.json").unlink()
+    again = _trainer(tmp_path / "b", config, max_steps=4)
+    again.train(resume_from_checkpoint=str(checkpoint))
+    assert int(again.loss_fn.regularizer.num_steps) == 4  # 3 restored + 1
+    assert (
+        json.loads((checkpoint / "longtail_recipe.json").read_text())["loss"]["car_weight"] == 0.5
+    )
 
 
 def test_resume_reloads_weights_saved_under_legacy_names(tmp_path):
