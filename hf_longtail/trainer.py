@@ -86,9 +86,10 @@ import math
 import os
 import warnings
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
@@ -102,6 +103,15 @@ from hf_longtail.resume import (
     checkpoint_problem,
     last_readable_checkpoint,
     recipe_changes,
+)
+from hf_longtail.run_directory import (
+    DEFAULT_THRESHOLDS,
+    RUN_FILE,
+    jsonable,
+    peak_memory,
+    thresholds_of,
+    write_evaluation,
+    write_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -549,6 +559,223 @@ class LongTailTrainer(Trainer):
         finally:
             self.args.hub_token = token
 
+    # ------------------------------------------------------------- run directory
+    def training_summary(self) -> dict[str, Any]:
+        """The ``training`` block of the run record: the hyper-parameters that shape the run
+        (learning rate, length, batch sizes, optimizer, schedule, seeds, precision), the world
+        size, the total batch size, the sampler, the step milestones and the pixel-cache mode."""
+        args = self.args
+        keys = (
+            "learning_rate",
+            "num_train_epochs",
+            "max_steps",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "optim",
+            "lr_scheduler_type",
+            "warmup_steps",
+            "weight_decay",
+            "seed",
+            "data_seed",
+            "bf16",
+            "fp16",
+        )
+        summary = {k: jsonable(getattr(args, k)) for k in keys}
+        summary["world_size"] = args.world_size
+        summary["total_train_batch_size"] = (
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        )
+        summary["sampler"] = self.sampler_name
+        summary["lr_milestones"] = self.lr_milestones
+        summary["pixel_cache"] = self.pixel_cache
+        return summary
+
+    def run_record(self, run_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The run record ``longtail_run.json`` (schema in ``docs/design.md``) of this trainer.
+
+        Built from what the trainer holds: the model's ``_name_or_path``, the training data
+        (the long-tail construction recorded by :func:`hf_longtail.data.load_long_tailed` /
+        ``make_long_tailed``, the class counts and names, the sizes), the loss recipe, the
+        :meth:`training_summary` and the shot-group thresholds. ``run_info`` (what only the
+        caller knows, e.g. the dataset id it loaded, the preprocessing protocol, a resume
+        history) is laid over it, block by block (its ``dataset`` keys replace those derived).
+        """
+        import hf_longtail
+        from hf_longtail.data import longtail_record
+
+        train = self.train_dataset
+        provenance = (longtail_record(train) if hasattr(train, "info") else None) or {}
+        model = self.accelerator.unwrap_model(self.model) if self.model is not None else None
+        dataset: dict[str, Any] = {
+            "name": provenance.get("source"),
+            "imbalance_factor": provenance.get("imbalance_factor"),
+            "profile": provenance.get("profile"),
+            "seed": provenance.get("seed"),
+            "eval_split": "test",
+            "class_counts": list(self.class_counts),
+            "class_names": self.loss_fn.class_names
+            or [str(c) for c in range(len(self.class_counts))],
+            "label_column": self.label_column or provenance.get("label_column"),
+            "train_size": len(train) if train is not None else sum(self.class_counts),
+        }
+        if self.eval_dataset is not None and hasattr(self.eval_dataset, "__len__"):
+            dataset["eval_size"] = len(self.eval_dataset)
+        record: dict[str, Any] = {
+            "hf_longtail_version": hf_longtail.__version__,
+            "model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)
+            or None,
+            "dataset": dataset,
+            "loss": self.loss_config.to_dict(),
+            "training": self.training_summary(),
+            "metric_thresholds": dict(DEFAULT_THRESHOLDS),
+        }
+        for key, value in (run_info or {}).items():
+            if isinstance(value, Mapping) and isinstance(record.get(key), dict):
+                record[key] = {**record[key], **value}
+            else:
+                record[key] = value
+        return record
+
+    def save_run_record(self, run_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Write :meth:`run_record` (``run_info`` laid over it) as ``longtail_run.json`` into
+        ``args.output_dir`` (atomically, on the saving process) and keep ``run_info`` for the
+        record :meth:`evaluate_and_save` writes. Returns the record."""
+        self.run_info = dict(run_info or {})
+        record = self.run_record(self.run_info)
+        if self.args.should_save:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            write_json(os.path.join(self.args.output_dir, RUN_FILE), record)
+        return record
+
+    def evaluate_and_save(
+        self,
+        test_dataset: Any = None,
+        *,
+        split_name: str | None = None,
+        many_threshold: int | None = None,
+        few_threshold: int | None = None,
+        logit_adjustment_tau: float | None = None,
+    ) -> dict[str, Any]:
+        """Evaluate the final model and write the run directory; return ``all_results.json``.
+
+        Predicts ``test_dataset`` (default: ``eval_dataset``), computes every long-tail metric
+        (:func:`hf_longtail.metrics.long_tail_metrics`, shot groups ``many_threshold`` /
+        ``few_threshold``, default the recorded ones or 100 / 20; optional post-hoc logit
+        adjustment) and writes, into ``args.output_dir`` on the saving process,
+        ``all_results.json`` (the last ``train()``'s metrics, ``test_*`` metrics, peak memory),
+        ``longtail_run.json`` (:meth:`run_record`), the two plots and the long-tail model card
+        ``README.md`` (:mod:`hf_longtail.run_directory`). Call :meth:`save_model` first so the
+        card finds the model. Runs the prediction on every process (it is collective).
+        """
+        from hf_longtail.metrics import long_tail_metrics
+
+        dataset = test_dataset if test_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError(
+                "evaluate_and_save needs a test_dataset (or the trainer's eval_dataset)."
+            )
+        run_info = dict(getattr(self, "run_info", {}) or {})
+        thresholds = thresholds_of(run_info)
+        if many_threshold is not None:
+            thresholds["many"] = many_threshold
+        if few_threshold is not None:
+            thresholds["few"] = few_threshold
+        run_info["metric_thresholds"] = thresholds
+        if split_name is not None:
+            run_info["dataset"] = {**(run_info.get("dataset") or {}), "eval_split": split_name}
+        record = self.run_record(run_info)
+        record["dataset"]["eval_size"] = len(dataset)
+        prediction = self.predict(dataset, metric_key_prefix="test")
+        test_metrics = long_tail_metrics(
+            prediction.predictions,
+            prediction.label_ids,
+            self.class_counts,
+            many_threshold=thresholds["many"],
+            few_threshold=thresholds["few"],
+            class_names=record["dataset"]["class_names"],
+            logit_adjustment_tau=logit_adjustment_tau,
+        )
+        results = {**getattr(self, "train_metrics", {})}
+        results.update({f"test_{k}": v for k, v in test_metrics.items()})
+        results["test_loss"] = prediction.metrics.get("test_loss")
+        results.update(peak_memory())
+        if self.args.should_save:
+            write_evaluation(
+                self.args.output_dir,
+                results=results,
+                run_record=record,
+                test_metrics=test_metrics,
+                predictions=np.asarray(prediction.predictions).argmax(-1),
+                labels=prediction.label_ids,
+            )
+        return results
+
+    def create_model_card(self, **kwargs: Any) -> None:
+        """Write the long-tail model card ``README.md`` into ``args.output_dir`` (the Trainer's
+        generic card is replaced): ``model-index`` with every long-tail metric, the dataset's
+        construction, the loss recipe and the plots, read from the run directory
+        (:func:`hf_longtail.hub.write_model_card`). Options: ``license``, ``finetuned_from``
+        (the base model), ``dataset`` (a dataset repo id), ``model_name`` (the repo id); other
+        keywords of the Trainer's method are accepted and ignored. Raises
+        :class:`hf_longtail.hub.OutputDirError` naming what is missing when the run was not
+        saved and evaluated (:meth:`save_model`, :meth:`evaluate_and_save`).
+        """
+        if not self.is_world_process_zero():
+            return
+        from hf_longtail.hub import write_model_card
+
+        options = _card_options(kwargs)
+        write_model_card(self.args.output_dir, kwargs.get("model_name"), **options)
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = None,
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Publish the run directory with its long-tail card; returns the ``CommitInfo``.
+
+        Saves the model (:meth:`save_model`), then pushes with
+        :func:`hf_longtail.hub.push_long_tail_model` to ``args.hub_model_id`` (else the output
+        directory's name): model, image processor, loss, ``all_results.json``,
+        ``longtail_run.json``, plots and the long-tail card (never checkpoints, optimizer state
+        or ``training_args.bin``). ``kwargs`` are the card options of :meth:`create_model_card`.
+        A failure of the Hub part raises :class:`hf_longtail.hub.PushToHubError` naming the
+        cause and the retry command; a run that was not evaluated
+        (:meth:`evaluate_and_save`) raises :class:`hf_longtail.hub.OutputDirError` before any
+        network call. ``blocking`` is accepted for compatibility (the upload always blocks).
+        """
+        self.save_model(self.args.output_dir)
+        if not self.is_world_process_zero():
+            return None
+        from hf_longtail.hub import push_long_tail_model
+
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        extra = {"commit_message": commit_message} if commit_message else {}
+        return push_long_tail_model(
+            self.args.output_dir,
+            repo_id,
+            token=token if token is not None else self.args.hub_token,
+            private=self.args.hub_private_repo,
+            revision=revision if revision is not None else self.args.hub_revision,
+            **_card_options(kwargs),
+            **extra,
+        )
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """The parent's ``train`` (see :meth:`_train_safely`); its metrics, with
+        ``train_samples`` (and ``train_diverged_at_step`` when the loss diverged), are kept as
+        ``train_metrics`` for :meth:`evaluate_and_save`."""
+        result = self._train_safely(resume_from_checkpoint, trial, **kwargs)
+        self.train_metrics = dict(result.metrics)
+        if self.train_dataset is not None and hasattr(self.train_dataset, "__len__"):
+            self.train_metrics["train_samples"] = len(self.train_dataset)
+        if self.diverged_at_step is not None:
+            self.train_metrics["train_diverged_at_step"] = self.diverged_at_step
+        return result
+
     def _check_weights_finite(self, what: str) -> None:
         model = self.accelerator.unwrap_model(self.model) if self.model is not None else None
         if model is None:
@@ -561,7 +788,7 @@ class LongTailTrainer(Trainer):
                 "resume from the last one with a lower learning rate or gradient clipping."
             )
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+    def _train_safely(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         """The parent's ``train`` with safe resuming, and a refusal of a run that trained nothing.
 
         - ``resume_from_checkpoint=True`` takes the last *readable* checkpoint of ``output_dir``
@@ -842,6 +1069,25 @@ def load_loss_state(loss_fn: nn.Module, folder: str | os.PathLike) -> bool:
         return False
     loss_fn.load_state_dict(state)
     return True
+
+
+#: The long-tail card's options, as the Trainer's ``create_model_card`` / ``push_to_hub`` name
+#: them -> the keyword of :func:`hf_longtail.hub.write_model_card` / ``push_long_tail_model``.
+CARD_OPTIONS = {
+    "license": "license",
+    "finetuned_from": "base_model",
+    "base_model": "base_model",
+    "dataset": "dataset_repo_id",
+    "dataset_repo_id": "dataset_repo_id",
+}
+
+
+def _card_options(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`CARD_OPTIONS` given in ``kwargs`` (``None`` values dropped), renamed."""
+    options = {CARD_OPTIONS[k]: v for k, v in kwargs.items() if k in CARD_OPTIONS and v is not None}
+    if isinstance(options.get("dataset_repo_id"), (list, tuple)):  # the Trainer allows a list
+        options["dataset_repo_id"] = next(iter(options["dataset_repo_id"]), None)
+    return options
 
 
 def _class_names(

@@ -32,14 +32,11 @@ second stage (:mod:`hf_longtail.decoupled`) on a finished run instead of trainin
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 # Before torch loads OpenMP: spinning OpenMP threads are catastrophic when the cores are shared
@@ -52,8 +49,6 @@ from transformers import HfArgumentParser, TrainingArguments
 from hf_longtail.arguments import check_number, read_config_file, split_config_file
 from hf_longtail.losses import LongTailLossConfig
 from hf_longtail.resume import (
-    RESULTS_FILE,
-    RUN_FILE,
     OutputDirPlan,
     check_output_dir_usable,
     plan_output_dir,
@@ -358,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
         select_transforms,
         with_transforms,
     )
-    from hf_longtail.metrics import long_tail_metrics, make_compute_metrics
+    from hf_longtail.metrics import make_compute_metrics
     from hf_longtail.models import (
         create_image_processor,
         create_model,
@@ -548,7 +543,7 @@ def main(argv: list[str] | None = None) -> dict:
         from hf_longtail.trainer import install_signal_checkpointing
 
         install_signal_checkpointing(trainer)
-    run_info["training"] = _training_summary(training_args, trainer)
+    run_info["training"] = trainer.training_summary()
     run_info["metric_thresholds"] = {
         "many": data_args.many_shot_threshold,
         "few": data_args.few_shot_threshold,
@@ -558,46 +553,29 @@ def main(argv: list[str] | None = None) -> dict:
         with training_args.main_process_first(local=False, desc="replacing the previous run"):
             if training_args.process_index == 0:
                 replace_previous_run(plan)
-    if training_args.should_save:
-        _write_json(Path(training_args.output_dir) / RUN_FILE, plan.record(run_info))
+    trainer.save_run_record(plan.record(run_info))
 
-    train_result = trainer.train(resume_from_checkpoint=plan.resume)
+    trainer.train(resume_from_checkpoint=plan.resume)
     if getattr(trainer, "stopped_by_signal", None):
         logger.warning("Stopped by %s after saving a checkpoint.", trainer.stopped_by_signal)
         sys.exit(128 + int(trainer.stopped_by_signal_number))
     trainer.save_model()
     trainer.save_state()
-    train_metrics = dict(train_result.metrics)
-    train_metrics["train_samples"] = len(train_ds)
-    if trainer.diverged_at_step is not None:
-        train_metrics["train_diverged_at_step"] = trainer.diverged_at_step
-
-    # Final evaluation with the full metric set (lists included) on every process.
-    prediction = trainer.predict(eval_ds, metric_key_prefix="test")
-    test_metrics = long_tail_metrics(
-        prediction.predictions,
-        prediction.label_ids,
-        counts,
-        many_threshold=data_args.many_shot_threshold,
-        few_threshold=data_args.few_shot_threshold,
-        class_names=class_names,
-        logit_adjustment_tau=data_args.posthoc_tau,
+    # Final evaluation with the full metric set (lists included) on every process; the trainer
+    # writes all_results.json, longtail_run.json, the plots and the long-tail card.
+    results = trainer.evaluate_and_save(
+        eval_ds, split_name=data_args.eval_split, logit_adjustment_tau=data_args.posthoc_tau
     )
-    results = {**train_metrics, **{f"test_{k}": v for k, v in test_metrics.items()}}
-    results["test_loss"] = prediction.metrics.get("test_loss")
-    results.update(_peak_memory())
     if training_args.should_save:
-        out = Path(training_args.output_dir)
-        _write_json(out / RESULTS_FILE, results)
-        from hf_longtail.metrics import confusion_matrix
+        _print_summary(results, run_info["metric_thresholds"])
+    if push_requested:
+        from hf_longtail.hub import PushToHubError
 
-        predicted = prediction.predictions.argmax(-1)
-        confusion = confusion_matrix(predicted, prediction.label_ids, len(class_names))
-        _write_plots(out, test_metrics, confusion, counts, class_names, data_args)
-        _write_card(out)
-        _print_summary(test_metrics, data_args)
-    if push_requested and training_args.should_save:
-        _push(training_args)
+        try:
+            trainer.push_to_hub()
+        except PushToHubError as err:  # every local file is already written; it says how to retry
+            print(f"\n{err}", file=sys.stderr)
+            sys.exit(2)
     return results
 
 
@@ -765,132 +743,18 @@ def _second_stage(model_args, data_args, loss_config, run_args, training_args) -
     )
     if "tau" in result.stage_info:
         print(f"\ntau = {result.stage_info['tau']:g} ({result.stage_info['tau_selected_on']})")
-    thresholds = result.run_info.get("metric_thresholds") or {}
-    shown = dataclasses.replace(
-        data_args,
-        many_shot_threshold=thresholds.get("many", data_args.many_shot_threshold),
-        few_shot_threshold=thresholds.get("few", data_args.few_shot_threshold),
-    )
-    _print_summary(result.test_metrics, shown)
+    from hf_longtail.run_directory import thresholds_of
+
+    _print_summary(result.results, thresholds_of(result.run_info))
     return result.results
 
 
-def _write_card(out: Path) -> None:
-    """The long-tail model card (README.md) of the finished run directory."""
-    from hf_longtail.hub import OutputDirError, write_model_card
+def _print_summary(results: dict, thresholds: dict) -> None:
+    from hf_longtail.run_directory import format_summary
 
-    try:
-        write_model_card(out)
-    except OutputDirError as err:  # the run itself is complete: say why there is no card
-        logger.warning("No model card written: %s", err)
-
-
-def _peak_memory() -> dict[str, float]:
-    """Peak resident memory of this process (MiB) and, on CUDA, peak allocated GPU memory."""
-    import resource
-
-    import torch
-
-    peaks = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if torch.cuda.is_available():
-        peaks["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return peaks
-
-
-def _training_summary(training_args: TrainingArguments, trainer) -> dict:
-    keys = (
-        "learning_rate",
-        "num_train_epochs",
-        "max_steps",
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "optim",
-        "lr_scheduler_type",
-        "warmup_steps",
-        "weight_decay",
-        "seed",
-        "data_seed",
-        "bf16",
-        "fp16",
+    print(
+        format_summary({k[5:]: v for k, v in results.items() if k.startswith("test_")}, thresholds)
     )
-    summary = {k: _jsonable(getattr(training_args, k)) for k in keys}
-    summary["world_size"] = training_args.world_size
-    summary["total_train_batch_size"] = (
-        training_args.per_device_train_batch_size
-        * training_args.gradient_accumulation_steps
-        * training_args.world_size
-    )
-    summary["sampler"] = trainer.sampler_name
-    summary["lr_milestones"] = trainer.lr_milestones
-    summary["pixel_cache"] = trainer.pixel_cache
-    return summary
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(getattr(value, "value", value))
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n")
-    tmp.replace(path)  # atomic: a crash never leaves half a results file
-
-
-def _write_plots(
-    out: Path, metrics: dict, confusion, counts, class_names, data_args: DataArguments
-) -> None:
-    from hf_longtail.metrics.plots import plot_confusion_matrix, plot_per_class_accuracy
-
-    plot_per_class_accuracy(
-        metrics["per_class_accuracy"],
-        counts,
-        out / "per_class_accuracy.png",
-        class_names=class_names,
-        many_threshold=data_args.many_shot_threshold,
-        few_threshold=data_args.few_shot_threshold,
-    )
-    plot_confusion_matrix(
-        confusion, out / "confusion_matrix.png", class_names=class_names, train_class_counts=counts
-    )
-
-
-def _print_summary(metrics: dict, data_args: DataArguments) -> None:
-    def pct(value) -> str:
-        return "   n/a" if value is None else f"{100 * value:6.2f}"
-
-    rows = [
-        ("overall accuracy", metrics["accuracy"]),
-        (f"many-shot (>{data_args.many_shot_threshold})", metrics["many_shot_accuracy"]),
-        ("medium-shot", metrics["medium_shot_accuracy"]),
-        (f"few-shot (<{data_args.few_shot_threshold})", metrics["few_shot_accuracy"]),
-        ("worst-class", metrics["worst_class_accuracy"]),
-        ("balanced accuracy", metrics["balanced_accuracy"]),
-        ("macro F1", metrics["macro_f1"]),
-        ("ECE (15 bins)", metrics.get("ece")),
-    ]
-    print("\nLong-tail test metrics (%)")
-    for name, value in rows:
-        print(f"  {name:<24}{pct(value)}")
-    print(f"  {'worst class':<24}{metrics.get('worst_class_name', metrics.get('worst_class'))}")
-
-
-def _push(training_args: TrainingArguments) -> None:
-    from hf_longtail.hub import PushToHubError, push_long_tail_model
-
-    repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
-    try:
-        push_long_tail_model(
-            training_args.output_dir,
-            repo_id=repo_id,
-            token=training_args.hub_token,
-            private=training_args.hub_private_repo,
-        )
-    except PushToHubError as err:
-        # Every local file is already written; the error says how to retry.
-        print(f"\n{err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
