@@ -377,7 +377,9 @@ def test_ldam_drw_configs_build_the_published_cosine_classifier(train_script, na
     assert args.num_train_epochs == 200 and args.weight_decay == 2e-4
     assert model_args.model_name_or_path == "resnet32_cifar"
     assert model_args.classifier == "cosine" and model_args.cosine_scale == 1.0
-    train_script._check_classifier(model_args, loss_config)
+    from hf_longtail.arguments import check_classifier
+
+    check_classifier(model_args, loss_config)
 
     torch.manual_seed(0)
     model = create_model(
