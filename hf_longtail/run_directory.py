@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hf_longtail.class_counts import DEFAULT_THRESHOLDS
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -61,8 +63,6 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-#: The metrics' default shot groups: many-shot > 100 training images, few-shot < 20.
-DEFAULT_THRESHOLDS = {"many": 100, "few": 20}
 
 
 def jsonable(value: Any) -> Any:

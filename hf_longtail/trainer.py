@@ -95,6 +95,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from hf_longtail.class_counts import DEFAULT_THRESHOLDS, check_thresholds
 from hf_longtail.losses import LongTailLossConfig, build_loss
 from hf_longtail.losses.longtail import LOSS_WEIGHTS_NAME
 from hf_longtail.resume import (
@@ -105,11 +106,9 @@ from hf_longtail.resume import (
     recipe_changes,
 )
 from hf_longtail.run_directory import (
-    DEFAULT_THRESHOLDS,
     RUN_FILE,
     jsonable,
     peak_memory,
-    thresholds_of,
     write_evaluation,
     write_json,
 )
@@ -195,6 +194,9 @@ class LongTailTrainer(Trainer):
         pixel_cache_dir: where pixel stores are kept (default: ``default_cache_dir()`` for
             datasets backed by Arrow files, memory for in-memory datasets).
         pixel_cache_max_bytes: the size limit of ``"auto"``.
+        shot_thresholds: ``{"many": 100, "few": 20}`` by default: the shot groups of this run
+            (:mod:`hf_longtail.class_counts`), for the loss's head/tail statistics (head =
+            many-shot), the final metrics, the plots and the card (:meth:`evaluate_and_save`).
     """
 
     def __init__(
@@ -214,6 +216,7 @@ class LongTailTrainer(Trainer):
         pixel_cache: str = "auto",
         pixel_cache_dir: str | os.PathLike | None = None,
         pixel_cache_max_bytes: int | None = None,
+        shot_thresholds: Mapping[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
         if nonfinite_loss not in NONFINITE_POLICIES:
@@ -247,6 +250,8 @@ class LongTailTrainer(Trainer):
                 f"pixel_cache={pixel_cache!r} is not valid; use one of {PIXEL_CACHE_MODES}."
             )
         self.pixel_cache = pixel_cache
+        self.shot_thresholds = {**DEFAULT_THRESHOLDS, **(shot_thresholds or {})}
+        check_thresholds(self.shot_thresholds["many"], self.shot_thresholds["few"])
         self.pixel_cache_dir = pixel_cache_dir
         self.pixel_cache_max_bytes = pixel_cache_max_bytes or DEFAULT_MAX_BYTES
         self._pixel_datasets: dict[int, tuple[Any, Any]] = {}
@@ -304,6 +309,7 @@ class LongTailTrainer(Trainer):
             self.loss_config,
             self.class_counts,
             class_names=_class_names(model, train_dataset, label_column, len(self.class_counts)),
+            many_threshold=self.shot_thresholds["many"],
         )
 
         super().__init__(model=model, args=args, **kwargs)
@@ -627,7 +633,7 @@ class LongTailTrainer(Trainer):
             "dataset": dataset,
             "loss": self.loss_config.to_dict(),
             "training": self.training_summary(),
-            "metric_thresholds": dict(DEFAULT_THRESHOLDS),
+            "metric_thresholds": dict(self.shot_thresholds),
         }
         for key, value in (run_info or {}).items():
             if isinstance(value, Mapping) and isinstance(record.get(key), dict):
@@ -660,7 +666,7 @@ class LongTailTrainer(Trainer):
 
         Predicts ``test_dataset`` (default: ``eval_dataset``), computes every long-tail metric
         (:func:`hf_longtail.metrics.long_tail_metrics`, shot groups ``many_threshold`` /
-        ``few_threshold``, default the recorded ones or 100 / 20; optional post-hoc logit
+        ``few_threshold``, default the trainer's ``shot_thresholds``; optional post-hoc logit
         adjustment) and writes, into ``args.output_dir`` on the saving process,
         ``all_results.json`` (the last ``train()``'s metrics, ``test_*`` metrics, peak memory),
         ``longtail_run.json`` (:meth:`run_record`), the two plots and the long-tail model card
@@ -675,7 +681,7 @@ class LongTailTrainer(Trainer):
                 "evaluate_and_save needs a test_dataset (or the trainer's eval_dataset)."
             )
         run_info = dict(getattr(self, "run_info", {}) or {})
-        thresholds = thresholds_of(run_info)
+        thresholds = {**self.shot_thresholds, **(run_info.get("metric_thresholds") or {})}
         if many_threshold is not None:
             thresholds["many"] = many_threshold
         if few_threshold is not None:

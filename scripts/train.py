@@ -271,16 +271,16 @@ def main(argv: list[str] | None = None) -> dict:
         lr_gamma=run_args.lr_gamma,
         pixel_cache=data_args.pixel_cache,
         pixel_cache_dir=data_args.pixel_cache_dir,
+        shot_thresholds={
+            "many": data_args.many_shot_threshold,
+            "few": data_args.few_shot_threshold,
+        },
     )
     if run_args.save_on_signal:
         from hf_longtail.trainer import install_signal_checkpointing
 
         install_signal_checkpointing(trainer)
     run_info["training"] = trainer.training_summary()
-    run_info["metric_thresholds"] = {
-        "many": data_args.many_shot_threshold,
-        "few": data_args.few_shot_threshold,
-    }
     # Everything is validated: only now may --overwrite_output_dir delete the previous run.
     if plan.replace_previous:
         with training_args.main_process_first(local=False, desc="replacing the previous run"):
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
         eval_ds, split_name=data_args.eval_split, logit_adjustment_tau=data_args.posthoc_tau
     )
     if training_args.should_save:
-        _print_summary(results, run_info["metric_thresholds"])
+        _print_summary(results, trainer.shot_thresholds)
     if push_requested:
         from hf_longtail.hub import PushToHubError
 

@@ -72,7 +72,14 @@ class RecordingTrainer(LongTailTrainer):
 def _trainer(tmp_path, loss_config, *, cls=LongTailTrainer, counts=COUNTS, **arg_overrides):
     extra = {
         k: arg_overrides.pop(k)
-        for k in ("sampler", "lr_milestones", "lr_gamma", "eval_dataset", "callbacks")
+        for k in (
+            "sampler",
+            "lr_milestones",
+            "lr_gamma",
+            "eval_dataset",
+            "callbacks",
+            "shot_thresholds",
+        )
         if k in arg_overrides
     }
     return cls(
@@ -525,7 +532,17 @@ def test_lr_milestones_use_the_real_epoch_length_with_max_steps(tmp_path):
 # ------------------------------------------------------------------ logging
 def test_log_history_has_the_loss_parts_averaged_over_the_window(tmp_path):
     config = LongTailLossConfig(base="ce", ccar=True, car_weight=0.5)
-    trainer = _trainer(tmp_path, config, max_steps=4, logging_strategy="steps", logging_steps=2)
+    # Head = many-shot (the shared shot-group rule); COUNTS' largest classes are 12 and 8.
+    thresholds = {"many": 6, "few": 3}
+    trainer = _trainer(
+        tmp_path,
+        config,
+        max_steps=4,
+        logging_strategy="steps",
+        logging_steps=2,
+        shot_thresholds=thresholds,
+    )
+    assert trainer.loss_fn.head_classes.tolist() == [c > 6 for c in COUNTS]
     trainer.train()
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert [log["step"] for log in logs] == [2, 4]

@@ -18,6 +18,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
 
+from hf_longtail.class_counts import shot_group
 from hf_longtail.hub.rundir import (
     CARD_FILE,
     CONFUSION_PLOT,
@@ -201,11 +202,7 @@ def _fmt_number(value: Any) -> str:
 
 
 def _group_of(count: int, thresholds: Mapping[str, int]) -> str:
-    if count > thresholds["many"]:
-        return "many"
-    if count < thresholds["few"]:
-        return "few"
-    return "medium"
+    return shot_group(count, thresholds["many"], thresholds["few"])
 
 
 def class_count_summary(

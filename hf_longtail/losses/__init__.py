@@ -1,7 +1,7 @@
 """Long-tail losses: CCAR, CAR and the long-tail baselines (pure PyTorch).
 
 This package imports nothing but torch: no transformers, no datasets, no other hf_longtail
-sub-package (only the dependency-free :mod:`hf_longtail._counts`, whose zero-count rule the
+sub-package (only the dependency-free :mod:`hf_longtail.class_counts`, whose zero-count rule the
 metrics share). Every loss takes logits ``(B, K)``, integer labels ``(B,)`` (or soft targets
 ``(B, K)`` where supported) and is built from the training-set class counts.
 
