@@ -97,7 +97,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_longtail.class_counts import DEFAULT_THRESHOLDS, check_thresholds
 from hf_longtail.losses import LongTailLossConfig, build_loss
-from hf_longtail.losses.longtail import LOSS_WEIGHTS_NAME
+from hf_longtail.losses.total_loss import LOSS_WEIGHTS_NAME
 from hf_longtail.resume import (
     CHECKPOINT_RECIPE_FILE,
     ResumeMismatchError,

@@ -51,12 +51,7 @@ def train_script():
     return _load_script()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 #: Flags that make any run tiny and quiet on CPU.

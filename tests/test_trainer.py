@@ -26,19 +26,13 @@ from transformers import TrainerCallback
 from hf_longtail import LongTailTrainer
 from hf_longtail.data import collate_fn
 from hf_longtail.losses import LongTailLossConfig, build_loss
-from hf_longtail.losses.longtail import LOSS_WEIGHTS_NAME
+from hf_longtail.losses.total_loss import LOSS_WEIGHTS_NAME
 
 #: 16 training images: one optimizer step of batch 16 = the whole set = two micro-batches of 8.
 COUNTS16 = (6, 4, 3, 2, 1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops: two OpenMP threads on a loaded 2-core machine only add contention.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class GradCapture(TrainerCallback):

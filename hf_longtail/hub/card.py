@@ -60,9 +60,8 @@ PROFILE_FORMULAS = {
 def template_path(name: str = MODEL_CARD_TEMPLATE) -> Path:
     """Path of a card template shipped in the package (``hf_longtail/templates/<name>``).
 
-    The package copy is the single source of truth (it is what pip-installed users get);
-    ``model_cards/`` in the repository holds an identical copy for browsing, which a test keeps
-    in sync.
+    The templates exist only there (they ship with the package); ``model_cards/`` in the
+    repository holds rendered examples.
     """
     path = Path(str(resources.files("hf_longtail").joinpath("templates", name)))
     if not path.is_file():

@@ -55,7 +55,7 @@ from hf_longtail.losses.functional import (
     log_class_prior,
     post_hoc_logit_adjust,
 )
-from hf_longtail.losses.longtail import LongTailLoss, build_loss, head_class_mask
+from hf_longtail.losses.total_loss import LongTailLoss, build_loss, head_class_mask
 
 __all__ = [
     "BalancedSoftmaxLoss",

@@ -1,4 +1,4 @@
-"""``compute_metrics`` for ``transformers.Trainer`` built on :mod:`hf_longtail.metrics.core`.
+"""``compute_metrics`` for ``transformers.Trainer`` built on :mod:`hf_longtail.metrics.functions`.
 
 Nothing here imports transformers: the Trainer's ``EvalPrediction`` is read by attribute
 (``predictions``, ``label_ids``) or as a ``(predictions, label_ids)`` tuple.
@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_longtail.metrics.core import LongTailMetricAccumulator, _to_numpy
+from hf_longtail.metrics.functions import LongTailMetricAccumulator, _to_numpy
 
 __all__ = ["IGNORE_INDEX", "LongTailComputeMetrics", "make_compute_metrics"]
 

@@ -23,7 +23,7 @@ import torch
 from _reliability_helpers import TINY_RUN, TrainRun, free_port, run_train, subprocess_env
 from safetensors.torch import load_file
 
-from hf_longtail.losses.longtail import LOSS_WEIGHTS_NAME
+from hf_longtail.losses.total_loss import LOSS_WEIGHTS_NAME
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "_ddp_train.py"

@@ -24,7 +24,7 @@ import torch
 from _reliability_helpers import TrainRun, run_train
 from safetensors.torch import load_file
 
-from hf_longtail.losses.longtail import LOSS_WEIGHTS_NAME
+from hf_longtail.losses.total_loss import LOSS_WEIGHTS_NAME
 
 pytestmark = pytest.mark.slow
 

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from hf_longtail import LongTailTrainer
 from hf_longtail.data import collate_fn
 from hf_longtail.losses import LongTailLossConfig
-from hf_longtail.losses.longtail import LOSS_WEIGHTS_NAME
+from hf_longtail.losses.total_loss import LOSS_WEIGHTS_NAME
 from hf_longtail.resume import ResumeMismatchError
 
 RECIPE = {

@@ -1,4 +1,4 @@
-"""Long-tail classification metrics in plain numpy (torch tensors are accepted as input).
+"""Long-tail classification metrics as plain numpy functions (torch tensors accepted as input).
 
 Conventions used throughout this module (and by the Trainer ``compute_metrics`` built on it):
 
