@@ -1077,23 +1077,12 @@ def load_loss_state(loss_fn: nn.Module, folder: str | os.PathLike) -> bool:
     return True
 
 
-#: The long-tail card's options, as the Trainer's ``create_model_card`` / ``push_to_hub`` name
-#: them -> the keyword of :func:`hf_longtail.hub.write_model_card` / ``push_long_tail_model``.
-CARD_OPTIONS = {
-    "license": "license",
-    "finetuned_from": "base_model",
-    "base_model": "base_model",
-    "dataset": "dataset_repo_id",
-    "dataset_repo_id": "dataset_repo_id",
-}
-
-
 def _card_options(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The :data:`CARD_OPTIONS` given in ``kwargs`` (``None`` values dropped), renamed."""
-    options = {CARD_OPTIONS[k]: v for k, v in kwargs.items() if k in CARD_OPTIONS and v is not None}
-    if isinstance(options.get("dataset_repo_id"), (list, tuple)):  # the Trainer allows a list
-        options["dataset_repo_id"] = next(iter(options["dataset_repo_id"]), None)
-    return options
+    """The long-tail card options in ``kwargs`` (:data:`hf_longtail.hub.card.CARD_OPTIONS`, also
+    under the Trainer's names ``finetuned_from`` / ``dataset``)."""
+    from hf_longtail.hub.card import card_options
+
+    return card_options(kwargs)
 
 
 def _class_names(

@@ -57,6 +57,59 @@ PROFILE_FORMULAS = {
 }
 
 
+DEFAULT_LICENSE = "apache-2.0"
+
+
+@dataclass(frozen=True)
+class CardOption:
+    """One option of the long-tail card: ``name`` is the keyword of :func:`build_model_card`,
+    :func:`write_model_card`, :func:`~hf_longtail.hub.push_long_tail_model` and the CLI flag
+    (``--name-with-dashes``); ``aliases`` are the names ``transformers.Trainer``'s
+    ``create_model_card`` / ``push_to_hub`` give it (accepted by ``LongTailTrainer``)."""
+
+    name: str
+    default: str | None
+    help: str
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+#: The card options, defined once: the CLI, the retry command and LongTailTrainer read them.
+CARD_OPTIONS = (
+    CardOption("license", DEFAULT_LICENSE, "license id of the model (default: apache-2.0)"),
+    CardOption(
+        "dataset_repo_id",
+        None,
+        "Hub id of the pushed long-tailed dataset, linked from the card",
+        aliases=("dataset",),
+    ),
+    CardOption(
+        "base_model",
+        None,
+        "Hub id of the base model (default: model_name_or_path of the run, if a Hub id)",
+        aliases=("finetuned_from",),
+    ),
+)
+
+
+def card_options(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`CARD_OPTIONS` found in ``values`` (by name or alias; ``None`` dropped; a list,
+    as the Trainer allows for ``dataset``, gives its first entry), keyed by option name."""
+    options: dict[str, Any] = {}
+    for option in CARD_OPTIONS:
+        for key in (option.name, *option.aliases):
+            value = values.get(key)
+            if isinstance(value, (list, tuple)):
+                value = next(iter(value), None)
+            if value is not None:
+                options[option.name] = value
+                break
+    return options
+
+
 def template_path(name: str = MODEL_CARD_TEMPLATE) -> Path:
     """Path of a card template shipped in the package (``hf_longtail/templates/<name>``).
 
@@ -592,7 +645,7 @@ def build_model_card(
     output_dir: str | Path,
     repo_id: str | None = None,
     *,
-    license: str = "apache-2.0",
+    license: str = DEFAULT_LICENSE,
     base_model: str | None = None,
     dataset_repo_id: str | None = None,
     template: str | Path | None = None,
@@ -705,7 +758,7 @@ def write_model_card(
     output_dir: str | Path,
     repo_id: str | None = None,
     *,
-    license: str = "apache-2.0",
+    license: str = DEFAULT_LICENSE,
     base_model: str | None = None,
     dataset_repo_id: str | None = None,
     template: str | Path | None = None,

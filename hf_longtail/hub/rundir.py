@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# The file names are those the trainer writes (defined once, in hf_longtail.run_directory).
-from hf_longtail.run_directory import (
+# The file names are those the trainer writes, defined once in hf_longtail.run_directory (also
+# importable from here, where the hub's readers always found them).
+from hf_longtail.run_directory import (  # noqa: F401
     CARD_FILE,
     CONFIG_FILE,
     CONFUSION_PLOT,
@@ -26,22 +27,6 @@ from hf_longtail.run_directory import (
     RUN_FILE,
     WEIGHT_FILES,
 )
-
-__all__ = [
-    "CARD_FILE",
-    "CONFIG_FILE",
-    "CONFUSION_PLOT",
-    "DEFAULT_THRESHOLDS",
-    "PER_CLASS_PLOT",
-    "PROCESSOR_FILES",
-    "RESULTS_FILE",
-    "RUN_FILE",
-    "WEIGHT_FILES",
-    "OutputDirError",
-    "RunDir",
-    "read_run_dir",
-    "validate_output_dir",
-]
 
 _HOW_TO_PRODUCE = {
     CONFIG_FILE: (
