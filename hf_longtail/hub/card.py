@@ -754,28 +754,14 @@ def build_model_card(
     return card
 
 
-def write_model_card(
-    output_dir: str | Path,
-    repo_id: str | None = None,
-    *,
-    license: str = DEFAULT_LICENSE,
-    base_model: str | None = None,
-    dataset_repo_id: str | None = None,
-    template: str | Path | None = None,
-) -> Path:
-    """Build the card (:func:`build_model_card`) and save it as ``README.md`` in ``output_dir``.
+def write_model_card(output_dir: str | Path, repo_id: str | None = None, **options: Any) -> Path:
+    """Build the card (:func:`build_model_card`, whose keyword ``options`` these are: the
+    :data:`CARD_OPTIONS` and ``template``) and save it as ``README.md`` in ``output_dir``.
 
     Returns the path written. The plots it embeds are referenced by relative name, so the card
     renders on the Hub once they are uploaded beside it (which the push does).
     """
-    card = build_model_card(
-        output_dir,
-        repo_id,
-        license=license,
-        base_model=base_model,
-        dataset_repo_id=dataset_repo_id,
-        template=template,
-    )
+    card = build_model_card(output_dir, repo_id, **options)
     path = Path(output_dir).expanduser().resolve() / CARD_FILE
     card.save(path)
     return path
