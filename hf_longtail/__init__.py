@@ -18,12 +18,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from hf_longtail import _auto_classes
+
 __version__ = "0.2.0"
 
 if TYPE_CHECKING:  # pragma: no cover
     from hf_longtail.trainer import LongTailTrainer
 
 __all__ = ["LongTailTrainer", "__version__"]
+
+# The CIFAR ResNets' model type joins the transformers Auto classes (pipeline, AutoConfig,
+# AutoModelForImageClassification) once transformers loads them; nothing heavy is imported here.
+_auto_classes.install()
 
 
 def __getattr__(name: str) -> Any:

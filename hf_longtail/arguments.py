@@ -1,4 +1,10 @@
-"""Command-line options from a YAML/JSON file plus flags, typed and range-checked up front.
+"""The training command line: its options, a YAML/JSON file plus flags, checked up front.
+
+The options of ``scripts/train.py`` are :class:`ModelArguments`, :class:`DataArguments`,
+:class:`~hf_longtail.losses.LongTailLossConfig` (the loss recipe itself), :class:`RunArguments`
+and ``transformers.TrainingArguments`` (:data:`DATACLASSES`, :func:`parse_args`);
+:func:`check_options` validates them all before anything is loaded, and
+:func:`initial_run_record` is what they say about the run (the recipe a resume must keep).
 
 ``scripts/train.py`` takes ``[CONFIG.yaml] [--flag value ...]`` (the file anywhere among the
 flags; the flags override it). ``HfArgumentParser`` converts flags by type, but values from a
@@ -11,8 +17,8 @@ value against its field's type hint and names the option:
 - YAML's bare ``no`` / ``off`` (read as ``false``) for a choice option that has a ``"no"``
   choice (``eval_strategy: no``) means ``"no"``; any other boolean for a non-boolean option is
   an error saying to quote it;
-- choice (``Enum``) options must hold one of their choices; unknown keys are named with the
-  closest valid key.
+- choice (``Enum`` / ``Literal``) options must hold one of their choices; unknown keys are
+  named with the closest valid key; a field's ``aliases`` (``--loss`` for ``base``) are keys too.
 
 :func:`check_number` is the shared range check for the options themselves.
 """
@@ -23,15 +29,42 @@ import dataclasses
 import difflib
 import enum
 import json
+import logging
 import math
 import numbers
+import os
+import sys
 import types
 import typing
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CONFIG_SUFFIXES", "check_number", "read_config_file", "split_config_file"]
+from transformers import HfArgumentParser, TrainingArguments
+
+from hf_longtail.losses import LongTailLossConfig
+
+__all__ = [
+    "CLASSIFIERS",
+    "CONFIG_SUFFIXES",
+    "DATACLASSES",
+    "DataArguments",
+    "ModelArguments",
+    "RunArguments",
+    "check_classifier",
+    "check_number",
+    "check_options",
+    "classifier_kwargs",
+    "initial_run_record",
+    "parse_args",
+    "read_config_file",
+    "split_config_file",
+    "uses_feature_cache",
+]
+
+logger = logging.getLogger("hf_longtail.train")
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -61,12 +94,13 @@ def split_config_file(argv: Sequence[str], value_flags: set[str]) -> tuple[Path 
 
 
 def _choices(hint: Any) -> list[str]:
-    return [
-        str(member.value)
-        for arg in _union_args(hint)
-        if isinstance(arg, type) and issubclass(arg, enum.Enum)
-        for member in arg
-    ]
+    choices = []
+    for arg in _union_args(hint):
+        if typing.get_origin(arg) is typing.Literal:
+            choices += [str(value) for value in typing.get_args(arg)]
+        elif isinstance(arg, type) and issubclass(arg, enum.Enum):
+            choices += [str(member.value) for member in arg]
+    return choices
 
 
 def _union_args(hint: Any) -> tuple:
@@ -147,11 +181,18 @@ def read_config_file(path: str | Path, dataclass_types: Sequence[type]) -> dict[
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of option names to values.")
     hints: dict[str, Any] = {}
+    aliases: dict[str, str] = {}  # e.g. the key `loss` for the field `base` (its --loss alias)
     for dc in dataclass_types:
         type_hints = typing.get_type_hints(dc)
         for f in dataclasses.fields(dc):
             if f.init:
                 hints[f.name] = type_hints.get(f.name, Any)
+                for alias in f.metadata.get("aliases", ()):
+                    aliases[alias.lstrip("-")] = f.name
+    both = [(k, aliases[k]) for k in values if k in aliases and aliases[k] in values]
+    if both:
+        raise ValueError(f"{path} sets both {both[0][0]!r} and {both[0][1]!r}; keep one.")
+    values = {aliases.get(k, k): v for k, v in values.items()}
     unknown = sorted(set(values) - set(hints))
     if unknown:
         described = []
@@ -194,3 +235,457 @@ def check_number(
     low_ok = (minimum is None or value >= minimum) and (above is None or value > above)
     if not low_ok or (maximum is not None and value > maximum):
         raise ValueError(f"--{name} must be {kind} {' and '.join(bounds)}; got {value!r}.")
+
+
+# ------------------------------------------------------------------ the training command line
+# The options of scripts/train.py beyond TrainingArguments and LongTailLossConfig (whose fields
+# are options too), their parsing (config file first or last) and their up-front checks.
+@dataclass
+class ModelArguments:
+    """Which model to fine-tune."""
+
+    model_name_or_path: str = field(
+        default="resnet32_cifar",
+        metadata={
+            "help": "Hub id or local directory of an image classifier, a timm architecture "
+            "('timm/<arch>'), or a local name such as 'resnet32_cifar'."
+        },
+    )
+    pretrained: bool = field(
+        default=True, metadata={"help": "Load pretrained weights where the source has them."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Hub cache directory."})
+    model_revision: str = field(default="main", metadata={"help": "Hub revision of the model."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (private models)."})
+    classifier: str = field(
+        default="linear",
+        metadata={
+            "help": "'linear' (the model's own head) or 'cosine': LDAM's NormedLinear, logits "
+            "= cosine_scale * cos(features, w_c), no bias, as LDAM-DRW is published (the LDAM "
+            "loss applies its s = 30 itself). CIFAR ResNets (resnet*_cifar) only."
+        },
+    )
+    cosine_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Multiplier of the cosine logits (classifier 'cosine'): 1 with loss ldam, "
+            "e.g. 16-30 with the other losses."
+        },
+    )
+    freeze_backbone: bool = field(
+        default=False,
+        metadata={"help": "Train only the classifier head (frozen modules stay in eval mode)."},
+    )
+    train_last_stage: bool = field(
+        default=False,
+        metadata={"help": "With --freeze_backbone: also train the backbone's last stage."},
+    )
+    feature_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "With --freeze_backbone (head only): compute each split's backbone features "
+            "once, store them on disk (keyed by model, transform and split) and train on them."
+        },
+    )
+    feature_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Feature cache directory (default: ~/.cache/hf_longtail/features)."},
+    )
+
+
+CLASSIFIERS = ("linear", "cosine")
+
+
+@dataclass
+class DataArguments:
+    """Which data, and how it is made long-tailed and fed."""
+
+    dataset_name: str = field(
+        default="digits",
+        metadata={
+            "help": "Hub dataset id, local directory (parquet/arrow/imagefolder/save_to_disk), "
+            "a protocol name ('imagenet_lt', 'places_lt', 'inat2018') or 'digits'."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub config name."})
+    image_column_name: str | None = field(
+        default=None, metadata={"help": "Image column (detected from the Image feature)."}
+    )
+    label_column_name: str | None = field(
+        default=None, metadata={"help": "Label column (detected from the ClassLabel feature)."}
+    )
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Image root for the ImageNet-LT/Places-LT/iNat protocols."}
+    )
+    split_dir: str | None = field(
+        default=None, metadata={"help": "Directory of the protocol split files (*_train.txt)."}
+    )
+    imbalance_factor: float | None = field(
+        default=100.0,
+        metadata={
+            "help": "n_max / n_min of the long-tailed training set (>= 1); null in a config: "
+            "use the source as it is (the ImageNet-LT / iNaturalist split files)."
+        },
+    )
+    imbalance_profile: str = field(default="exp", metadata={"help": "'exp', 'step' or 'pareto'."})
+    imbalance_seed: int = field(default=0, metadata={"help": "Seed of the per-class subsets."})
+    eval_split: str = field(default="test", metadata={"help": "Split evaluated after training."})
+    train_transform: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto' (the model's image processor, else the CIFAR protocol), 'model', "
+            "'pad_crop' (CIFAR-style pad-and-crop with the model's mean/std, for small centred "
+            "images; CIFAR protocol without a processor), 'cifar10' or 'cifar100' (CIFAR "
+            "protocol with that dataset's mean/std)."
+        },
+    )
+    auto_augment: str | None = field(
+        default=None, metadata={"help": "'randaugment' or 'trivialaugment' on training images."}
+    )
+    mixup_alpha: float = field(default=0.0, metadata={"help": "Mixup alpha (0 disables)."})
+    cutmix_alpha: float = field(default=0.0, metadata={"help": "CutMix alpha (0 disables)."})
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Side of the input images: the CIFAR protocol's (default 32; e.g. 16 for "
+            "digits) or, with the model's transforms, instead of its input size (e.g. 96)."
+        },
+    )
+    sampler: str = field(
+        default="random",
+        metadata={"help": "'random', 'class_balanced', 'sqrt' or 'progressive'."},
+    )
+    on_bad_image: str = field(
+        default="raise",
+        metadata={
+            "help": "An unreadable (truncated/corrupt/missing) image met while reading batches: "
+            "'raise' stops naming the file; 'skip' drops it from its batch (logged, counted)."
+        },
+    )
+    preflight_sample: int = field(
+        default=1000,
+        metadata={
+            "help": "Before training, every row of each split is checked for a missing image "
+            "and a missing file; this many random rows per split also get their image header "
+            "opened (-1: all rows; 0: none). Bad rows follow --on_bad_image."
+        },
+    )
+    pixel_cache: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto': decode (and resize) the images once into a uint8 store and augment "
+            "whole batches when the transform allows it and the store fits 4 GiB; 'on': always "
+            "(an error says why not); 'off': decode and transform every image every epoch."
+        },
+    )
+    pixel_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Pixel store directory (default $HF_HOME/hf_longtail/pixel_cache)."},
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on N random evaluation images (debugging)."}
+    )
+    many_shot_threshold: int = field(
+        default=100, metadata={"help": "Many-shot: classes with more training images than this."}
+    )
+    few_shot_threshold: int = field(
+        default=20, metadata={"help": "Few-shot: classes with fewer training images than this."}
+    )
+    posthoc_tau: float | None = field(
+        default=None, metadata={"help": "Post-hoc logit adjustment tau at evaluation."}
+    )
+
+
+@dataclass
+class RunArguments:
+    """Run management beyond TrainingArguments."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace a previous run in output_dir (deleted only once the options, data "
+            "and model are validated; ignored when resuming)."
+        },
+    )
+    lr_milestones: list[float] | None = field(
+        default=None, metadata={"help": "Epochs of x lr_gamma step decay (LDAM recipe: 160 180)."}
+    )
+    lr_gamma: float = field(default=0.1, metadata={"help": "Step-decay factor."})
+    nonfinite_loss: str = field(default="raise", metadata={"help": "'raise' or 'skip'."})
+    nonfinite_skip_limit: int = field(
+        default=10,
+        metadata={
+            "help": "With --nonfinite_loss skip: stop after this many consecutive skipped "
+            "batches (or more than half of them)."
+        },
+    )
+    save_on_signal: bool = field(
+        default=True, metadata={"help": "Checkpoint on SIGTERM/SIGINT before exiting."}
+    )
+    stage: str | None = field(
+        default=None,
+        metadata={
+            "help": "Decoupled second stage (Kang et al. 2020) on --from_run: 'crt' (re-train "
+            "the head, class-balanced), 'tau_norm' (tau chosen on validation) or 'lws'."
+        },
+    )
+    from_run: str | None = field(
+        default=None, metadata={"help": "With --stage: the finished run directory to start from."}
+    )
+    validation_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --stage tau_norm: split to choose tau on (default: 'validation', else a "
+            "balanced hold-out of source training images unused by the long-tailed subset)."
+        },
+    )
+    validation_per_class: int = field(
+        default=20, metadata={"help": "Images per class of the held-out validation split."}
+    )
+
+
+# The loss recipe is hf_longtail.losses.LongTailLossConfig itself: its fields are the options
+# (--loss is an alias of --base), validated by its __post_init__ while parsing.
+#: The option groups of scripts/train.py, in parsing order.
+DATACLASSES = (ModelArguments, DataArguments, LongTailLossConfig, RunArguments, TrainingArguments)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Any, ...]:
+    """Parse ``[CONFIG.yaml|CONFIG.json] [--flag value ...]`` into the argument dataclasses.
+
+    The file (optional, anywhere among the arguments) provides defaults; flags override them.
+    Its values are checked against the options' types (:func:`hf_longtail.arguments.
+    read_config_file`): unknown keys and wrong types raise a ``ValueError`` naming them.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(DATACLASSES)
+    value_flags = {
+        flag for action in parser._actions if action.nargs is None for flag in action.option_strings
+    }
+    config_path, argv = split_config_file(argv, value_flags)
+    if config_path is not None:
+        parser.set_defaults(**read_config_file(config_path, DATACLASSES))
+    if _multi_process_without_gpu() and parser.get_default("use_cpu") is not True:
+        # accelerate's multi-process launch on a machine without a GPU only becomes a gloo group
+        # when use_cpu is set; otherwise every process would train alone on the same output_dir.
+        parser.set_defaults(use_cpu=True)
+    if "--output_dir" not in argv and parser.get_default("output_dir") is None:
+        parser.set_defaults(output_dir="outputs/run")
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _multi_process_without_gpu() -> bool:
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def check_options(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    loss_config: LongTailLossConfig,
+    run_args: RunArguments,
+    training_args: TrainingArguments,
+) -> LongTailLossConfig:
+    """Validate every option before the output dir, the data or the model are touched (each
+    message names the option and its valid values); return the loss config with
+    ``--label_smoothing_factor`` (a TrainingArguments option the loss applies) recorded in it."""
+    from hf_longtail.trainer import apply_label_smoothing_factor
+
+    loss_config = apply_label_smoothing_factor(loss_config, training_args.label_smoothing_factor)
+    _check_data_and_run_options(data_args, run_args, training_args)
+    check_classifier(model_args, loss_config)
+    _check_frozen_options(model_args, data_args, run_args)
+    return loss_config
+
+
+def uses_feature_cache(model_args: ModelArguments) -> bool:
+    """Whether the run trains the head on cached backbone features (frozen backbone, head only,
+    feature cache on)."""
+    return bool(
+        model_args.freeze_backbone and not model_args.train_last_stage and model_args.feature_cache
+    )
+
+
+def initial_run_record(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    loss_config: LongTailLossConfig,
+    training_args: TrainingArguments,
+) -> dict[str, Any]:
+    """What the options say about the run, before any data is loaded: the recipe part of
+    ``longtail_run.json`` (model, dataset construction, loss, seeds, sampler, classifier,
+    frozen backbone) that :func:`hf_longtail.resume.plan_output_dir` compares with a previous
+    run; the trainer completes it (:meth:`LongTailTrainer.run_record`)."""
+    import hf_longtail
+
+    run_info: dict[str, Any] = {
+        "hf_longtail_version": hf_longtail.__version__,
+        "model_name_or_path": model_args.model_name_or_path,
+        "dataset": {
+            "name": data_args.dataset_name,
+            "config_name": data_args.dataset_config_name,
+            "imbalance_factor": data_args.imbalance_factor,
+            "profile": data_args.imbalance_profile,
+            "seed": data_args.imbalance_seed,
+            "eval_split": data_args.eval_split,
+        },
+        "loss": loss_config.to_dict(),
+        # The part of the training summary that is recipe (completed below).
+        "training": {
+            "seed": training_args.seed,
+            "data_seed": training_args.data_seed,
+            "sampler": data_args.sampler,
+        },
+    }
+    if model_args.classifier != "linear":  # absent for the model's own head (older run files)
+        run_info["classifier"] = {"type": model_args.classifier, "scale": model_args.cosine_scale}
+    use_features = uses_feature_cache(model_args)
+    if model_args.freeze_backbone:  # recipe: a frozen run must not resume a full fine-tune
+        run_info["freeze_backbone"] = {
+            "train_last_stage": model_args.train_last_stage,
+            "feature_cache": use_features,
+        }
+    return run_info
+
+
+def _check_data_and_run_options(
+    data_args: DataArguments, run_args: RunArguments, training_args: TrainingArguments
+) -> None:
+    """Reject invalid options before the output dir or the data are touched (each message names
+    the option and its valid values), and warn about combinations that give silently wrong
+    results."""
+    from hf_longtail.data.pixel_store import PIXEL_CACHE_MODES
+    from hf_longtail.data.profiles import PROFILES, validate_imbalance_factor
+    from hf_longtail.data.transforms import AUTO_AUGMENT, ON_BAD_IMAGE, TRANSFORM_PROTOCOLS
+    from hf_longtail.trainer import (
+        NONFINITE_POLICIES,
+        SAMPLERS,
+        check_run_length,
+        normalize_lr_milestones,
+    )
+
+    choices = (
+        ("sampler", data_args.sampler, SAMPLERS),
+        ("on_bad_image", data_args.on_bad_image, ON_BAD_IMAGE),
+        ("pixel_cache", data_args.pixel_cache, PIXEL_CACHE_MODES),
+        ("nonfinite_loss", run_args.nonfinite_loss, NONFINITE_POLICIES),
+        ("imbalance_profile", data_args.imbalance_profile, tuple(PROFILES)),
+        ("train_transform", data_args.train_transform, TRANSFORM_PROTOCOLS),
+        ("auto_augment", data_args.auto_augment, (None, *AUTO_AUGMENT)),
+    )
+    for name, value, valid in choices:
+        if value not in valid:
+            raise ValueError(f"--{name} {value!r} is not valid; use one of {list(valid)}.")
+    if data_args.imbalance_factor is not None:  # None: use the source as it is
+        validate_imbalance_factor(data_args.imbalance_factor)
+    check_number("imbalance_seed", data_args.imbalance_seed, minimum=0, integer=True)
+    check_number("mixup_alpha", data_args.mixup_alpha, minimum=0)
+    check_number("cutmix_alpha", data_args.cutmix_alpha, minimum=0)
+    check_number("image_size", data_args.image_size, minimum=1, integer=True, allow_none=True)
+    check_number("preflight_sample", data_args.preflight_sample, minimum=-1, integer=True)
+    check_number(
+        "max_eval_samples", data_args.max_eval_samples, minimum=1, integer=True, allow_none=True
+    )
+    check_number("many_shot_threshold", data_args.many_shot_threshold, minimum=0, integer=True)
+    check_number("few_shot_threshold", data_args.few_shot_threshold, minimum=0, integer=True)
+    if data_args.few_shot_threshold > data_args.many_shot_threshold:
+        raise ValueError(
+            f"--few_shot_threshold {data_args.few_shot_threshold} is above "
+            f"--many_shot_threshold {data_args.many_shot_threshold}; few-shot classes have fewer "
+            "training images than many-shot ones."
+        )
+    check_number("posthoc_tau", data_args.posthoc_tau, allow_none=True)
+    check_number("lr_gamma", run_args.lr_gamma, above=0)
+    check_number("nonfinite_skip_limit", run_args.nonfinite_skip_limit, minimum=1, integer=True)
+    try:
+        run_args.lr_milestones = normalize_lr_milestones(run_args.lr_milestones)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--{err}") from None
+    check_run_length(training_args)
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        check_number(name, getattr(training_args, name), minimum=1, integer=True)
+    check_number(
+        "gradient_accumulation_steps", training_args.gradient_accumulation_steps, minimum=1
+    )
+    check_number("learning_rate", training_args.learning_rate, minimum=0)
+    check_number("weight_decay", training_args.weight_decay, minimum=0)
+    check_number("warmup_steps", training_args.warmup_steps, minimum=0)
+    check_number("dataloader_num_workers", training_args.dataloader_num_workers, minimum=0)
+    if data_args.sampler == "class_balanced" and data_args.posthoc_tau:
+        warnings.warn(
+            f"--sampler class_balanced with --posthoc_tau {data_args.posthoc_tau} rebalances "
+            "twice: the balanced batches already remove the training prior that the post-hoc "
+            "logit adjustment subtracts again. Use one of the two.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def classifier_kwargs(model_args: ModelArguments) -> dict[str, Any]:
+    """``create_model`` keyword arguments of ``--classifier``: ``{}`` for the model's own head;
+    for ``cosine`` the ``ResNetCifarConfig`` fields ``normed_linear``/``logit_scale`` (saved in
+    config.json, so the model reloads with its cosine head)."""
+    if model_args.classifier == "cosine":
+        return {"normed_linear": True, "logit_scale": model_args.cosine_scale}
+    return {}
+
+
+def check_classifier(model_args: ModelArguments, loss_config) -> None:
+    """Reject a classifier the model cannot have, before any data or model is loaded.
+
+    The cosine head is a field of the CIFAR ResNets' config, so a saved model reloads with it
+    (``from_pretrained``, the Hub, ``pipeline``); swapping the head of another architecture
+    would save weights that its own class cannot load, so it is refused.
+    """
+    from hf_longtail.models import is_model
+
+    if model_args.classifier not in CLASSIFIERS:
+        raise ValueError(
+            f"--classifier {model_args.classifier!r} is not valid; use one of {list(CLASSIFIERS)}."
+        )
+    scale = model_args.cosine_scale
+    if not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
+        raise ValueError(f"--cosine_scale must be a positive finite number; got {scale!r}.")
+    if model_args.classifier == "linear":
+        return
+    name = model_args.model_name_or_path
+    if not (is_model(name) and name.endswith("_cifar")):
+        raise ValueError(
+            f"--classifier cosine is available for the CIFAR ResNets (resnet20_cifar ... "
+            f"resnet110_cifar), whose config saves the cosine head; {name!r} would be saved with "
+            "a head its own class cannot load. Use --classifier linear with this model."
+        )
+    if loss_config.base != "ldam" and scale == 1.0:
+        logger.warning(
+            "--classifier cosine with loss %r and cosine_scale 1: the logits stay in [-1, 1], "
+            "so the softmax can hardly separate the classes; set --cosine_scale (e.g. 16-30). "
+            "(Only the LDAM loss applies its own scale s.)",
+            loss_config.base,
+        )
+
+
+def _check_frozen_options(
+    model_args: ModelArguments, data_args: DataArguments, run_args: RunArguments
+) -> None:
+    """Reject contradictory frozen-backbone / second-stage options before any work."""
+    if model_args.train_last_stage and not model_args.freeze_backbone:
+        raise ValueError(
+            "--train_last_stage needs --freeze_backbone (it unfreezes the last stage)."
+        )
+    cached = model_args.freeze_backbone and model_args.feature_cache
+    if cached and not model_args.train_last_stage:
+        if data_args.mixup_alpha > 0 or data_args.cutmix_alpha > 0:
+            raise ValueError(
+                "--mixup_alpha/--cutmix_alpha mix images, but --freeze_backbone trains on cached "
+                "features; pass --feature_cache false to mix images through the frozen backbone."
+            )
+    if run_args.stage is not None:
+        from hf_longtail.decoupled import STAGES
+
+        if run_args.stage not in STAGES:
+            raise ValueError(f"--stage {run_args.stage!r} is not valid; use one of {list(STAGES)}.")
+        if not run_args.from_run:
+            raise ValueError("--stage needs --from_run DIR (a finished scripts/train.py run).")
+    elif run_args.from_run:
+        raise ValueError("--from_run is only used with --stage crt|tau_norm|lws.")

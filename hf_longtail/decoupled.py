@@ -49,6 +49,7 @@ from hf_longtail.features import (
     head_linear,
     set_classifier,
 )
+from hf_longtail.run_directory import RESULTS_FILE, RUN_FILE, thresholds_of
 
 __all__ = [
     "DEFAULT_TAUS",
@@ -75,8 +76,6 @@ STAGE_NAMES = {
 }
 #: The tau grid searched on the validation split: 0, 0.1, ..., 2.0.
 DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(21))
-RUN_FILE = "longtail_run.json"
-RESULTS_FILE = "all_results.json"
 
 
 # ---------------------------------------------------------------------------------- pieces
@@ -503,7 +502,7 @@ def run_second_stage(
     for p in model.parameters():
         p.requires_grad_(True)
 
-    thresholds = record.get("metric_thresholds") or {"many": 100, "few": 20}
+    thresholds = thresholds_of(record)
     logits = head_logits(model, feats["test"])
     labels = _labels(feats["test"])
     test_metrics = long_tail_metrics(
@@ -522,31 +521,17 @@ def run_second_stage(
 
 
 def _write_stage_dir(out, model, processor, run_info, results, test_metrics, logits, labels):
-    from hf_longtail.hub import write_model_card
-    from hf_longtail.metrics import confusion_matrix
-    from hf_longtail.metrics.plots import plot_confusion_matrix, plot_per_class_accuracy
+    from hf_longtail.run_directory import write_evaluation
 
-    ds = run_info["dataset"]
-    counts, names = ds["class_counts"], ds["class_names"]
-    th = run_info.get("metric_thresholds") or {"many": 100, "few": 20}
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     if processor is not None:
         processor.save_pretrained(out)
-    for name, data in ((RESULTS_FILE, results), (RUN_FILE, run_info)):
-        tmp = out / f"{name}.tmp"
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-        tmp.replace(out / name)
-    plot_per_class_accuracy(
-        test_metrics["per_class_accuracy"],
-        counts,
-        out / "per_class_accuracy.png",
-        class_names=names,
-        many_threshold=th["many"],
-        few_threshold=th["few"],
+    write_evaluation(
+        out,
+        results=results,
+        run_record=run_info,
+        test_metrics=test_metrics,
+        predictions=logits.argmax(-1),
+        labels=labels,
     )
-    confusion = confusion_matrix(logits.argmax(-1), labels, len(names))
-    plot_confusion_matrix(
-        confusion, out / "confusion_matrix.png", class_names=names, train_class_counts=counts
-    )
-    write_model_card(out)

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hf_longtail.run_directory import RESULTS_FILE, RUN_FILE
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -50,8 +52,6 @@ __all__ = [
     "run_recipe",
 ]
 
-RUN_FILE = "longtail_run.json"
-RESULTS_FILE = "all_results.json"
 #: Written by ``LongTailTrainer`` into every checkpoint (loss, class counts, sampler, seeds).
 CHECKPOINT_RECIPE_FILE = "longtail_recipe.json"
 TRAINER_STATE_FILE = "trainer_state.json"

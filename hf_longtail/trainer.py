@@ -49,9 +49,13 @@ Contract of the training step (what is identical to the parent class and what is
   the class counts, label checks and samplers keep reading the original ``datasets.Dataset``.
 - ``compute_loss`` also runs on evaluation batches: there the loss module is in eval mode, so
   the CAR EMA and the DRW schedule never advance outside training steps.
-- The loss state (CAR EMA confusion matrix, singular vectors, step) is written into every
-  checkpoint as ``longtail_loss_state.pt`` and restored by ``resume_from_checkpoint`` on every
-  process.
+- The loss (config, class counts and names, and its state: CAR EMA confusion matrix, singular
+  vectors, step; the DRW epoch) is written into every checkpoint and into the saved model by
+  :meth:`~hf_longtail.losses.LongTailLoss.save_pretrained` (``longtail_loss.json`` +
+  ``longtail_loss.safetensors``, before ``trainer_state.json``), so
+  ``LongTailLoss.from_pretrained(checkpoint or output_dir)`` rebuilds it exactly; its state is
+  restored by ``resume_from_checkpoint`` on every process (checkpoints of older releases, with
+  ``longtail_loss_state.pt``, still resume).
 - ``TrainingArguments.label_smoothing_factor`` becomes the loss's ``label_smoothing`` (bases
   ``ce``, ``la``, ``bs``); it is refused for a base that cannot smooth or when the loss config
   sets a different value. ``compute_loss_func`` is refused: the loss is ``loss_config``.
@@ -82,15 +86,18 @@ import math
 import os
 import warnings
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from hf_longtail.class_counts import DEFAULT_THRESHOLDS, check_thresholds
 from hf_longtail.losses import LongTailLossConfig, build_loss
+from hf_longtail.losses.total_loss import LOSS_WEIGHTS_NAME
 from hf_longtail.resume import (
     CHECKPOINT_RECIPE_FILE,
     ResumeMismatchError,
@@ -98,10 +105,18 @@ from hf_longtail.resume import (
     last_readable_checkpoint,
     recipe_changes,
 )
+from hf_longtail.run_directory import (
+    RUN_FILE,
+    jsonable,
+    peak_memory,
+    write_evaluation,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
-LOSS_STATE_NAME = "longtail_loss_state.pt"
+#: The loss-state file of checkpoints written before ``LongTailLoss.save_pretrained`` (read only).
+LEGACY_LOSS_STATE_NAME = "longtail_loss_state.pt"
 NONFINITE_POLICIES = ("raise", "skip")
 SAMPLERS = ("random", "class_balanced", "sqrt", "progressive")
 #: A loss whose recent training losses all exceed this multiple of its first ones has diverged.
@@ -179,6 +194,9 @@ class LongTailTrainer(Trainer):
         pixel_cache_dir: where pixel stores are kept (default: ``default_cache_dir()`` for
             datasets backed by Arrow files, memory for in-memory datasets).
         pixel_cache_max_bytes: the size limit of ``"auto"``.
+        shot_thresholds: ``{"many": 100, "few": 20}`` by default: the shot groups of this run
+            (:mod:`hf_longtail.class_counts`), for the loss's head/tail statistics (head =
+            many-shot), the final metrics, the plots and the card (:meth:`evaluate_and_save`).
     """
 
     def __init__(
@@ -198,6 +216,7 @@ class LongTailTrainer(Trainer):
         pixel_cache: str = "auto",
         pixel_cache_dir: str | os.PathLike | None = None,
         pixel_cache_max_bytes: int | None = None,
+        shot_thresholds: Mapping[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
         if nonfinite_loss not in NONFINITE_POLICIES:
@@ -231,6 +250,8 @@ class LongTailTrainer(Trainer):
                 f"pixel_cache={pixel_cache!r} is not valid; use one of {PIXEL_CACHE_MODES}."
             )
         self.pixel_cache = pixel_cache
+        self.shot_thresholds = {**DEFAULT_THRESHOLDS, **(shot_thresholds or {})}
+        check_thresholds(self.shot_thresholds["many"], self.shot_thresholds["few"])
         self.pixel_cache_dir = pixel_cache_dir
         self.pixel_cache_max_bytes = pixel_cache_max_bytes or DEFAULT_MAX_BYTES
         self._pixel_datasets: dict[int, tuple[Any, Any]] = {}
@@ -284,7 +305,12 @@ class LongTailTrainer(Trainer):
         self.class_counts = [int(c) for c in class_counts]
         _check_num_labels(model, len(self.class_counts))
         # Built before super().__init__ so a bad config fails before any device work starts.
-        self.loss_fn = build_loss(self.loss_config, self.class_counts)
+        self.loss_fn = build_loss(
+            self.loss_config,
+            self.class_counts,
+            class_names=_class_names(model, train_dataset, label_column, len(self.class_counts)),
+            many_threshold=self.shot_thresholds["many"],
+        )
 
         super().__init__(model=model, args=args, **kwargs)
         self.loss_fn.to(self.args.device)
@@ -509,7 +535,7 @@ class LongTailTrainer(Trainer):
         if self.args.should_save:
             run_dir = self._get_output_dir(trial=trial)
             folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            save_loss_state(self.loss_fn, folder)
+            self.loss_fn.save_pretrained(folder)
             with open(os.path.join(folder, CHECKPOINT_RECIPE_FILE), "w", encoding="utf-8") as f:
                 json.dump(self.checkpoint_recipe(), f, indent=2, sort_keys=True)
         super()._save_checkpoint(model, trial)
@@ -519,6 +545,12 @@ class LongTailTrainer(Trainer):
         if not _internal_call:
             self._check_weights_finite("model")
         super().save_model(output_dir, _internal_call=_internal_call)
+        # Checkpoints got the loss in _save_checkpoint (before trainer_state.json); a saved model
+        # gets it here, so LongTailLoss.from_pretrained(output_dir) rebuilds the trained loss.
+        if not _internal_call and self.args.should_save:
+            self.loss_fn.save_pretrained(
+                output_dir if output_dir is not None else self.args.output_dir
+            )
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         # The parent pickles the whole TrainingArguments into training_args.bin (output dir and
@@ -533,6 +565,223 @@ class LongTailTrainer(Trainer):
         finally:
             self.args.hub_token = token
 
+    # ------------------------------------------------------------- run directory
+    def training_summary(self) -> dict[str, Any]:
+        """The ``training`` block of the run record: the hyper-parameters that shape the run
+        (learning rate, length, batch sizes, optimizer, schedule, seeds, precision), the world
+        size, the total batch size, the sampler, the step milestones and the pixel-cache mode."""
+        args = self.args
+        keys = (
+            "learning_rate",
+            "num_train_epochs",
+            "max_steps",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "optim",
+            "lr_scheduler_type",
+            "warmup_steps",
+            "weight_decay",
+            "seed",
+            "data_seed",
+            "bf16",
+            "fp16",
+        )
+        summary = {k: jsonable(getattr(args, k)) for k in keys}
+        summary["world_size"] = args.world_size
+        summary["total_train_batch_size"] = (
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        )
+        summary["sampler"] = self.sampler_name
+        summary["lr_milestones"] = self.lr_milestones
+        summary["pixel_cache"] = self.pixel_cache
+        return summary
+
+    def run_record(self, run_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The run record ``longtail_run.json`` (schema in ``docs/design.md``) of this trainer.
+
+        Built from what the trainer holds: the model's ``_name_or_path``, the training data
+        (the long-tail construction recorded by :func:`hf_longtail.data.load_long_tailed` /
+        ``make_long_tailed``, the class counts and names, the sizes), the loss recipe, the
+        :meth:`training_summary` and the shot-group thresholds. ``run_info`` (what only the
+        caller knows, e.g. the dataset id it loaded, the preprocessing protocol, a resume
+        history) is laid over it, block by block (its ``dataset`` keys replace those derived).
+        """
+        import hf_longtail
+        from hf_longtail.data import longtail_record
+
+        train = self.train_dataset
+        provenance = (longtail_record(train) if hasattr(train, "info") else None) or {}
+        model = self.accelerator.unwrap_model(self.model) if self.model is not None else None
+        dataset: dict[str, Any] = {
+            "name": provenance.get("source"),
+            "imbalance_factor": provenance.get("imbalance_factor"),
+            "profile": provenance.get("profile"),
+            "seed": provenance.get("seed"),
+            "eval_split": "test",
+            "class_counts": list(self.class_counts),
+            "class_names": self.loss_fn.class_names
+            or [str(c) for c in range(len(self.class_counts))],
+            "label_column": self.label_column or provenance.get("label_column"),
+            "train_size": len(train) if train is not None else sum(self.class_counts),
+        }
+        if self.eval_dataset is not None and hasattr(self.eval_dataset, "__len__"):
+            dataset["eval_size"] = len(self.eval_dataset)
+        record: dict[str, Any] = {
+            "hf_longtail_version": hf_longtail.__version__,
+            "model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)
+            or None,
+            "dataset": dataset,
+            "loss": self.loss_config.to_dict(),
+            "training": self.training_summary(),
+            "metric_thresholds": dict(self.shot_thresholds),
+        }
+        for key, value in (run_info or {}).items():
+            if isinstance(value, Mapping) and isinstance(record.get(key), dict):
+                record[key] = {**record[key], **value}
+            else:
+                record[key] = value
+        return record
+
+    def save_run_record(self, run_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Write :meth:`run_record` (``run_info`` laid over it) as ``longtail_run.json`` into
+        ``args.output_dir`` (atomically, on the saving process) and keep ``run_info`` for the
+        record :meth:`evaluate_and_save` writes. Returns the record."""
+        self.run_info = dict(run_info or {})
+        record = self.run_record(self.run_info)
+        if self.args.should_save:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            write_json(os.path.join(self.args.output_dir, RUN_FILE), record)
+        return record
+
+    def evaluate_and_save(
+        self,
+        test_dataset: Any = None,
+        *,
+        split_name: str | None = None,
+        many_threshold: int | None = None,
+        few_threshold: int | None = None,
+        logit_adjustment_tau: float | None = None,
+    ) -> dict[str, Any]:
+        """Evaluate the final model and write the run directory; return ``all_results.json``.
+
+        Predicts ``test_dataset`` (default: ``eval_dataset``), computes every long-tail metric
+        (:func:`hf_longtail.metrics.long_tail_metrics`, shot groups ``many_threshold`` /
+        ``few_threshold``, default the trainer's ``shot_thresholds``; optional post-hoc logit
+        adjustment) and writes, into ``args.output_dir`` on the saving process,
+        ``all_results.json`` (the last ``train()``'s metrics, ``test_*`` metrics, peak memory),
+        ``longtail_run.json`` (:meth:`run_record`), the two plots and the long-tail model card
+        ``README.md`` (:mod:`hf_longtail.run_directory`). Call :meth:`save_model` first so the
+        card finds the model. Runs the prediction on every process (it is collective).
+        """
+        from hf_longtail.metrics import long_tail_metrics
+
+        dataset = test_dataset if test_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError(
+                "evaluate_and_save needs a test_dataset (or the trainer's eval_dataset)."
+            )
+        run_info = dict(getattr(self, "run_info", {}) or {})
+        thresholds = {**self.shot_thresholds, **(run_info.get("metric_thresholds") or {})}
+        if many_threshold is not None:
+            thresholds["many"] = many_threshold
+        if few_threshold is not None:
+            thresholds["few"] = few_threshold
+        run_info["metric_thresholds"] = thresholds
+        if split_name is not None:
+            run_info["dataset"] = {**(run_info.get("dataset") or {}), "eval_split": split_name}
+        record = self.run_record(run_info)
+        record["dataset"]["eval_size"] = len(dataset)
+        prediction = self.predict(dataset, metric_key_prefix="test")
+        test_metrics = long_tail_metrics(
+            prediction.predictions,
+            prediction.label_ids,
+            self.class_counts,
+            many_threshold=thresholds["many"],
+            few_threshold=thresholds["few"],
+            class_names=record["dataset"]["class_names"],
+            logit_adjustment_tau=logit_adjustment_tau,
+        )
+        results = {**getattr(self, "train_metrics", {})}
+        results.update({f"test_{k}": v for k, v in test_metrics.items()})
+        results["test_loss"] = prediction.metrics.get("test_loss")
+        results.update(peak_memory())
+        if self.args.should_save:
+            write_evaluation(
+                self.args.output_dir,
+                results=results,
+                run_record=record,
+                test_metrics=test_metrics,
+                predictions=np.asarray(prediction.predictions).argmax(-1),
+                labels=prediction.label_ids,
+            )
+        return results
+
+    def create_model_card(self, **kwargs: Any) -> None:
+        """Write the long-tail model card ``README.md`` into ``args.output_dir`` (the Trainer's
+        generic card is replaced): ``model-index`` with every long-tail metric, the dataset's
+        construction, the loss recipe and the plots, read from the run directory
+        (:func:`hf_longtail.hub.write_model_card`). Options: ``license``, ``finetuned_from``
+        (the base model), ``dataset`` (a dataset repo id), ``model_name`` (the repo id); other
+        keywords of the Trainer's method are accepted and ignored. Raises
+        :class:`hf_longtail.hub.OutputDirError` naming what is missing when the run was not
+        saved and evaluated (:meth:`save_model`, :meth:`evaluate_and_save`).
+        """
+        if not self.is_world_process_zero():
+            return
+        from hf_longtail.hub import write_model_card
+
+        options = _card_options(kwargs)
+        write_model_card(self.args.output_dir, kwargs.get("model_name"), **options)
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = None,
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Publish the run directory with its long-tail card; returns the ``CommitInfo``.
+
+        Saves the model (:meth:`save_model`), then pushes with
+        :func:`hf_longtail.hub.push_long_tail_model` to ``args.hub_model_id`` (else the output
+        directory's name): model, image processor, loss, ``all_results.json``,
+        ``longtail_run.json``, plots and the long-tail card (never checkpoints, optimizer state
+        or ``training_args.bin``). ``kwargs`` are the card options of :meth:`create_model_card`.
+        A failure of the Hub part raises :class:`hf_longtail.hub.PushToHubError` naming the
+        cause and the retry command; a run that was not evaluated
+        (:meth:`evaluate_and_save`) raises :class:`hf_longtail.hub.OutputDirError` before any
+        network call. ``blocking`` is accepted for compatibility (the upload always blocks).
+        """
+        self.save_model(self.args.output_dir)
+        if not self.is_world_process_zero():
+            return None
+        from hf_longtail.hub import push_long_tail_model
+
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        extra = {"commit_message": commit_message} if commit_message else {}
+        return push_long_tail_model(
+            self.args.output_dir,
+            repo_id,
+            token=token if token is not None else self.args.hub_token,
+            private=self.args.hub_private_repo,
+            revision=revision if revision is not None else self.args.hub_revision,
+            **_card_options(kwargs),
+            **extra,
+        )
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """The parent's ``train`` (see :meth:`_train_safely`); its metrics, with
+        ``train_samples`` (and ``train_diverged_at_step`` when the loss diverged), are kept as
+        ``train_metrics`` for :meth:`evaluate_and_save`."""
+        result = self._train_safely(resume_from_checkpoint, trial, **kwargs)
+        self.train_metrics = dict(result.metrics)
+        if self.train_dataset is not None and hasattr(self.train_dataset, "__len__"):
+            self.train_metrics["train_samples"] = len(self.train_dataset)
+        if self.diverged_at_step is not None:
+            self.train_metrics["train_diverged_at_step"] = self.diverged_at_step
+        return result
+
     def _check_weights_finite(self, what: str) -> None:
         model = self.accelerator.unwrap_model(self.model) if self.model is not None else None
         if model is None:
@@ -545,7 +794,7 @@ class LongTailTrainer(Trainer):
                 "resume from the last one with a lower learning rate or gradient clipping."
             )
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+    def _train_safely(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         """The parent's ``train`` with safe resuming, and a refusal of a run that trained nothing.
 
         - ``resume_from_checkpoint=True`` takes the last *readable* checkpoint of ``output_dir``
@@ -604,7 +853,7 @@ class LongTailTrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
         reload_renamed_weights(target, resume_from_checkpoint)
-        load_loss_state(self.loss_fn, resume_from_checkpoint, device=self.args.device)
+        load_loss_state(self.loss_fn, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         super()._load_best_model()
@@ -802,39 +1051,60 @@ class LongTailTrainer(Trainer):
         return self.lr_scheduler
 
 
-def save_loss_state(loss_fn: nn.Module, folder: str | os.PathLike) -> str:
-    """Write ``loss_fn.state_dict()`` (CAR EMA, singular vectors, step) into ``folder``."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, LOSS_STATE_NAME)
-    # Tensors move to CPU so a checkpoint written on GPU loads anywhere; the extra state
-    # (plain Python values such as the DRW epoch) is saved as is.
-    state = {
-        k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
-        for k, v in loss_fn.state_dict().items()
-    }
-    torch.save(state, path)
-    return path
+def load_loss_state(loss_fn: nn.Module, folder: str | os.PathLike) -> bool:
+    """Restore the loss state of a checkpoint into ``loss_fn``; ``False`` if it has none.
 
-
-def load_loss_state(
-    loss_fn: nn.Module, folder: str | os.PathLike, device: torch.device | str | None = None
-) -> bool:
-    """Restore the loss state saved by :func:`save_loss_state`; ``False`` if there is none.
-
-    A checkpoint without the file (written by a plain ``Trainer``) is accepted with a warning:
-    the loss state then starts fresh, which only matters when CAR is on.
+    Reads ``longtail_loss.safetensors`` (:meth:`LongTailLoss.save_pretrained`), else the
+    ``longtail_loss_state.pt`` of older checkpoints. Always onto the CPU: ``load_state_dict``
+    copies into the module's buffers wherever they live (and an indexed CPU device such as
+    ``cpu:0``, ``args.device`` in a multi-process CPU run, is no valid ``map_location``). A
+    checkpoint with neither file (written by a plain ``Trainer``) is accepted with a warning: the
+    loss state then starts fresh, which only matters when CAR or DRW is on.
     """
-    path = os.path.join(folder, LOSS_STATE_NAME)
-    if not os.path.isfile(path):
+    weights = os.path.join(folder, LOSS_WEIGHTS_NAME)
+    legacy = os.path.join(folder, LEGACY_LOSS_STATE_NAME)
+    if os.path.isfile(weights):
+        from safetensors.torch import load_file
+
+        state: dict[str, Any] = load_file(weights, device="cpu")
+    elif os.path.isfile(legacy):
+        state = torch.load(legacy, map_location="cpu", weights_only=True)
+    else:
         if len(loss_fn.state_dict()):
-            logger.warning("%s has no %s: the loss state starts fresh.", folder, LOSS_STATE_NAME)
+            logger.warning("%s has no %s: the loss state starts fresh.", folder, LOSS_WEIGHTS_NAME)
         return False
-    # Always read onto the CPU: ``load_state_dict`` copies into the module's buffers wherever
-    # they live. An indexed CPU device (``cpu:0``, what ``args.device`` is in a multi-process CPU
-    # run) is not a valid ``map_location`` for torch.load.
-    state = torch.load(path, map_location="cpu", weights_only=True)
     loss_fn.load_state_dict(state)
     return True
+
+
+def _card_options(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The long-tail card options in ``kwargs`` (:data:`hf_longtail.hub.card.CARD_OPTIONS`, also
+    under the Trainer's names ``finetuned_from`` / ``dataset``)."""
+    from hf_longtail.hub.card import card_options
+
+    return card_options(kwargs)
+
+
+def _class_names(
+    model: nn.Module | None, dataset: Any, label_column: str | None, num_classes: int
+) -> list[str] | None:
+    """The class names of the training labels (their ``ClassLabel``, else the model's
+    ``id2label``), kept with the saved loss; ``None`` when neither names ``num_classes``."""
+    features = getattr(dataset, "features", None)
+    if features is not None:
+        from hf_longtail.data import detect_label_column
+
+        try:
+            names = list(
+                getattr(features[detect_label_column(features, label_column)], "names", ())
+            )
+        except (KeyError, ValueError):
+            names = []
+        if len(names) == num_classes:
+            return names
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    names = [id2label.get(i, id2label.get(str(i))) for i in range(num_classes)]
+    return names if len(id2label) == num_classes and None not in names else None
 
 
 def reload_renamed_weights(model: nn.Module, folder: str | os.PathLike) -> bool:

@@ -60,3 +60,15 @@ def _seed_everything():
     np.random.seed(0)  # noqa: NPY002 -- third-party code reads the legacy global RNG
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (tiny ops: more OpenMP threads on a loaded machine only
+    add contention); the previous setting is restored."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -37,10 +37,9 @@ def test_every_method_builds_a_valid_train_command(bench, train, preset, tmp_pat
         argv = bench.run_flags(
             bench.PRESETS[preset], method, 1, tmp_path / "data", tmp_path / method, 10
         )
-        model_args, data_args, loss_args, run_args, training_args = train.parse_args(
+        model_args, data_args, config, run_args, training_args = train.parse_args(
             [*argv, "--use_cpu", "true"]
         )
-        config = train.loss_config_from_args(loss_args)
         assert config.base == flags["loss"]
         assert config.ccar == flags.get("ccar", False)
         assert config.car_weight == flags.get("car_weight", 0.0)

@@ -213,7 +213,7 @@ def test_cifar10_rows_are_source_rows_and_test_split_untouched(cifar10_dir):
 # ---------------------------------------------------------------- records
 
 
-def test_record_survives_save_to_disk_and_class_counts_prefers_it(tmp_path):
+def test_record_survives_save_to_disk_and_class_counts_agrees(tmp_path):
     ds = _label_dataset(np.repeat(np.arange(10), 100), 10)
     ds.info.description = "original description"
     lt = make_long_tailed(ds, 10, seed=5, source="toy")

@@ -252,14 +252,12 @@ class FakeApi:
 # ----------------------------------------------------------------------------- templates
 
 
-def test_templates_in_model_cards_match_package_copies():
+def test_card_templates_exist_once_in_the_package():
+    from hf_longtail.hub import template_path
+
     for name in ("longtail_model_card.md.jinja", "longtail_dataset_card.md.jinja"):
-        packaged = (REPO_ROOT / "hf_longtail" / "templates" / name).read_text(encoding="utf-8")
-        browsable = (REPO_ROOT / "model_cards" / name).read_text(encoding="utf-8")
-        assert packaged == browsable, (
-            f"model_cards/{name} differs from hf_longtail/templates/{name} (the source of "
-            "truth): cp hf_longtail/templates/longtail_*_card.md.jinja model_cards/"
-        )
+        assert template_path(name).is_file()
+        assert not list(REPO_ROOT.glob(f"model_cards/**/{name}")), "one template file, not two"
 
 
 # ----------------------------------------------------------------------------- model card

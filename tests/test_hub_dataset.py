@@ -204,11 +204,8 @@ def test_failed_dataset_push_raises_with_retry_and_changes_nothing(long_tailed, 
 
 
 def test_construction_defaults_to_the_data_package_record(long_tailed):
-    from hf_longtail.hub.dataset import _data_helper
+    from hf_longtail.data import make_long_tailed
 
-    make_long_tailed = _data_helper("make_long_tailed")
-    if make_long_tailed is None:
-        pytest.skip("hf_longtail.data.make_long_tailed is not available")
     source = _images([c for c in range(5) for _ in range(16)])
     train = make_long_tailed(source, imbalance_factor=16, profile="exp", seed=3)
     card = build_dataset_card(DatasetDict({"train": train, "test": long_tailed["test"]}))

@@ -172,7 +172,7 @@ def test_last_stats():
     f = freq[y]
     f_prime = torch.where(p_t < 0.75, f, 1 - f)
     omega = torch.exp(-f_prime * (0.75 - p_t))
-    head = torch.tensor([c > sorted(COUNTS)[K // 2] for c in COUNTS])[y]  # N_c > median (K odd)
+    head = torch.tensor([c > 100 for c in COUNTS])[y]  # many-shot (the shared rule)
     assert head.any() and (~head).any()
     torch.testing.assert_close(
         stats["ccar_weight_mean"].double(), omega.mean(), rtol=1e-5, atol=1e-6
@@ -193,10 +193,17 @@ def test_last_stats():
     assert set(plain.last_stats) == {"base_loss", "loss"}
 
 
-def test_head_class_mask_is_above_median():
-    assert head_class_mask([5, 1, 3]).tolist() == [True, False, False]
-    assert head_class_mask([4, 3, 2, 1]).tolist() == [True, True, False, False]  # median 2.5
+def test_head_classes_are_the_many_shot_classes_of_the_shared_rule():
+    """The losses' head/tail statistics use the metrics' and the card's many-shot rule."""
+    from hf_longtail.class_counts import shot_group
+
+    counts = [500, 101, 100, 40, 19, 3]
+    assert head_class_mask(counts).tolist() == [shot_group(n) == "many" for n in counts]
+    assert head_class_mask(counts).tolist() == [True, True, False, False, False, False]
+    assert head_class_mask(counts, many_threshold=30).tolist() == [True] * 4 + [False] * 2
     assert not head_class_mask([7, 7, 7]).any()
+    loss = build_loss(None, counts, many_threshold=30)
+    assert loss.head_classes.tolist() == [True] * 4 + [False] * 2
 
 
 def test_set_epoch_drives_drw_and_state_dict_captures_everything():

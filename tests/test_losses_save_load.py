@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_longtail.losses import LongTailLoss, LongTailLossConfig, build_loss
-from hf_longtail.losses.longtail import LOSS_CONFIG_NAME, LOSS_WEIGHTS_NAME
+from hf_longtail.losses.total_loss import LOSS_CONFIG_NAME, LOSS_WEIGHTS_NAME
 
 COUNTS = [300, 120, 60, 25, 10, 4]
 NAMES = ["a", "b", "c", "d", "e", "f"]

@@ -284,7 +284,7 @@ def test_accumulator_matches_one_shot():
 
 
 def test_large_k_sparse_spectral_norm_matches_dense(monkeypatch):
-    import hf_longtail.metrics.core as core
+    import hf_longtail.metrics.functions as core
 
     monkeypatch.setattr(core, "_DENSE_SVD_MAX_CLASSES", 50)  # force the ARPACK path cheaply
     rng = np.random.default_rng(1)

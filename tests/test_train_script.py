@@ -51,12 +51,7 @@ def train_script():
     return _load_script()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 #: Flags that make any run tiny and quiet on CPU.
@@ -280,15 +275,52 @@ def test_flags_after_the_config_override_it(train_script):
     assert training_args.num_train_epochs == values["num_train_epochs"]
 
 
+def test_the_loss_options_are_the_loss_config_itself(train_script, tmp_path):
+    """One loss spec: every LongTailLossConfig field is an option (--loss / YAML `loss` alias
+    base), choices come from the losses' own lists, and the config validates while parsing."""
+    import dataclasses
+
+    from hf_longtail.losses import LongTailLossConfig
+    from hf_longtail.losses.car import CAR_SOLVERS
+
+    assert not hasattr(train_script, "LossArguments")
+    flags = ["--loss", "focal", "--weight_reduction", "mean", "--car_detach_gate", "false"]
+    flags += ["--base_options", '{"gamma": 1.5}', "--car_solver", "subspace"]
+    config = train_script.parse_args(flags)[2]
+    assert isinstance(config, LongTailLossConfig)
+    assert (config.base, config.weight_reduction, config.car_detach_gate) == (
+        "focal",
+        "mean",
+        False,
+    )
+    assert config.base_options == {"gamma": 1.5} and config.car_solver == "subspace"
+    assert train_script.parse_args(["--base", "la"])[2].base == "la"
+    parser = train_script.HfArgumentParser(train_script.DATACLASSES)
+    actions = {a.dest: a for a in parser._actions}
+    for f in dataclasses.fields(LongTailLossConfig):
+        assert f.name in actions and f.metadata.get("help"), f.name
+    assert tuple(actions["car_solver"].choices) == CAR_SOLVERS
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("loss: ldam\ndrw_epoch: 3\n")
+    assert train_script.parse_args([str(yaml_file)])[2].base == "ldam"
+    yaml_file.write_text("loss: ldam\nbase: ce\n")
+    with pytest.raises(ValueError, match="sets both 'loss' and 'base'"):
+        train_script.parse_args([str(yaml_file)])
+    yaml_file.write_text("car_ema: per_clas\n")
+    with pytest.raises(ValueError, match="did you mean 'per_class'"):
+        train_script.parse_args([str(yaml_file)])
+    with pytest.raises(ValueError, match=r"LongTailLossConfig.car_beta must be in \[0, 1\)"):
+        train_script.parse_args(["--car_beta", "1.5"])
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_ready_config_parses_and_builds_its_loss(train_script, path):
     from hf_longtail.losses import LongTailLossConfig, build_loss
 
     # --use_cpu: a bf16 GPU recipe must still parse on a CPU-only machine.
-    model_args, _, loss_args, _, training_args = train_script.parse_args(
+    model_args, _, loss_config, _, training_args = train_script.parse_args(
         [str(path), "--use_cpu", "true"]
     )
-    loss_config = train_script.loss_config_from_args(loss_args)
     assert isinstance(loss_config, LongTailLossConfig)
     assert LongTailLossConfig.from_dict(loss_config.to_dict()) == loss_config
     build_loss(loss_config, [50, 20, 5])  # valid values, not only valid keys
@@ -329,10 +361,9 @@ def test_ldam_drw_configs_build_the_published_cosine_classifier(train_script, na
     from hf_longtail.losses import build_loss
     from hf_longtail.models import NormedLinear, create_model
 
-    model_args, _, loss_args, run_args, args = train_script.parse_args(
+    model_args, _, loss_config, run_args, args = train_script.parse_args(
         [str(REPO / "scripts" / "configs" / name)]
     )
-    loss_config = train_script.loss_config_from_args(loss_args)
     assert (loss_config.base, loss_config.ldam_max_m, loss_config.ldam_s) == ("ldam", 0.5, 30.0)
     assert loss_config.drw_epoch == 160 and loss_config.drw_beta == 0.9999
     assert loss_config.weight_reduction == "auto"  # weighted mean, as F.cross_entropy(weight=)
@@ -341,7 +372,9 @@ def test_ldam_drw_configs_build_the_published_cosine_classifier(train_script, na
     assert args.num_train_epochs == 200 and args.weight_decay == 2e-4
     assert model_args.model_name_or_path == "resnet32_cifar"
     assert model_args.classifier == "cosine" and model_args.cosine_scale == 1.0
-    train_script._check_classifier(model_args, loss_config)
+    from hf_longtail.arguments import check_classifier
+
+    check_classifier(model_args, loss_config)
 
     torch.manual_seed(0)
     model = create_model(

@@ -20,24 +20,19 @@ from _helpers_train import (
     train_dataset,
     training_args,
 )
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from hf_longtail import LongTailTrainer
 from hf_longtail.data import collate_fn
 from hf_longtail.losses import LongTailLossConfig, build_loss
-from hf_longtail.trainer import LOSS_STATE_NAME
+from hf_longtail.losses.total_loss import LOSS_WEIGHTS_NAME
 
 #: 16 training images: one optimizer step of batch 16 = the whole set = two micro-batches of 8.
 COUNTS16 = (6, 4, 3, 2, 1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops: two OpenMP threads on a loaded 2-core machine only add contention.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class GradCapture(TrainerCallback):
@@ -71,7 +66,14 @@ class RecordingTrainer(LongTailTrainer):
 def _trainer(tmp_path, loss_config, *, cls=LongTailTrainer, counts=COUNTS, **arg_overrides):
     extra = {
         k: arg_overrides.pop(k)
-        for k in ("sampler", "lr_milestones", "lr_gamma", "eval_dataset", "callbacks")
+        for k in (
+            "sampler",
+            "lr_milestones",
+            "lr_gamma",
+            "eval_dataset",
+            "callbacks",
+            "shot_thresholds",
+        )
         if k in arg_overrides
     }
     return cls(
@@ -351,7 +353,7 @@ def test_resume_mid_run_is_identical_to_uninterrupted(tmp_path, sampler):
     )
     full.train()
     checkpoint = tmp_path / "full" / "checkpoint-3"
-    saved = torch.load(checkpoint / LOSS_STATE_NAME, weights_only=True)
+    saved = load_file(checkpoint / LOSS_WEIGHTS_NAME)
     assert int(saved["regularizer.num_steps"]) == 3
 
     resumed = _trainer(tmp_path / "resumed", config, save_strategy="no", **common)
@@ -375,7 +377,7 @@ def test_resume_restores_loss_state_before_first_resumed_step(tmp_path):
     first = _trainer(tmp_path / "a", config, max_steps=3, save_strategy="steps", save_steps=3)
     first.train()
     checkpoint = tmp_path / "a" / "checkpoint-3"
-    saved = torch.load(checkpoint / LOSS_STATE_NAME, weights_only=True)
+    saved = load_file(checkpoint / LOSS_WEIGHTS_NAME)
     assert int(saved["regularizer.num_steps"]) == 3
 
     seen = {}
@@ -392,6 +394,54 @@ def test_resume_restores_loss_state_before_first_resumed_step(tmp_path):
     for key in car_keys:
         assert torch.equal(seen[key], saved[key]), key
     assert int(again.loss_fn.regularizer.num_steps) == 5
+
+
+def test_checkpoint_and_saved_model_rebuild_the_exact_loss(tmp_path):
+    """LongTailLoss.from_pretrained(checkpoint or output_dir) of a real run: same config, counts,
+    class names and state, and it continues exactly like the trainer's own loss."""
+    from hf_longtail.losses import LongTailLoss
+
+    config = LongTailLossConfig(base="la", ccar=True, car_weight=0.5, drw_epoch=1)
+    trainer = _trainer(tmp_path, config, max_steps=4, save_strategy="steps", save_steps=4)
+    trainer.train()
+    trainer.save_model()
+    names = trainer.train_dataset.features["label"].names
+    for folder in (tmp_path / "checkpoint-4", tmp_path):
+        restored = LongTailLoss.from_pretrained(folder)
+        assert restored.config == trainer.loss_config
+        assert restored.class_counts == list(COUNTS) and restored.class_names == names
+        state = loss_state(trainer)
+        assert restored.state_dict().keys() == state.keys()
+        for key, value in state.items():
+            assert torch.equal(restored.state_dict()[key], value), key
+        assert int(restored.regularizer.num_steps) == 4
+    g = torch.Generator().manual_seed(3)
+    logits, labels = torch.randn(16, len(COUNTS), generator=g), torch.arange(16) % len(COUNTS)
+    expected = trainer.loss_fn.cpu().train()(logits, labels)
+    assert torch.equal(restored.train()(logits, labels), expected)
+
+
+def test_resume_still_reads_the_loss_state_of_older_checkpoints(tmp_path):
+    """A checkpoint written before save_pretrained (longtail_loss_state.pt) still resumes with its
+    CAR state."""
+    import json
+
+    from hf_longtail.trainer import LEGACY_LOSS_STATE_NAME
+
+    config = LongTailLossConfig(base="ce", car_weight=0.5)
+    first = _trainer(tmp_path / "a", config, max_steps=3, save_strategy="steps", save_steps=3)
+    first.train()
+    checkpoint = tmp_path / "a" / "checkpoint-3"
+    saved = load_file(checkpoint / LOSS_WEIGHTS_NAME)
+    torch.save(saved, checkpoint / LEGACY_LOSS_STATE_NAME)
+    (checkpoint / LOSS_WEIGHTS_NAME).unlink()
+    (checkpoint / "longtail_loss.json").unlink()
+    again = _trainer(tmp_path / "b", config, max_steps=4)
+    again.train(resume_from_checkpoint=str(checkpoint))
+    assert int(again.loss_fn.regularizer.num_steps) == 4  # 3 restored + 1
+    assert (
+        json.loads((checkpoint / "longtail_recipe.json").read_text())["loss"]["car_weight"] == 0.5
+    )
 
 
 def test_resume_reloads_weights_saved_under_legacy_names(tmp_path):
@@ -476,7 +526,17 @@ def test_lr_milestones_use_the_real_epoch_length_with_max_steps(tmp_path):
 # ------------------------------------------------------------------ logging
 def test_log_history_has_the_loss_parts_averaged_over_the_window(tmp_path):
     config = LongTailLossConfig(base="ce", ccar=True, car_weight=0.5)
-    trainer = _trainer(tmp_path, config, max_steps=4, logging_strategy="steps", logging_steps=2)
+    # Head = many-shot (the shared shot-group rule); COUNTS' largest classes are 12 and 8.
+    thresholds = {"many": 6, "few": 3}
+    trainer = _trainer(
+        tmp_path,
+        config,
+        max_steps=4,
+        logging_strategy="steps",
+        logging_steps=2,
+        shot_thresholds=thresholds,
+    )
+    assert trainer.loss_fn.head_classes.tolist() == [c > 6 for c in COUNTS]
     trainer.train()
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert [log["step"] for log in logs] == [2, 4]

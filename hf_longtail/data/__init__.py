@@ -31,14 +31,6 @@ if TYPE_CHECKING:  # pragma: no cover
         ensure_image_feature,
         label_array,
     )
-    from hf_longtail.data.longtail import (
-        class_counts,
-        long_tailed_indices,
-        longtail_record,
-        make_long_tailed,
-        stratified_split_indices,
-        write_longtail_record,
-    )
     from hf_longtail.data.pixel_store import (
         PIXEL_CACHE_MODES,
         PixelStoreDataset,
@@ -63,6 +55,14 @@ if TYPE_CHECKING:  # pragma: no cover
         load_long_tailed,
         load_protocol,
         load_split_file,
+    )
+    from hf_longtail.data.subsampling import (
+        class_counts,
+        long_tailed_indices,
+        longtail_record,
+        make_long_tailed,
+        stratified_split_indices,
+        write_longtail_record,
     )
     from hf_longtail.data.transforms import (
         ON_BAD_IMAGE,
@@ -102,7 +102,7 @@ _EXPORTS: dict[str, str] = {
     "build_class_aware_sampler": "hf_longtail.data.samplers",
     "build_transforms": "hf_longtail.data.transforms",
     "cifar_transforms": "hf_longtail.data.transforms",
-    "class_counts": "hf_longtail.data.longtail",
+    "class_counts": "hf_longtail.data.subsampling",
     "collate_fn": "hf_longtail.data.collate",
     "create_sampler": "hf_longtail.data.samplers",
     "detect_columns": "hf_longtail.data.columns",
@@ -119,18 +119,18 @@ _EXPORTS: dict[str, str] = {
     "check_images": "hf_longtail.data.preflight",
     "preflight_splits": "hf_longtail.data.preflight",
     "long_tailed_counts": "hf_longtail.data.profiles",
-    "long_tailed_indices": "hf_longtail.data.longtail",
-    "longtail_record": "hf_longtail.data.longtail",
-    "make_long_tailed": "hf_longtail.data.longtail",
+    "long_tailed_indices": "hf_longtail.data.subsampling",
+    "longtail_record": "hf_longtail.data.subsampling",
+    "make_long_tailed": "hf_longtail.data.subsampling",
     "sampling_distribution": "hf_longtail.data.samplers",
     "select_transforms": "hf_longtail.data.transforms",
-    "stratified_split_indices": "hf_longtail.data.longtail",
+    "stratified_split_indices": "hf_longtail.data.subsampling",
     "to_rgb": "hf_longtail.data.transforms",
     "transforms_from_image_processor": "hf_longtail.data.transforms",
     "transforms_from_timm": "hf_longtail.data.transforms",
     "validate_imbalance_factor": "hf_longtail.data.profiles",
     "with_transforms": "hf_longtail.data.transforms",
-    "write_longtail_record": "hf_longtail.data.longtail",
+    "write_longtail_record": "hf_longtail.data.subsampling",
 }
 
 __all__ = [

@@ -35,14 +35,14 @@ from hf_longtail.data.columns import (
     ensure_image_feature,
     label_array,
 )
-from hf_longtail.data.longtail import (
+from hf_longtail.data.profiles import PROFILES, validate_imbalance_factor
+from hf_longtail.data.subsampling import (
     _check_seed,
     longtail_record,
     make_long_tailed,
     stratified_split_indices,
     write_longtail_record,
 )
-from hf_longtail.data.profiles import PROFILES, validate_imbalance_factor
 
 __all__ = [
     "DIGITS_TEST_SIZE",

@@ -68,6 +68,7 @@ __all__ = [
     "cifar_transforms",
     "find_bad_images",
     "processor_mean_std",
+    "protocol_image_processor",
     "select_transforms",
     "to_rgb",
     "transforms_from_image_processor",
@@ -442,6 +443,33 @@ def build_transforms(
 
 #: ``train_transform`` choices of :func:`select_transforms` (and ``scripts/train.py``).
 TRANSFORM_PROTOCOLS = ("auto", "model", "pad_crop", "cifar", "cifar10", "cifar100")
+
+
+def protocol_image_processor(protocol: str, image_size: int | None = None) -> Any:
+    """A transformers image processor doing the evaluation preprocessing of a CIFAR protocol
+    (``"cifar"``/``"cifar10"``/``"cifar100"``: resize to the side, default 32, bilinear ->
+    rescale to [0, 1] -> normalise with the protocol's mean/std), to save beside a model that
+    has none, so ``pipeline("image-classification", dir)`` and ``AutoImageProcessor`` preprocess
+    images the way the model was evaluated. Raises ``ValueError`` for another protocol."""
+    from transformers import ViTImageProcessor
+
+    key = protocol.lower().replace("-", "").replace("_", "")
+    stats = {"cifar": (CIFAR10_MEAN, CIFAR10_STD), "cifar10": (CIFAR10_MEAN, CIFAR10_STD)}
+    stats["cifar100"] = (CIFAR100_MEAN, CIFAR100_STD)
+    if key not in stats:
+        raise ValueError(f"protocol {protocol!r} is not a CIFAR protocol ({sorted(stats)}).")
+    mean, std = stats[key]
+    side = int(image_size) if image_size is not None else 32
+    return ViTImageProcessor(
+        do_resize=True,
+        size={"height": side, "width": side},
+        resample=PILImage.Resampling.BILINEAR,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(mean),
+        image_std=list(std),
+    )
 
 
 def processor_mean_std(processor: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:

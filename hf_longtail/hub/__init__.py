@@ -19,6 +19,7 @@ datasets.
 from __future__ import annotations
 
 from hf_longtail.hub.card import (
+    CARD_OPTIONS,
     METRIC_SPECS,
     MetricSpec,
     build_model_card,
@@ -37,6 +38,7 @@ from hf_longtail.hub.push import PushToHubError, files_to_push, push_long_tail_m
 from hf_longtail.hub.rundir import OutputDirError, RunDir, read_run_dir, validate_output_dir
 
 __all__ = [
+    "CARD_OPTIONS",
     "METRIC_SPECS",
     "MetricSpec",
     "OutputDirError",

@@ -18,6 +18,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
 
+from hf_longtail.class_counts import shot_group
 from hf_longtail.hub.rundir import (
     CARD_FILE,
     CONFUSION_PLOT,
@@ -56,12 +57,64 @@ PROFILE_FORMULAS = {
 }
 
 
+DEFAULT_LICENSE = "apache-2.0"
+
+
+@dataclass(frozen=True)
+class CardOption:
+    """One option of the long-tail card: ``name`` is the keyword of :func:`build_model_card`,
+    :func:`write_model_card`, :func:`~hf_longtail.hub.push_long_tail_model` and the CLI flag
+    (``--name-with-dashes``); ``aliases`` are the names ``transformers.Trainer``'s
+    ``create_model_card`` / ``push_to_hub`` give it (accepted by ``LongTailTrainer``)."""
+
+    name: str
+    default: str | None
+    help: str
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+#: The card options, defined once: the CLI, the retry command and LongTailTrainer read them.
+CARD_OPTIONS = (
+    CardOption("license", DEFAULT_LICENSE, "license id of the model (default: apache-2.0)"),
+    CardOption(
+        "dataset_repo_id",
+        None,
+        "Hub id of the pushed long-tailed dataset, linked from the card",
+        aliases=("dataset",),
+    ),
+    CardOption(
+        "base_model",
+        None,
+        "Hub id of the base model (default: model_name_or_path of the run, if a Hub id)",
+        aliases=("finetuned_from",),
+    ),
+)
+
+
+def card_options(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`CARD_OPTIONS` found in ``values`` (by name or alias; ``None`` dropped; a list,
+    as the Trainer allows for ``dataset``, gives its first entry), keyed by option name."""
+    options: dict[str, Any] = {}
+    for option in CARD_OPTIONS:
+        for key in (option.name, *option.aliases):
+            value = values.get(key)
+            if isinstance(value, (list, tuple)):
+                value = next(iter(value), None)
+            if value is not None:
+                options[option.name] = value
+                break
+    return options
+
+
 def template_path(name: str = MODEL_CARD_TEMPLATE) -> Path:
     """Path of a card template shipped in the package (``hf_longtail/templates/<name>``).
 
-    The package copy is the single source of truth (it is what pip-installed users get);
-    ``model_cards/`` in the repository holds an identical copy for browsing, which a test keeps
-    in sync.
+    The templates exist only there (they ship with the package); ``model_cards/`` in the
+    repository holds rendered examples.
     """
     path = Path(str(resources.files("hf_longtail").joinpath("templates", name)))
     if not path.is_file():
@@ -201,11 +254,7 @@ def _fmt_number(value: Any) -> str:
 
 
 def _group_of(count: int, thresholds: Mapping[str, int]) -> str:
-    if count > thresholds["many"]:
-        return "many"
-    if count < thresholds["few"]:
-        return "few"
-    return "medium"
+    return shot_group(count, thresholds["many"], thresholds["few"])
 
 
 def class_count_summary(
@@ -596,7 +645,7 @@ def build_model_card(
     output_dir: str | Path,
     repo_id: str | None = None,
     *,
-    license: str = "apache-2.0",
+    license: str = DEFAULT_LICENSE,
     base_model: str | None = None,
     dataset_repo_id: str | None = None,
     template: str | Path | None = None,
@@ -705,28 +754,14 @@ def build_model_card(
     return card
 
 
-def write_model_card(
-    output_dir: str | Path,
-    repo_id: str | None = None,
-    *,
-    license: str = "apache-2.0",
-    base_model: str | None = None,
-    dataset_repo_id: str | None = None,
-    template: str | Path | None = None,
-) -> Path:
-    """Build the card (:func:`build_model_card`) and save it as ``README.md`` in ``output_dir``.
+def write_model_card(output_dir: str | Path, repo_id: str | None = None, **options: Any) -> Path:
+    """Build the card (:func:`build_model_card`, whose keyword ``options`` these are: the
+    :data:`CARD_OPTIONS` and ``template``) and save it as ``README.md`` in ``output_dir``.
 
     Returns the path written. The plots it embeds are referenced by relative name, so the card
     renders on the Hub once they are uploaded beside it (which the push does).
     """
-    card = build_model_card(
-        output_dir,
-        repo_id,
-        license=license,
-        base_model=base_model,
-        dataset_repo_id=dataset_repo_id,
-        template=template,
-    )
+    card = build_model_card(output_dir, repo_id, **options)
     path = Path(output_dir).expanduser().resolve() / CARD_FILE
     card.save(path)
     return path

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from hf_longtail.hub.card import write_model_card
+from hf_longtail.hub.card import CARD_OPTIONS, write_model_card
 from hf_longtail.hub.push import DEFAULT_COMMIT_MESSAGE, PushToHubError, push_long_tail_model
 from hf_longtail.hub.rundir import CARD_FILE, CONFUSION_PLOT, PER_CLASS_PLOT
 
@@ -23,19 +23,8 @@ EXIT_OK, EXIT_PUSH_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _card_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--license", default="apache-2.0", help="license id of the model (default: apache-2.0)"
-    )
-    parser.add_argument(
-        "--base-model",
-        default=None,
-        help="Hub id of the base model (default: model_name_or_path of the run, if a Hub id)",
-    )
-    parser.add_argument(
-        "--dataset-repo-id",
-        default=None,
-        help="Hub id of the pushed long-tailed dataset, linked from the card",
-    )
+    for option in CARD_OPTIONS:
+        parser.add_argument(option.flag, default=option.default, help=option.help)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,27 +65,13 @@ def _label_column(dataset: Dataset, label_column: str | None, split: str) -> str
     )
 
 
-def _data_helper(name: str) -> Any:
-    """A function of ``hf_longtail.data`` (public name first), or ``None`` if unavailable."""
-    import importlib
-
-    for module in ("hf_longtail.data", "hf_longtail.data.longtail"):
-        try:
-            helper = getattr(importlib.import_module(module), name, None)
-        except ImportError:
-            helper = None
-        if helper is not None:
-            return helper
-    return None
-
-
 def _count(dataset: Dataset, label_column: str, num_classes: int) -> list[int]:
     """Per-class counts: the ones ``hf_longtail.data`` records, else a bincount of the labels."""
-    recorded_counts = _data_helper("class_counts")
-    if recorded_counts is not None:
-        counts = [int(c) for c in recorded_counts(dataset, label_column=label_column)]
-        if len(counts) == num_classes:
-            return counts
+    from hf_longtail.data import class_counts
+
+    counts = [int(c) for c in class_counts(dataset, label_column=label_column)]
+    if len(counts) == num_classes:
+        return counts
     # dataset[col] honours a select() indices mapping (the long-tailed subset), .data would not.
     labels = np.asarray(dataset[label_column], dtype=np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
@@ -98,8 +84,9 @@ def _count(dataset: Dataset, label_column: str, num_classes: int) -> list[int]:
 
 def _recorded_construction(dataset: Dataset) -> dict[str, Any]:
     """The provenance record ``hf_longtail.data`` stores in ``info.description`` (or ``{}``)."""
-    reader = _data_helper("longtail_record")
-    record = reader(dataset) if reader is not None else None
+    from hf_longtail.data import longtail_record
+
+    record = longtail_record(dataset)
     return dict(record) if isinstance(record, dict) else {}
 
 

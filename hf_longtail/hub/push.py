@@ -14,14 +14,13 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hf_longtail.hub.card import write_model_card
+from hf_longtail.hub.card import CARD_OPTIONS, DEFAULT_LICENSE, write_model_card
 from hf_longtail.hub.rundir import CARD_FILE, validate_output_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import CommitInfo, HfApi
 
 DEFAULT_COMMIT_MESSAGE = "Upload long-tailed image classifier (hf-longtail)"
-DEFAULT_LICENSE = "apache-2.0"
 
 # What a published model repo needs, top-level files only: model weights and configs, the
 # processor, the card and its plots, the run's results. Sub-directories (checkpoint-*/, runs/)
@@ -82,12 +81,10 @@ def retry_command(
         parts.append("--private")
     if revision:
         parts += ["--revision", revision]
-    if license != DEFAULT_LICENSE:
-        parts += ["--license", license]
-    if dataset_repo_id:
-        parts += ["--dataset-repo-id", dataset_repo_id]
-    if base_model:
-        parts += ["--base-model", base_model]
+    given = {"license": license, "dataset_repo_id": dataset_repo_id, "base_model": base_model}
+    for option in CARD_OPTIONS:
+        if given[option.name] not in (None, option.default):
+            parts += [option.flag, given[option.name]]
     if keep_card:
         parts.append("--keep-card")
     return shlex.join(parts)

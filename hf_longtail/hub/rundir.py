@@ -1,4 +1,4 @@
-"""Read and validate a training run's output directory (the contract of ``scripts/train.py``).
+"""Read and validate a training run's output directory (written by ``LongTailTrainer``).
 
 The directory holds the final model (``config.json`` + weights), optionally an image processor,
 ``all_results.json`` (``test_*`` metrics), ``longtail_run.json`` (dataset construction, loss
@@ -14,22 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CONFIG_FILE = "config.json"
-RESULTS_FILE = "all_results.json"
-RUN_FILE = "longtail_run.json"
-CARD_FILE = "README.md"
-PER_CLASS_PLOT = "per_class_accuracy.png"
-CONFUSION_PLOT = "confusion_matrix.png"
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
+# The file names are those the trainer writes, defined once in hf_longtail.run_directory (also
+# importable from here, where the hub's readers always found them).
+from hf_longtail.run_directory import (  # noqa: F401
+    CARD_FILE,
+    CONFIG_FILE,
+    CONFUSION_PLOT,
+    DEFAULT_THRESHOLDS,
+    PER_CLASS_PLOT,
+    PROCESSOR_FILES,
+    RESULTS_FILE,
+    RUN_FILE,
+    WEIGHT_FILES,
 )
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-
-# The metrics package's default group thresholds (many-shot: > 100 training images, few-shot: < 20).
-DEFAULT_THRESHOLDS = {"many": 100, "few": 20}
 
 _HOW_TO_PRODUCE = {
     CONFIG_FILE: (
@@ -42,10 +39,11 @@ _HOW_TO_PRODUCE = {
     ),
     RESULTS_FILE: (
         "the test metrics are missing; `scripts/train.py` writes them after the final evaluation "
-        "on the test split (or call `trainer.save_metrics('all', metrics)`)"
+        "on the test split (from Python: `trainer.save_model()` then `trainer.evaluate_and_save()`)"
     ),
     RUN_FILE: (
-        "the long-tail run record is missing; `scripts/train.py` writes it (dataset construction, "
+        "the long-tail run record is missing; `scripts/train.py` and "
+        "`LongTailTrainer.evaluate_and_save()` write it (dataset construction, "
         "class counts, loss recipe, training arguments; schema in docs/design.md, "
         "'Run output directory')"
     ),

@@ -1,7 +1,7 @@
 """Long-tail losses: CCAR, CAR and the long-tail baselines (pure PyTorch).
 
 This package imports nothing but torch: no transformers, no datasets, no other hf_longtail
-sub-package (only the dependency-free :mod:`hf_longtail._counts`, whose zero-count rule the
+sub-package (only the dependency-free :mod:`hf_longtail.class_counts`, whose zero-count rule the
 metrics share). Every loss takes logits ``(B, K)``, integer labels ``(B,)`` (or soft targets
 ``(B, K)`` where supported) and is built from the training-set class counts.
 
@@ -55,7 +55,7 @@ from hf_longtail.losses.functional import (
     log_class_prior,
     post_hoc_logit_adjust,
 )
-from hf_longtail.losses.longtail import LongTailLoss, build_loss, head_class_mask
+from hf_longtail.losses.total_loss import LongTailLoss, build_loss, head_class_mask
 
 __all__ = [
     "BalancedSoftmaxLoss",

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from hf_longtail._counts import fill_zero_counts
+from hf_longtail.class_counts import fill_zero_counts
 
 __all__ = ["CheckedTarget", "as_class_counts", "check_logits_and_target"]
 
@@ -78,7 +78,7 @@ def safe_counts(counts: torch.Tensor) -> torch.Tensor:
     Used wherever a count enters a logarithm, a power or a reciprocal (logit adjustment, balanced
     softmax, LDAM margins, effective-number weights): a class never seen in training is treated
     like the rarest observed class instead of producing ``-inf``/``inf``. The rule is
-    :func:`hf_longtail._counts.fill_zero_counts`, which the metrics' post-hoc adjustment uses too.
+    :func:`hf_longtail.class_counts.fill_zero_counts`, which the metrics' post-hoc adjustment uses too.
     """
     return fill_zero_counts(counts)
 

@@ -9,10 +9,11 @@ another); ``base_options`` passes extra keyword arguments to a custom registered
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from hf_longtail.losses.base import (
     CB_LOSS_TYPES,
@@ -95,37 +96,96 @@ class LongTailLossConfig:
     ``validate``: check labels and logits on every call (one device sync per step).
     """
 
-    base: str = "ce"
-    label_smoothing: float = 0.0
-    focal_gamma: float = 2.0
-    cb_beta: float = 0.9999
-    cb_loss_type: str = "softmax"
-    ldam_max_m: float = 0.5
-    ldam_s: float = 30.0
-    la_tau: float = 1.0
-    drw_epoch: float | None = None
-    drw_beta: float = 0.9999
-    weight_reduction: str = "auto"
-    base_options: dict[str, Any] = field(default_factory=dict)
-    ccar: bool = False
-    ccar_omega: float = 0.75
-    ccar_variant: str = "paper"
-    ccar_detach_weight: bool = False
-    ccar_p_t_from: str = "adjusted"
-    car_weight: float = 0.0
-    car_beta: float = 0.5
-    car_r0: float = 0.2
-    car_tau: float = 1.0
-    car_detach_gate: bool = True
-    car_margin: float = 0.0
-    car_weights: str = "frequency"
-    car_count_offset: float = 10.0
-    car_ema: str = "global"
-    car_solver: str = "auto"
-    car_subspace_size: int = 8
-    car_max_iterations: int = 100
-    car_tol: float = 1e-4
-    validate: bool = True
+    base: str = field(
+        default="ce",
+        metadata={
+            "aliases": ["--loss"],
+            "help": "Base loss: ce, focal, cb, ldam, la, bs or a registered name (also --loss, "
+            "and the config-file key 'loss').",
+        },
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "Label smoothing in [0, 1) (ce, la, bs)."}
+    )
+    focal_gamma: float = field(
+        default=2.0, metadata={"help": "Focal gamma >= 0 (focal; cb with cb_loss_type focal)."}
+    )
+    cb_beta: float = field(
+        default=0.9999, metadata={"help": "Class-balanced effective-number beta in [0, 1)."}
+    )
+    cb_loss_type: Literal[CB_LOSS_TYPES] = field(
+        default="softmax", metadata={"help": "Class-balanced loss form."}
+    )
+    ldam_max_m: float = field(default=0.5, metadata={"help": "LDAM largest margin (>= 0)."})
+    ldam_s: float = field(default=30.0, metadata={"help": "LDAM logit scale (> 0)."})
+    la_tau: float = field(default=1.0, metadata={"help": "Logit-adjusted loss tau."})
+    drw_epoch: float | None = field(
+        default=None,
+        metadata={
+            "help": "Deferred re-weighting from this epoch (e.g. LDAM-DRW: 160); off if unset."
+        },
+    )
+    drw_beta: float = field(
+        default=0.9999, metadata={"help": "DRW effective-number beta in [0, 1)."}
+    )
+    weight_reduction: Literal[WEIGHT_REDUCTIONS] = field(
+        default="auto", metadata={"help": "Batch reduction with class weights."}
+    )
+    # ``str``/``None`` so the command line can pass it as JSON; __post_init__ makes it a dict.
+    base_options: dict[str, Any] | str | None = field(
+        default_factory=dict,
+        metadata={"help": "Extra keyword arguments of a custom base loss, as a JSON object."},
+    )
+    ccar: bool = field(default=False, metadata={"help": "Wrap the base loss in CCAR."})
+    ccar_omega: float = field(
+        default=0.75, metadata={"help": "CCAR phase threshold omega in (0, 1]."}
+    )
+    ccar_variant: Literal[CCAR_VARIANTS] = field(
+        default="paper", metadata={"help": "CCAR weight formula."}
+    )
+    ccar_detach_weight: bool = field(
+        default=False, metadata={"help": "CCAR as a pure reweighting (no gradient via Omega)."}
+    )
+    ccar_p_t_from: Literal[P_T_SOURCES] = field(
+        default="adjusted",
+        metadata={"help": "p_t from the base loss's adjusted logits or the raw logits."},
+    )
+    car_weight: float = field(default=0.0, metadata={"help": "CAR alpha >= 0 (0 disables CAR)."})
+    car_beta: float = field(default=0.5, metadata={"help": "CAR EMA beta in [0, 1)."})
+    car_r0: float = field(default=0.2, metadata={"help": "CAR frequency-weight offset r0 >= 0."})
+    car_tau: float = field(default=1.0, metadata={"help": "CAR softmax temperature > 0."})
+    car_detach_gate: bool = field(
+        default=True, metadata={"help": "No gradient through CAR's sigmoid gate."}
+    )
+    car_margin: float = field(
+        default=0.0, metadata={"help": "CAR gate margin gamma in sigmoid(gamma + f_i - f_y)."}
+    )
+    car_weights: Literal[CAR_WEIGHT_FORMS] = field(
+        default="frequency",
+        metadata={"help": "CAR class weights: (N_j/N + r0)^-1/2 or (N_j + offset)^-1/2."},
+    )
+    car_count_offset: float = field(
+        default=10.0, metadata={"help": "CAR count-form offset > 0 (car_weights count)."}
+    )
+    car_ema: Literal[CAR_EMA_MODES] = field(
+        default="global", metadata={"help": "CAR EMA: global (published) or batch columns only."}
+    )
+    car_solver: Literal[CAR_SOLVERS] = field(
+        default="auto", metadata={"help": "CAR top singular pair solver."}
+    )
+    car_subspace_size: int = field(
+        default=8, metadata={"help": "CAR subspace solver block size >= 1."}
+    )
+    car_max_iterations: int = field(
+        default=100, metadata={"help": "CAR solver iteration cap >= 1."}
+    )
+    car_tol: float = field(
+        default=1e-4, metadata={"help": "CAR residual bound on the top singular pair (> 0)."}
+    )
+    validate: bool = field(
+        default=True,
+        metadata={"help": "Check labels and logits on every call (one device sync per step)."},
+    )
 
     def __post_init__(self) -> None:
         """Validate every field; errors name the field, the value and the valid range."""
@@ -142,6 +202,16 @@ class LongTailLossConfig:
             # NaN fails every range check below; inf would pass some (car_weight >= 0, la_tau).
             if name != "drw_epoch" and not math.isfinite(value):
                 raise ValueError(f"LongTailLossConfig.{name} must be finite; got {value!r}")
+        if self.base_options is None:
+            self.base_options = {}
+        elif isinstance(self.base_options, str):  # the command line passes JSON
+            try:
+                self.base_options = json.loads(self.base_options)
+            except ValueError as err:
+                raise ValueError(
+                    f"LongTailLossConfig.base_options must be a JSON object; got "
+                    f"{self.base_options!r} ({err})"
+                ) from None
         if not isinstance(self.base_options, dict):
             raise TypeError(f"base_options must be a dict; got {type(self.base_options).__name__}")
         _check(

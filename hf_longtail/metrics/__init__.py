@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from hf_longtail.metrics.core import (
+from hf_longtail.metrics.evaluate_metric import EVALUATE_METRIC_PATH, load_evaluate_metric
+from hf_longtail.metrics.functions import (
     LongTailMetricAccumulator,
     confusion_matrix,
     confusion_spectral_norm,
@@ -23,7 +24,6 @@ from hf_longtail.metrics.core import (
     long_tail_metrics,
     shot_groups,
 )
-from hf_longtail.metrics.evaluate_metric import EVALUATE_METRIC_PATH, load_evaluate_metric
 from hf_longtail.metrics.trainer_metrics import (
     IGNORE_INDEX,
     LongTailComputeMetrics,

@@ -19,7 +19,7 @@ from typing import Any
 import datasets
 import evaluate
 
-from hf_longtail.metrics.core import long_tail_metrics
+from hf_longtail.metrics.functions import long_tail_metrics
 
 _DESCRIPTION = """
 Long-tailed classification metrics: overall top-1 accuracy, many-shot (> many_threshold training

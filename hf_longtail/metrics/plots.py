@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_longtail.metrics.core import _as_class_counts, _to_numpy, shot_groups
+from hf_longtail.metrics.functions import _as_class_counts, _to_numpy, shot_groups
 
 __all__ = ["plot_confusion_matrix", "plot_per_class_accuracy"]
 

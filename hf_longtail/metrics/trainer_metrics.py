@@ -1,4 +1,4 @@
-"""``compute_metrics`` for ``transformers.Trainer`` built on :mod:`hf_longtail.metrics.core`.
+"""``compute_metrics`` for ``transformers.Trainer`` built on :mod:`hf_longtail.metrics.functions`.
 
 Nothing here imports transformers: the Trainer's ``EvalPrediction`` is read by attribute
 (``predictions``, ``label_ids``) or as a ``(predictions, label_ids)`` tuple.
@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_longtail.metrics.core import LongTailMetricAccumulator, _to_numpy
+from hf_longtail.metrics.functions import LongTailMetricAccumulator, _to_numpy
 
 __all__ = ["IGNORE_INDEX", "LongTailComputeMetrics", "make_compute_metrics"]
 
@@ -123,27 +123,16 @@ class LongTailComputeMetrics:
 
 
 def make_compute_metrics(
-    train_class_counts: Sequence[int] | np.ndarray,
-    many_threshold: float = 100,
-    few_threshold: float = 20,
-    class_names: Sequence[str] | None = None,
-    logit_adjustment_tau: float | None = None,
-    ece_bins: int = 15,
-    include_per_class: bool = True,
+    train_class_counts: Sequence[int] | np.ndarray, **options: Any
 ) -> LongTailComputeMetrics:
-    """Build a ``compute_metrics`` for ``transformers.Trainer`` (see :class:`LongTailComputeMetrics`).
+    """Build a ``compute_metrics`` for ``transformers.Trainer``: a
+    :class:`LongTailComputeMetrics` with its keyword ``options`` (``many_threshold``,
+    ``few_threshold``, ``class_names``, ``logit_adjustment_tau``, ``ece_bins``,
+    ``include_per_class``).
 
     Example::
 
         trainer = Trainer(..., compute_metrics=make_compute_metrics(class_counts(ds["train"])))
         trainer.evaluate()["eval_few_shot_accuracy"]
     """
-    return LongTailComputeMetrics(
-        train_class_counts,
-        many_threshold=many_threshold,
-        few_threshold=few_threshold,
-        class_names=class_names,
-        logit_adjustment_tau=logit_adjustment_tau,
-        ece_bins=ece_bins,
-        include_per_class=include_per_class,
-    )
+    return LongTailComputeMetrics(train_class_counts, **options)

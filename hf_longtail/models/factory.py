@@ -438,7 +438,8 @@ def create_image_processor(
     """The image processor matching a model created by :func:`create_model`, or ``None``.
 
     - registered from-scratch models (``resnet*_cifar``) and models built from a config -> ``None``
-      (the data package then applies the CIFAR protocol transform);
+      (the data package then applies the CIFAR protocol transform); a saved CIFAR ResNet ->
+      the processor saved with it;
     - timm models (a timm name, or ``model`` a ``TimmWrapperForImageClassification``) ->
       ``TimmWrapperImageProcessor`` built from the architecture's timm ``pretrained_cfg``
       (mean/std/input size), without network access;
@@ -449,8 +450,10 @@ def create_image_processor(
     """
     from transformers import AutoImageProcessor
 
-    if isinstance(model, ResNetCifarForImageClassification):
-        return None
+    if isinstance(model, ResNetCifarForImageClassification) and not os.path.isfile(
+        os.path.join(str(name_or_path), "preprocessor_config.json")
+    ):
+        return None  # a fresh CIFAR ResNet (a saved one has its protocol's processor)
     if model is not None and getattr(model.config, "model_type", None) == "timm_wrapper":
         return _timm_processor(
             model.config.architecture, getattr(model.config, "pretrained_cfg", None)
@@ -487,9 +490,17 @@ def record_eval_preprocessing(
     values go into ``config.pretrained_cfg`` (what ``config.json`` carries and
     ``TimmWrapperImageProcessor`` reads); for a transformers image processor a copy with
     ``size`` / ``crop_size`` set to ``image_size`` is returned (saved beside the model). Returns
-    the processor to save (``processor`` itself when nothing changes).
+    the processor to save (``processor`` itself when nothing changes). A model without a
+    processor trained with a CIFAR protocol gets one doing that protocol's evaluation
+    preprocessing (:func:`hf_longtail.data.transforms.protocol_image_processor`).
     """
-    if processor is None or (image_size is None and protocol != "pad_crop"):
+    if processor is None:
+        if protocol.startswith("cifar"):  # the CIFAR protocol: saved as a plain image processor
+            from hf_longtail.data.transforms import protocol_image_processor
+
+            return protocol_image_processor(protocol, image_size)
+        return None
+    if image_size is None and protocol != "pad_crop":
         return processor
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) == "timm_wrapper":

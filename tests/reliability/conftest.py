@@ -8,12 +8,8 @@ the same thread count, so results stay comparable.
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread):
+    """Every reliability test runs torch on one thread (tests/conftest.py ``one_thread``)."""

@@ -443,4 +443,4 @@ def test_valid_yaml_with_flag_override_parses(train_module, tmp_path):
     )
     assert (data.imbalance_factor, loss.ccar, loss.ccar_omega) == (10.0, True, 0.9)
     assert training.output_dir == str(tmp_path / "o")
-    assert np.isclose(train_module.loss_config_from_args(loss).ccar_omega, 0.9)
+    assert np.isclose(loss.ccar_omega, 0.9)

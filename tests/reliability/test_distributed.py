@@ -21,6 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 from _reliability_helpers import TINY_RUN, TrainRun, free_port, run_train, subprocess_env
+from safetensors.torch import load_file
+
+from hf_longtail.losses.total_loss import LOSS_WEIGHTS_NAME
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "_ddp_train.py"
@@ -154,7 +157,7 @@ def test_two_process_run_interrupted_by_the_scheduler_resumes(tmp_path):
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 10
     assert [h["step"] for h in state["log_history"] if "loss" in h] == list(range(1, 11))
-    loss_state = torch.load(out / "checkpoint-10" / "longtail_loss_state.pt", weights_only=True)
+    loss_state = load_file(out / "checkpoint-10" / LOSS_WEIGHTS_NAME)
     assert int(loss_state["regularizer.num_steps"]) == 10  # CAR state carried over the resume
     results = json.loads((out / "all_results.json").read_text())
     assert results["test_accuracy"] is not None

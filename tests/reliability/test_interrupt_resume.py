@@ -24,6 +24,8 @@ import torch
 from _reliability_helpers import TrainRun, run_train
 from safetensors.torch import load_file
 
+from hf_longtail.losses.total_loss import LOSS_WEIGHTS_NAME
+
 pytestmark = pytest.mark.slow
 
 MAX_STEPS, SAVE_STEPS = 40, 20
@@ -96,8 +98,8 @@ def _assert_same_run(out: Path, reference: Path) -> None:
     for key in expected:
         torch.testing.assert_close(weights[key], expected[key], rtol=0, atol=1e-6, msg=key)
     final = f"checkpoint-{MAX_STEPS}"
-    loss_state = torch.load(out / final / "longtail_loss_state.pt", weights_only=True)
-    loss_expected = torch.load(reference / final / "longtail_loss_state.pt", weights_only=True)
+    loss_state = load_file(out / final / LOSS_WEIGHTS_NAME)
+    loss_expected = load_file(reference / final / LOSS_WEIGHTS_NAME)
     assert loss_state.keys() == loss_expected.keys()
     for key, value in loss_expected.items():
         if isinstance(value, torch.Tensor):
@@ -157,7 +159,7 @@ def _assert_checkpoint_at_stop(run: TrainRun, out: Path, sig: int) -> int:
     folder = out / f"checkpoint-{step}"
     state = json.loads((folder / "trainer_state.json").read_text())
     assert state["global_step"] == step
-    loss_state = torch.load(folder / "longtail_loss_state.pt", weights_only=True)
+    loss_state = load_file(folder / LOSS_WEIGHTS_NAME)
     assert int(loss_state["regularizer.num_steps"]) == step
     return step
 
@@ -249,7 +251,7 @@ def test_signal_to_the_process_group_with_dataloader_workers_still_checkpoints(
     assert f"Resuming the same run from {out / f'checkpoint-{step}'}" in log
     assert len(LOSS_LINE.findall(log)) == MAX_STEPS - step
     final = out / f"checkpoint-{MAX_STEPS}"
-    loss_state = torch.load(final / "longtail_loss_state.pt", weights_only=True)
+    loss_state = load_file(final / LOSS_WEIGHTS_NAME)
     assert int(loss_state["regularizer.num_steps"]) == MAX_STEPS
 
 

@@ -14,7 +14,6 @@ import shutil
 from collections import namedtuple
 
 import pytest
-import torch
 from _reliability_helpers import (
     TINY_RUN,
     load_train_module,
@@ -23,12 +22,13 @@ from _reliability_helpers import (
     train_dataset,
     training_args,
 )
+from safetensors.torch import load_file
 
 from hf_longtail import LongTailTrainer
 from hf_longtail.data import collate_fn
 from hf_longtail.losses import LongTailLossConfig
+from hf_longtail.losses.total_loss import LOSS_WEIGHTS_NAME
 from hf_longtail.resume import ResumeMismatchError
-from hf_longtail.trainer import LOSS_STATE_NAME
 
 RECIPE = {
     "model_name_or_path": "resnet20_cifar",
@@ -331,5 +331,5 @@ def test_checkpoint_writes_the_loss_state_before_its_completion_marker(tmp_path,
         trainer.train()
     folder = tmp_path / "checkpoint-2"
     assert not (folder / "trainer_state.json").exists()
-    state = torch.load(folder / LOSS_STATE_NAME, weights_only=True)
+    state = load_file(folder / LOSS_WEIGHTS_NAME)
     assert int(state["regularizer.num_steps"]) == 2

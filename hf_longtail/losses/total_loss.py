@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_longtail.class_counts import DEFAULT_THRESHOLDS, check_thresholds, many_shot_mask
 from hf_longtail.losses._validation import as_class_counts
 from hf_longtail.losses.base import BaseLoss, create_base_loss, fp32_region, upcast
 from hf_longtail.losses.car import ConfusionSpectralRegularizer
@@ -31,14 +32,14 @@ LOSS_CONFIG_NAME = "longtail_loss.json"
 LOSS_WEIGHTS_NAME = "longtail_loss.safetensors"
 
 
-def head_class_mask(class_counts: Any) -> torch.Tensor:
-    """Head classes for the ``ccar_weight_head``/``_tail`` statistics: ``N_c > median(N)``.
-
-    The median is the usual one (mean of the two middle counts for an even ``K``). The tail is
-    every other class; a balanced dataset has no head class.
-    """
-    counts = as_class_counts(class_counts)
-    return counts > counts.quantile(0.5)
+def head_class_mask(
+    class_counts: Any, many_threshold: float = DEFAULT_THRESHOLDS["many"]
+) -> torch.Tensor:
+    """Head classes for the ``ccar_weight_head``/``_tail`` statistics: the many-shot classes,
+    ``N_c > many_threshold`` (default 100), the shot-group rule the metrics and the model card
+    use (:mod:`hf_longtail.class_counts`). The tail is every other class (medium- and
+    few-shot)."""
+    return many_shot_mask(as_class_counts(class_counts), many_threshold)
 
 
 class LongTailLoss(nn.Module):
@@ -59,6 +60,8 @@ class LongTailLoss(nn.Module):
         regularizer: a :class:`ConfusionSpectralRegularizer` or ``None``.
         config: the config it was built from (kept for serialization), optional.
         class_names: the class names, kept for the saved files and the model card, optional.
+        many_threshold: head classes of the statistics have more training samples than this
+            (the many-shot rule of :mod:`hf_longtail.class_counts`; default 100).
 
     ``save_pretrained(dir)`` / ``from_pretrained(dir)`` write and rebuild the exact loss: its
     config, class counts and names (``longtail_loss.json``) and its state (CAR EMA, singular
@@ -72,8 +75,10 @@ class LongTailLoss(nn.Module):
         *,
         config: LongTailLossConfig | None = None,
         class_names: list[str] | None = None,
+        many_threshold: float = DEFAULT_THRESHOLDS["many"],
     ) -> None:
         super().__init__()
+        check_thresholds(many_threshold, many_threshold)  # a number
         if not isinstance(criterion, (BaseLoss, CCARLoss)):
             raise TypeError(
                 f"criterion must be a BaseLoss or CCARLoss, got {type(criterion).__name__}"
@@ -95,8 +100,11 @@ class LongTailLoss(nn.Module):
             )
         self.class_names = list(class_names) if class_names is not None else None
         self.register_buffer(
-            "head_classes", head_class_mask(base.class_counts.double()), persistent=False
+            "head_classes",
+            head_class_mask(base.class_counts.double(), many_threshold),
+            persistent=False,
         )
+        self.many_threshold = many_threshold
         self.last_stats: dict[str, torch.Tensor] = {}
 
     @property
@@ -171,6 +179,7 @@ class LongTailLoss(nn.Module):
             "config": config.to_dict(),
             "class_counts": self.class_counts,
             "class_names": self.class_names,
+            "many_threshold": self.many_threshold,
         }
         path = os.path.join(save_directory, LOSS_CONFIG_NAME)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -198,7 +207,12 @@ class LongTailLoss(nn.Module):
                 )
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
-        loss = build_loss(meta["config"], meta["class_counts"], class_names=meta.get("class_names"))
+        loss = build_loss(
+            meta["config"],
+            meta["class_counts"],
+            class_names=meta.get("class_names"),
+            many_threshold=meta.get("many_threshold", DEFAULT_THRESHOLDS["many"]),
+        )
         state = load_file(weights, device=str(map_location))
         missing, unexpected = loss.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -214,6 +228,7 @@ def build_loss(
     class_counts: Any,
     *,
     class_names: list[str] | None = None,
+    many_threshold: float = DEFAULT_THRESHOLDS["many"],
 ) -> LongTailLoss:
     """Build the total loss described by ``config`` for the given training-set class counts.
 
@@ -261,4 +276,10 @@ def build_loss(
             tol=config.car_tol,
             validate=config.validate,
         )
-    return LongTailLoss(criterion, regularizer, config=config, class_names=class_names)
+    return LongTailLoss(
+        criterion,
+        regularizer,
+        config=config,
+        class_names=class_names,
+        many_threshold=many_threshold,
+    )

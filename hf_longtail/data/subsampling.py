@@ -13,7 +13,7 @@ Provenance record: the result's ``info.description`` holds a human-readable sent
 ``imbalance_factor``, ``seed``, ``source`` and friends. ``DatasetInfo.description`` is written by
 ``save_to_disk`` (``dataset_info.json``) and read back by ``load_from_disk``. ``push_to_hub`` keeps
 only the features and the split sizes of the info, so on the Hub the counts are recovered by
-counting the label column (which :func:`class_counts` does whenever no valid record is present),
+counting the label column (which :func:`class_counts` always does: the record is provenance),
 and :func:`longtail_record` gives the JSON to paste into the dataset card.
 """
 
@@ -170,13 +170,13 @@ def write_longtail_record(dataset: Dataset, record: dict[str, Any]) -> Dataset:
 
 
 def class_counts(dataset: Dataset | DatasetDict, label_column: str | None = None) -> list[int]:
-    """Per-class image counts (class id order) as a plain list of ints.
+    """Per-class image counts (class id order) as a plain list of ints, counted from the data.
 
-    Returns the recorded ``class_counts`` when the dataset carries a record consistent with its
-    length (and with ``label_column`` if given); otherwise counts the label column (Arrow, no
-    decoding) with ``np.bincount(labels, minlength=num_classes)``, ``num_classes`` from the
-    ``ClassLabel`` (or ``max + 1`` for plain integers). For a ``DatasetDict`` the ``train`` split is
-    used.
+    Counts the label column (read from Arrow, no image decoded: cheap even for ImageNet-LT) with
+    ``np.bincount(labels, minlength=num_classes)``, ``num_classes`` from the ``ClassLabel`` (or
+    ``max + 1`` for plain integers), so the counts always describe the rows actually present
+    (also after ``select``/``filter`` or a push to the Hub); the provenance record's copy in
+    ``info.description`` is never read back. For a ``DatasetDict`` the ``train`` split is used.
 
     Raises:
         ValueError: no usable label column (see ``detect_label_column``) or string labels
@@ -189,14 +189,10 @@ def class_counts(dataset: Dataset | DatasetDict, label_column: str | None = None
                 f"{list(dataset)}. Pass the split, e.g. class_counts(ds['{next(iter(dataset))}'])."
             )
         dataset = dataset["train"]
-    record = longtail_record(dataset)
-    if (
-        record is not None
-        and isinstance(record.get("class_counts"), list)
-        and sum(record["class_counts"]) == len(dataset)
-        and (label_column is None or label_column == record.get("label_column"))
-    ):
-        return [int(n) for n in record["class_counts"]]
+    if label_column is None:  # the column the long tail was built on, when recorded
+        label_column = (longtail_record(dataset) or {}).get("label_column")
+        if label_column not in dataset.features:
+            label_column = None
     column = detect_label_column(dataset.features, label_column)
     values = label_array(dataset, column)
     feature = dataset.features[column]

@@ -1,4 +1,4 @@
-"""Long-tail classification metrics in plain numpy (torch tensors are accepted as input).
+"""Long-tail classification metrics as plain numpy functions (torch tensors accepted as input).
 
 Conventions used throughout this module (and by the Trainer ``compute_metrics`` built on it):
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_longtail._counts import fill_zero_counts
+from hf_longtail.class_counts import fill_zero_counts, many_shot_mask
 
 __all__ = [
     "LongTailMetricAccumulator",
@@ -115,7 +115,7 @@ def shot_groups(
     """
     _validate_thresholds(many_threshold, few_threshold)
     counts = _as_class_counts(train_class_counts)
-    many = counts > many_threshold
+    many = many_shot_mask(counts, many_threshold)  # the one shot-group rule
     few = counts < few_threshold
     medium = ~many & ~few
     return {
@@ -131,7 +131,7 @@ def logit_adjust(
     """Post-hoc logit adjustment (Menon et al., 2021): ``logits - tau * log(prior)``.
 
     ``prior_c = n_c / sum(n)`` from the training counts. A class with zero training images gets
-    the count of the rarest observed class (:func:`hf_longtail._counts.fill_zero_counts`, the
+    the count of the rarest observed class (:func:`hf_longtail.class_counts.fill_zero_counts`, the
     rule of the losses' priors), so its adjustment stays finite and equals
     :func:`hf_longtail.losses.post_hoc_logit_adjust`. Returns a float64 numpy array.
     """
