@@ -505,10 +505,11 @@ def main(argv: list[str] | None = None) -> dict:
     results["load_average_end"] = load_average()
     print("\nsummary (wall-time ratio trainer / plain, goal <= 1.05x):")
     for name, r in results["workloads"].items():
+        per_round = ", ".join(f"{x['ratio']:.3f}" for x in r["rounds"])
         print(
-            f"  {name:<20} {r['ratio']:.3f}x   trainer {r['runs']['trainer']['total_s']:.1f} s, "
-            f"plain {r['runs']['plain']['total_s']:.1f} s, {r['steps']} steps at "
-            f"{r['image_size']} px"
+            f"  {name:<20} {r['ratio']:.3f}x (median; rounds {per_round}), {r['steps']} steps at "
+            f"{r['image_size']} px; load average {results['load_average_start']} -> "
+            f"{results['load_average_end']}"
         )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
