@@ -7,7 +7,10 @@ the loss is a per-sample function of the input and gradient accumulation can be 
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -191,3 +194,17 @@ if __name__ == "__main__":
     import sys
 
     distributed_worker(sys.argv[1])
+
+
+def load_train_script():
+    """``scripts/train.py`` imported once as the module ``hf_longtail_train_script`` (a script,
+    not part of the package); registered in ``sys.modules`` before it runs, since dataclasses
+    look their module up while being created."""
+    name = "hf_longtail_train_script"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

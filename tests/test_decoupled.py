@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _helpers_train import load_train_script
 from torch import nn
 
 from hf_longtail.decoupled import (
@@ -116,13 +115,7 @@ def test_validation_hold_out_is_balanced_and_disjoint_from_train_and_test():
 # ---------------------------------------------------------------------- through train.py
 @pytest.fixture(scope="module")
 def train_script():
-    spec = importlib.util.spec_from_file_location(
-        "train_script_stage", REPO / "scripts" / "train.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_script_stage"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_train_script()
 
 
 def _argv(out, cache, *extra):

@@ -98,10 +98,11 @@ def test_readme_example_writes_the_full_run_directory(readme_run, tmp_path):
         assert name in files, name
 
     sys.path.insert(0, str(REPO / "tests"))
-    from test_train_script import _digits_run, _load_script
+    from _helpers_train import load_train_script
+    from test_train_script import _digits_run
 
     script_out = tmp_path / "script"
-    _digits_run(_load_script(), script_out)
+    _digits_run(load_train_script(), script_out)
     ignored = {"trainer_state.json"}  # save_state: the script's bookkeeping of the training loop
     assert files == _top_level_files(script_out) - ignored
 

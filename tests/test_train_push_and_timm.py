@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from _helpers_train import load_train_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def train_script():
-    spec = importlib.util.spec_from_file_location(
-        "train_script_push", REPO / "scripts" / "train.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_script_push"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_train_script()
 
 
 def _argv(out: Path, *extra: str) -> list[str]:

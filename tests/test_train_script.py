@@ -7,16 +7,15 @@ everything the README main job does: data, model factory, LongTailTrainer, final
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from _helpers_train import load_train_script
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "scripts" / "configs").glob("*.yaml"))
@@ -36,19 +35,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CIFAR10_LT_100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
 
-def _load_script():
-    name = "hf_longtail_train_script"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "train.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while being created
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="module")
 def train_script():
-    return _load_script()
+    return load_train_script()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
