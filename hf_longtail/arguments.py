@@ -44,6 +44,7 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from hf_longtail.class_counts import DEFAULT_THRESHOLDS
 from hf_longtail.losses import LongTailLossConfig
 
 __all__ = [
@@ -386,10 +387,12 @@ class DataArguments:
         default=None, metadata={"help": "Evaluate on N random evaluation images (debugging)."}
     )
     many_shot_threshold: int = field(
-        default=100, metadata={"help": "Many-shot: classes with more training images than this."}
+        default=DEFAULT_THRESHOLDS["many"],
+        metadata={"help": "Many-shot: classes with more training images than this."},
     )
     few_shot_threshold: int = field(
-        default=20, metadata={"help": "Few-shot: classes with fewer training images than this."}
+        default=DEFAULT_THRESHOLDS["few"],
+        metadata={"help": "Few-shot: classes with fewer training images than this."},
     )
     posthoc_tau: float | None = field(
         default=None, metadata={"help": "Post-hoc logit adjustment tau at evaluation."}

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_longtail.class_counts import fill_zero_counts, many_shot_mask
+from hf_longtail.class_counts import DEFAULT_THRESHOLDS, fill_zero_counts, many_shot_mask
 
 __all__ = [
     "LongTailMetricAccumulator",
@@ -102,8 +102,8 @@ def _validate_thresholds(many_threshold: float, few_threshold: float) -> None:
 
 def shot_groups(
     train_class_counts: Sequence[int] | np.ndarray,
-    many_threshold: float = 100,
-    few_threshold: float = 20,
+    many_threshold: float = DEFAULT_THRESHOLDS["many"],
+    few_threshold: float = DEFAULT_THRESHOLDS["few"],
 ) -> dict[str, list[int]]:
     """Split class ids into shot groups by their number of training images ``n_c``.
 
@@ -261,8 +261,8 @@ class LongTailMetricAccumulator:
     def __init__(
         self,
         train_class_counts: Sequence[int] | np.ndarray,
-        many_threshold: float = 100,
-        few_threshold: float = 20,
+        many_threshold: float = DEFAULT_THRESHOLDS["many"],
+        few_threshold: float = DEFAULT_THRESHOLDS["few"],
         class_names: Sequence[str] | None = None,
         ece_bins: int = 15,
         logit_adjustment_tau: float | None = None,
@@ -436,8 +436,8 @@ def long_tail_metrics(
     logits_or_predictions: Any,
     labels: Any,
     train_class_counts: Sequence[int] | np.ndarray,
-    many_threshold: float = 100,
-    few_threshold: float = 20,
+    many_threshold: float = DEFAULT_THRESHOLDS["many"],
+    few_threshold: float = DEFAULT_THRESHOLDS["few"],
     class_names: Sequence[str] | None = None,
     ece_bins: int = 15,
     logit_adjustment_tau: float | None = None,

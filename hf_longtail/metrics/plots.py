@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from hf_longtail.class_counts import DEFAULT_THRESHOLDS
 from hf_longtail.metrics.functions import _as_class_counts, _to_numpy, shot_groups
 
 __all__ = ["plot_confusion_matrix", "plot_per_class_accuracy"]
@@ -56,8 +57,8 @@ def plot_per_class_accuracy(
     train_class_counts: Sequence[int] | np.ndarray,
     path: str | os.PathLike,
     class_names: Sequence[str] | None = None,
-    many_threshold: float = 100,
-    few_threshold: float = 20,
+    many_threshold: float = DEFAULT_THRESHOLDS["many"],
+    few_threshold: float = DEFAULT_THRESHOLDS["few"],
     title: str | None = None,
 ) -> Path:
     """Plot per-class accuracy against training frequency and save it as a PNG at ``path``.

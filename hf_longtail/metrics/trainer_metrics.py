@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from hf_longtail.class_counts import DEFAULT_THRESHOLDS
 from hf_longtail.metrics.functions import LongTailMetricAccumulator, _to_numpy
 
 __all__ = ["IGNORE_INDEX", "LongTailComputeMetrics", "make_compute_metrics"]
@@ -58,8 +59,8 @@ class LongTailComputeMetrics:
     def __init__(
         self,
         train_class_counts: Sequence[int] | np.ndarray,
-        many_threshold: float = 100,
-        few_threshold: float = 20,
+        many_threshold: float = DEFAULT_THRESHOLDS["many"],
+        few_threshold: float = DEFAULT_THRESHOLDS["few"],
         class_names: Sequence[str] | None = None,
         logit_adjustment_tau: float | None = None,
         ece_bins: int = 15,
