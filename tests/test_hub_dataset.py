@@ -120,7 +120,10 @@ def test_dataset_card_errors_name_the_problem(long_tailed):
     )
     with pytest.raises(ValueError, match=r"several ClassLabel columns \(fine, coarse\)"):
         build_dataset_card(two)
-    assert dataset_card_counts(build_dataset_card(two, label_column="coarse")) == [2]
+    assert dataset_card_counts(build_dataset_card(two, label_column="fine")) == [1, 1]
+    # One class is no long tail: the package's one count rule (ClassCounts) refuses it.
+    with pytest.raises(ValueError, match="train class counts must have at least 2 classes"):
+        build_dataset_card(two, label_column="coarse")
     with pytest.raises(TypeError, match="DatasetDict"):
         build_dataset_card(long_tailed["train"])
 
