@@ -999,6 +999,7 @@ class LongTailTrainer(Trainer):
                 num_epochs=self._planned_epochs(dataset),
                 num_replicas=1,
                 rank=0,
+                class_counts=self.class_counts,  # checked against the rows, not recounted
             )
         strategy = getattr(self.args, "train_sampling_strategy", "random")
         if (

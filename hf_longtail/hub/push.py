@@ -64,27 +64,21 @@ def files_to_push(output_dir: str | Path) -> list[str]:
     return sorted(selected)
 
 
-def retry_command(
-    output_dir: str | Path,
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    revision: str | None = None,
-    keep_card: bool = False,
-    **card: Any,
-) -> str:
-    """The shell command that pushes ``output_dir`` again with the same options (no token);
-    ``card``: the :data:`~hf_longtail.hub.card.CARD_OPTIONS` values (``license``,
-    ``dataset_repo_id``, ``base_model``)."""
+def retry_command(output_dir: str | Path, repo_id: str, **options: Any) -> str:
+    """The shell command that pushes ``output_dir`` again with the same options (no token):
+    ``options`` are the keyword options of :func:`push_long_tail_model` (``private``,
+    ``revision``, ``keep_card`` and the :data:`~hf_longtail.hub.card.CARD_OPTIONS` ``license``,
+    ``dataset_repo_id``, ``base_model``); the others (``token``, ``api``, ...) are not part of
+    the command."""
     parts = ["python", "-m", "hf_longtail.hub", "push", str(output_dir), "--repo-id", repo_id]
-    if private:
+    if options.get("private"):
         parts.append("--private")
-    if revision:
-        parts += ["--revision", revision]
+    if options.get("revision"):
+        parts += ["--revision", options["revision"]]
     for option in CARD_OPTIONS:
-        if card.get(option.name) not in (None, option.default):
-            parts += [option.flag, card[option.name]]
-    if keep_card:
+        if options.get(option.name) not in (None, option.default):
+            parts += [option.flag, options[option.name]]
+    if options.get("keep_card"):
         parts.append("--keep-card")
     return shlex.join(parts)
 
