@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hf_longtail.class_counts import DEFAULT_THRESHOLDS
+from hf_longtail.class_counts import DEFAULT_THRESHOLDS, ShotThresholds
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +94,11 @@ def peak_memory() -> dict[str, float]:
     return peaks
 
 
-def thresholds_of(run_record: Mapping[str, Any] | None) -> dict[str, int]:
-    """The run's shot-group thresholds ``{"many", "few"}`` (the defaults when not recorded)."""
+def thresholds_of(run_record: Mapping[str, Any] | None) -> dict[str, float]:
+    """The run's shot-group thresholds ``{"many", "few"}`` (the defaults when not recorded),
+    checked by :class:`~hf_longtail.class_counts.ShotThresholds`."""
     recorded = (run_record or {}).get("metric_thresholds") or {}
-    return {key: recorded.get(key, default) for key, default in DEFAULT_THRESHOLDS.items()}
+    return ShotThresholds.coerce(recorded).to_dict()
 
 
 def write_evaluation(

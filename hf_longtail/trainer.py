@@ -95,7 +95,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from hf_longtail.class_counts import DEFAULT_THRESHOLDS, check_thresholds
+from hf_longtail.class_counts import ClassCounts, ShotThresholds
 from hf_longtail.losses import LongTailLossConfig, build_loss
 from hf_longtail.losses.total_loss import LOSS_WEIGHTS_NAME
 from hf_longtail.resume import (
@@ -250,8 +250,7 @@ class LongTailTrainer(Trainer):
                 f"pixel_cache={pixel_cache!r} is not valid; use one of {PIXEL_CACHE_MODES}."
             )
         self.pixel_cache = pixel_cache
-        self.shot_thresholds = {**DEFAULT_THRESHOLDS, **(shot_thresholds or {})}
-        check_thresholds(self.shot_thresholds["many"], self.shot_thresholds["few"])
+        self.shot_thresholds = ShotThresholds.coerce(shot_thresholds).to_dict()
         self.pixel_cache_dir = pixel_cache_dir
         self.pixel_cache_max_bytes = pixel_cache_max_bytes or DEFAULT_MAX_BYTES
         self._pixel_datasets: dict[int, tuple[Any, Any]] = {}
@@ -302,7 +301,7 @@ class LongTailTrainer(Trainer):
             class_counts = dataset_class_counts(train_dataset, label_column=label_column)
         elif train_dataset is not None:
             _check_label_range(train_dataset, label_column, len(class_counts))
-        self.class_counts = [int(c) for c in class_counts]
+        self.class_counts = ClassCounts.coerce(class_counts).to_list()  # the one count rule
         _check_num_labels(model, len(self.class_counts))
         # Built before super().__init__ so a bad config fails before any device work starts.
         self.loss_fn = build_loss(
@@ -999,6 +998,7 @@ class LongTailTrainer(Trainer):
                 num_epochs=self._planned_epochs(dataset),
                 num_replicas=1,
                 rank=0,
+                class_counts=self.class_counts,  # checked against the rows, not recounted
             )
         strategy = getattr(self.args, "train_sampling_strategy", "random")
         if (

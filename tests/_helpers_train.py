@@ -20,26 +20,36 @@ import torch
 COUNTS = (12, 8, 6, 4, 4, 2)
 
 
-def tiny_vit(num_labels: int = len(COUNTS), image_size: int = 8, seed: int = 0):
-    """A randomly initialised one-layer ViT image classifier (about 3k parameters)."""
+def tiny_vit(num_labels: int = len(COUNTS), image_size: int = 8, seed: int = 0, **config: Any):
+    """A randomly initialised one-layer ViT image classifier (about 3k parameters); ``config``
+    overrides its ``ViTConfig`` fields (e.g. dropout, sizes, ``id2label``)."""
     from transformers import ViTConfig, ViTForImageClassification
 
-    config = ViTConfig(
-        image_size=image_size,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=num_labels,
-        id2label={i: f"class_{i}" for i in range(num_labels)},
-        label2id={f"class_{i}": i for i in range(num_labels)},
-    )
+    fields = {
+        "image_size": image_size,
+        "patch_size": 4,
+        "num_channels": 3,
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "num_labels": num_labels,
+        "id2label": {i: f"class_{i}" for i in range(num_labels)},
+        "label2id": {f"class_{i}": i for i in range(num_labels)},
+    }
     torch.manual_seed(seed)
-    return ViTForImageClassification(config)
+    return ViTForImageClassification(ViTConfig(**{**fields, **config}))
+
+
+def table_row(text: str, first_cell: str) -> list[str]:
+    """The cells of the Markdown table row of ``text`` whose first cell is ``first_cell``."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no table row {first_cell!r} in the card")
 
 
 def image_dataset(counts: Sequence[int] = COUNTS, size: int = 8, seed: int = 0):

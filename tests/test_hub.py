@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers_train import table_row, tiny_vit
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import filter_repo_objects
 
@@ -140,22 +141,17 @@ def _run_info() -> dict:
 def run_template(tmp_path_factory) -> Path:
     """A finished run directory, built once: tiny ViT + processor + JSONs + plots + clutter."""
     from PIL import Image
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers import ViTImageProcessor
 
     out = tmp_path_factory.mktemp("run") / "digits-ccar-car"
     out.mkdir()
-    config = ViTConfig(
-        image_size=8,
-        patch_size=4,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
+    tiny_vit(
         num_labels=10,
+        hidden_size=8,
+        intermediate_size=16,
         id2label=dict(enumerate(NAMES)),
         label2id={n: i for i, n in enumerate(NAMES)},
-    )
-    ViTForImageClassification(config).save_pretrained(out)
+    ).save_pretrained(out)
     ViTImageProcessor(size={"height": 8, "width": 8}).save_pretrained(out)
     (out / "all_results.json").write_text(json.dumps(_results(), indent=2))
     (out / "longtail_run.json").write_text(json.dumps(_run_info(), indent=2))
@@ -194,14 +190,6 @@ def _snapshot(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
-
-
-def _table_row(text: str, label: str) -> list[str]:
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells and cells[0] == label:
-            return cells
-    raise AssertionError(f"no table row {label!r} in the card")
 
 
 class FakeCommitInfo:
@@ -303,17 +291,17 @@ def test_results_table_values_equal_the_json(run_dir):
         value = results[f"test_{key}"]
         plain = key in ("ece", "confusion_spectral_norm")
         expected = f"{value:.4f}" if plain else f"{100 * value:.2f}%"
-        row = _table_row(text, label)
+        row = table_row(text, label)
         assert row[1] == expected, (label, row)
-    assert _table_row(text, "Many-shot accuracy")[2] == str(groups.count("many"))
-    assert _table_row(text, "Medium-shot accuracy")[2] == str(groups.count("medium"))
-    assert _table_row(text, "Few-shot accuracy")[2] == str(groups.count("few"))
+    assert table_row(text, "Many-shot accuracy")[2] == str(groups.count("many"))
+    assert table_row(text, "Medium-shot accuracy")[2] == str(groups.count("medium"))
+    assert table_row(text, "Few-shot accuracy")[2] == str(groups.count("few"))
     worst = int(np.argmin(PER_CLASS))
-    assert _table_row(text, "Worst-class accuracy")[2] == f"1 (`{NAMES[worst]}`)"
+    assert table_row(text, "Worst-class accuracy")[2] == f"1 (`{NAMES[worst]}`)"
     assert f"**{NAMES[worst]}** (label {worst}, {COUNTS[worst]} training images)" in text
     # Per-class table: one row per class, accuracy and training count from the JSON.
     for i in range(10):
-        row = _table_row(text, str(i))
+        row = table_row(text, str(i))
         assert row[1:] == [NAMES[i], str(COUNTS[i]), groups[i], f"{100 * PER_CLASS[i]:.2f}%"]
     # Lists, strings and Trainer timing are not metrics of the model.
     assert "test_loss" in text
@@ -330,27 +318,27 @@ def test_results_table_values_equal_the_json(run_dir):
 
 def test_card_describes_the_long_tail_loss_plot_usage_and_citations(run_dir):
     text = build_model_card(run_dir, "me/digits-ccar-car").text
-    assert _table_row(text, "Imbalance factor (requested)")[1] == "10"
+    assert table_row(text, "Imbalance factor (requested)")[1] == "10"
     ratio = max(COUNTS) / min(COUNTS)
-    assert _table_row(text, "Imbalance ratio (actual, max / min count)")[1] == f"{ratio:.1f}"
-    assert _table_row(text, "Subsampling seed")[1] == "0"
-    assert _table_row(text, "Training images")[1] == str(sum(COUNTS))
+    assert table_row(text, "Imbalance ratio (actual, max / min count)")[1] == f"{ratio:.1f}"
+    assert table_row(text, "Subsampling seed")[1] == "0"
+    assert table_row(text, "Training images")[1] == str(sum(COUNTS))
     median = np.median(COUNTS)
-    assert _table_row(text, "Images per class: max / median / min")[1] == (
+    assert table_row(text, "Images per class: max / median / min")[1] == (
         f"{max(COUNTS)} / {median:g} / {min(COUNTS)}"
     )
-    assert _table_row(text, "Long-tail profile")[1].startswith("`exp`")
-    assert _table_row(text, "CCAR re-weighting")[1] == (
+    assert table_row(text, "Long-tail profile")[1].startswith("`exp`")
+    assert table_row(text, "CCAR re-weighting")[1] == (
         "on: ω = 0.75, variant `paper`, weight differentiated through"
     )
     assert (
-        _table_row(text, "CAR spectral regulariser")[1]
+        table_row(text, "CAR spectral regulariser")[1]
         == "on: α = 0.5, EMA β = 0.5, r₀ = 0.2, τ = 1"
     )
     # Only the active base loss's parameters in the recipe; all of them in the full table.
-    assert _table_row(text, "Base loss")[1] == "`ce`"
-    assert _table_row(text, "`focal_gamma`")[1] == "2"
-    assert _table_row(text, "`learning_rate`")[1] == "0.0005"
+    assert table_row(text, "Base loss")[1] == "`ce`"
+    assert table_row(text, "`focal_gamma`")[1] == "2"
+    assert table_row(text, "`learning_rate`")[1] == "0.0005"
     assert "![Per-class test accuracy" in text and "](per_class_accuracy.png)" in text
     assert "](confusion_matrix.png)" in text
     assert 'pipeline("image-classification", model="me/digits-ccar-car")' in text
@@ -393,8 +381,8 @@ def test_empty_groups_are_na_in_the_table_and_absent_from_model_index(run_dir):
     assert "many_shot_accuracy" not in metrics and "few_shot_accuracy" not in metrics
     assert metrics["accuracy"] == _results()["test_accuracy"]
     text = ModelCard.load(path).text
-    assert _table_row(text, "Many-shot accuracy")[1:3] == ["n/a", "0"]
-    assert "(no class in this group)" in _table_row(text, "Many-shot accuracy")[3]
+    assert table_row(text, "Many-shot accuracy")[1:3] == ["n/a", "0"]
+    assert "(no class in this group)" in table_row(text, "Many-shot accuracy")[3]
 
 
 def test_custom_architecture_local_paths_and_no_processor(run_dir):
@@ -418,7 +406,7 @@ def test_custom_architecture_local_paths_and_no_processor(run_dir):
     data = card.data.to_dict()
     assert "base_model" not in data  # a bare architecture name is not a Hub model
     assert "ccar" not in data["tags"] and "car" not in data["tags"]
-    assert _table_row(card.text, "CCAR re-weighting")[1] == "off"
+    assert table_row(card.text, "CCAR re-weighting")[1] == "off"
     assert "import hf_longtail.models" in card.text
     assert 'AutoModelForImageClassification.from_pretrained("path/to/digits-ccar-car")' in text
     assert "pipeline(" not in text
@@ -444,7 +432,7 @@ def test_class_count_summary_against_reference():
     assert s["many"] + s["medium"] + s["few"] == 37
     empty = class_count_summary([10, 0, 3])
     assert empty["ratio_value"] == math.inf and empty["ratio"].startswith("∞")
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="at least 2 classes"):
         class_count_summary([])
 
 
@@ -468,7 +456,7 @@ def test_schema_errors_say_what_is_wrong(run_dir):
     ):
         read_run_dir(run_dir)
     _edit_json(run_dir / "longtail_run.json", lambda r: r["dataset"].update(class_counts=[5, -1]))
-    with pytest.raises(OutputDirError, match=r"class_counts\[1\] must be a non-negative integer"):
+    with pytest.raises(OutputDirError, match=r"dataset.class_counts\[1\] = -1 is negative"):
         read_run_dir(run_dir)
     _edit_json(run_dir / "all_results.json", lambda r: r.pop("test_accuracy"))
     _edit_json(run_dir / "longtail_run.json", lambda r: r["dataset"].update(class_counts=COUNTS))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _helpers_train import table_row
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from huggingface_hub import DatasetCard
 
@@ -42,14 +43,6 @@ def long_tailed() -> DatasetDict:
     return DatasetDict({"train": train, "test": test})
 
 
-def _table_row(text: str, first_cell: str) -> list[str]:
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells and cells[0] == first_cell:
-            return cells
-    raise AssertionError(f"no table row {first_cell!r}")
-
-
 def test_dataset_card_counts_and_construction(long_tailed):
     card = build_dataset_card(
         long_tailed,
@@ -74,10 +67,10 @@ def test_dataset_card_counts_and_construction(long_tailed):
     assert "license" not in data  # defer to the source dataset's license unless told
     text = reloaded.text
     for i, name in enumerate(NAMES):
-        assert _table_row(text, str(i)) == [str(i), name, str(TRAIN_COUNTS[i]), str(TEST_PER_CLASS)]
-    assert _table_row(text, "Imbalance ratio (actual, max / min count)")[1] == "16.0"
-    assert _table_row(text, "Few-shot classes (< 20 images)")[1] == "5"
-    assert _table_row(text, "Subsampling seed")[1] == "0"
+        assert table_row(text, str(i)) == [str(i), name, str(TRAIN_COUNTS[i]), str(TEST_PER_CLASS)]
+    assert table_row(text, "Imbalance ratio (actual, max / min count)")[1] == "16.0"
+    assert table_row(text, "Few-shot classes (< 20 images)")[1] == "5"
+    assert table_row(text, "Subsampling seed")[1] == "0"
     assert 'load_dataset("me/tiny-lt")' in text
     assert "2601.15924" in text and "2603.16732" in text
     assert "\n\n\n" not in str(card)
@@ -120,7 +113,10 @@ def test_dataset_card_errors_name_the_problem(long_tailed):
     )
     with pytest.raises(ValueError, match=r"several ClassLabel columns \(fine, coarse\)"):
         build_dataset_card(two)
-    assert dataset_card_counts(build_dataset_card(two, label_column="coarse")) == [2]
+    assert dataset_card_counts(build_dataset_card(two, label_column="fine")) == [1, 1]
+    # One class is no long tail: the package's one count rule (ClassCounts) refuses it.
+    with pytest.raises(ValueError, match="train class counts must have at least 2 classes"):
+        build_dataset_card(two, label_column="coarse")
     with pytest.raises(TypeError, match="DatasetDict"):
         build_dataset_card(long_tailed["train"])
 

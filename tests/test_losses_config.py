@@ -195,10 +195,10 @@ def test_last_stats():
 
 def test_head_classes_are_the_many_shot_classes_of_the_shared_rule():
     """The losses' head/tail statistics use the metrics' and the card's many-shot rule."""
-    from hf_longtail.class_counts import shot_group
+    from hf_longtail.class_counts import ShotThresholds
 
     counts = [500, 101, 100, 40, 19, 3]
-    assert head_class_mask(counts).tolist() == [shot_group(n) == "many" for n in counts]
+    assert head_class_mask(counts).tolist() == [ShotThresholds().group(n) == "many" for n in counts]
     assert head_class_mask(counts).tolist() == [True, True, False, False, False, False]
     assert head_class_mask(counts, many_threshold=30).tolist() == [True] * 4 + [False] * 2
     assert not head_class_mask([7, 7, 7]).any()

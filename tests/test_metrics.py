@@ -258,11 +258,13 @@ def test_zero_count_classes_get_the_losses_prior_everywhere():
     assert r["accuracy"] == pytest.approx(float(np.mean(reference.argmax(1) == labels)))
 
 
-def test_logit_adjustment_with_every_count_zero_is_refused_but_metrics_work():
+def test_every_count_zero_is_refused_by_the_one_count_rule():
+    # A training set without images describes no long tail: refused like the losses refuse it
+    # (hf_longtail.class_counts.ClassCounts), with or without logit adjustment.
     logits = np.array([[1.0, 0.0], [0.0, 1.0]])
-    assert long_tail_metrics(logits, [0, 1], [0, 0])["accuracy"] == 1.0
-    with pytest.raises(ValueError, match="every class count is 0"):
-        long_tail_metrics(logits, [0, 1], [0, 0], logit_adjustment_tau=1.0)
+    for tau in (None, 1.0):
+        with pytest.raises(ValueError, match=r"train_class_counts sums to 0"):
+            long_tail_metrics(logits, [0, 1], [0, 0], logit_adjustment_tau=tau)
 
 
 def test_logit_adjustment_needs_logits():
@@ -318,7 +320,7 @@ def test_large_k_sparse_spectral_norm_matches_dense(monkeypatch):
         ),
         (
             dict(logits_or_predictions=[0, 1], labels=[0, 1], train_class_counts=[3, -1]),
-            "non-negative",
+            r"train_class_counts\[1\] = -1 is negative",
         ),
         (dict(logits_or_predictions=[], labels=[], train_class_counts=[3, 3]), "No samples"),
         (
@@ -339,7 +341,7 @@ def test_bad_inputs_raise_clear_errors(kwargs, match):
 
 def test_metrics_package_imports_no_trainer_losses_or_data():
     code = (
-        "import sys, hf_longtail.metrics as m; m.long_tail_metrics([0], [0], [1]);"
+        "import sys, hf_longtail.metrics as m; m.long_tail_metrics([0], [0], [1, 1]);"
         "bad = [x for x in sys.modules if x.startswith(('hf_longtail.trainer', 'hf_longtail.losses',"
         " 'hf_longtail.data', 'transformers', 'matplotlib'))]; print(bad); sys.exit(bool(bad))"
     )

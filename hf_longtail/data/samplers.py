@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from hf_longtail.class_counts import ClassCounts
+
 __all__ = [
     "SAMPLING_MODES",
     "BatchSeededSampler",
@@ -61,7 +63,7 @@ SAMPLING_MODES = ("instance", "class_balanced", "sqrt", "progressive")
 
 
 def sampling_distribution(
-    class_counts: Sequence[int] | np.ndarray,
+    class_counts: Sequence[int] | np.ndarray | ClassCounts,
     mode: str = "class_balanced",
     epoch: float = 0,
     total_epochs: float | None = None,
@@ -70,12 +72,11 @@ def sampling_distribution(
     Classes with ``n_c = 0`` get ``q_c = 0``.
 
     Raises:
-        ValueError: unknown mode, negative or all-zero counts, ``progressive`` without a positive
-            ``total_epochs``.
+        ValueError: counts that break the package's one count rule
+            (:class:`~hf_longtail.class_counts.ClassCounts`: ``K >= 2`` non-negative integers,
+            one positive), unknown mode, ``progressive`` without a positive ``total_epochs``.
     """
-    n = np.asarray(class_counts, dtype=np.float64)
-    if n.ndim != 1 or n.size == 0 or (n < 0).any() or n.sum() <= 0:
-        raise ValueError(f"class_counts must be non-negative with a positive sum; got {n.tolist()}")
+    n = np.asarray(ClassCounts.coerce(class_counts).counts, dtype=np.float64)
     present = (n > 0).astype(np.float64)
     instance = n / n.sum()
     balanced = present / present.sum()
@@ -116,6 +117,26 @@ def _labels_of(labels: object, label_column: str | None) -> np.ndarray:
     return values.astype(np.int64)
 
 
+def _counts_of_sorted(
+    sorted_labels: np.ndarray, class_counts: Sequence[int] | ClassCounts | None
+) -> np.ndarray:
+    """Images per class of the rows whose labels, sorted, are ``sorted_labels``: ``class_counts``
+    when given (validated by :class:`ClassCounts` and checked against the rows), else counted
+    here, once. The class boundaries of sorted labels give both in ``O(K log N)``."""
+    top = int(sorted_labels[-1]) + 1
+    given = None if class_counts is None else ClassCounts.coerce(class_counts)
+    # Counted here: one class per label up to the largest (at least 2, the rule's K).
+    k = max(top, 2) if given is None else len(given)
+    counts = np.diff(np.searchsorted(sorted_labels, np.arange(k + 1)))
+    if given is not None and (top > k or not np.array_equal(counts, given.counts)):
+        raise ValueError(
+            f"class_counts {given.to_list()} do not match the labels of the dataset (label "
+            f"{top - 1} is the largest; counted {np.bincount(sorted_labels).tolist()}): pass the "
+            "counts of this training set, or leave class_counts unset to count them here."
+        )
+    return counts
+
+
 class ClassAwareSampler(Sampler[int]):
     """Distributed class-aware sampler; see the module docstring for the exact scheme.
 
@@ -131,6 +152,10 @@ class ClassAwareSampler(Sampler[int]):
         drop_last: truncate the global order to a multiple of ``num_replicas`` instead of
             padding it by wrapping.
         label_column: label column when ``labels`` is a Dataset (default: detected).
+        class_counts: the images per class of ``labels`` when the caller already has them (a
+            list or :class:`~hf_longtail.class_counts.ClassCounts`, e.g. the trainer's); they are
+            checked against the rows (a by-product of grouping them by class), not counted
+            again. Default: counted from ``labels`` once.
 
     ``len(sampler)`` is the number of indices this rank yields per epoch. Call ``set_epoch``
     before each epoch (accelerate and the Trainer do), as with ``DistributedSampler``.
@@ -147,6 +172,7 @@ class ClassAwareSampler(Sampler[int]):
         total_epochs: float | None = None,
         drop_last: bool = False,
         label_column: str | None = None,
+        class_counts: Sequence[int] | ClassCounts | None = None,
     ):
         if mode not in SAMPLING_MODES:
             raise ValueError(f"unknown sampling mode {mode!r}; choose one of {SAMPLING_MODES}")
@@ -155,7 +181,9 @@ class ClassAwareSampler(Sampler[int]):
             raise ValueError("cannot sample from an empty dataset")
         self.mode = mode
         self.total_epochs = total_epochs
-        self.class_counts = np.bincount(self.labels)
+        # Row indices grouped by class (stable, so the grouping itself is deterministic).
+        self._by_class = np.argsort(self.labels, kind="stable")
+        self.class_counts = _counts_of_sorted(self.labels[self._by_class], class_counts)
         # Validate the configuration now (e.g. progressive without total_epochs).
         sampling_distribution(self.class_counts, mode, 0, total_epochs)
         n = len(self.labels) if num_samples is None else num_samples
@@ -187,8 +215,6 @@ class ClassAwareSampler(Sampler[int]):
         else:
             self.num_samples = math.ceil(self.num_samples_global / self.num_replicas)
         self.total_size = self.num_samples * self.num_replicas
-        # Row indices grouped by class (stable, so the grouping itself is deterministic).
-        self._by_class = np.argsort(self.labels, kind="stable")
         self._starts = np.concatenate(([0], np.cumsum(self.class_counts)[:-1]))
         self.epoch = 0
 
@@ -267,11 +293,13 @@ def build_class_aware_sampler(
     rank: int | None = None,
     num_samples: int | None = None,
     drop_last: bool = False,
+    class_counts: Sequence[int] | ClassCounts | None = None,
 ) -> ClassAwareSampler:
     """Sampler for a training ``datasets.Dataset`` (or label sequence) by strategy name, as the
     Trainer needs it: ``strategy`` as in :func:`create_sampler`, ``num_epochs`` is ``T`` of the
-    progressive schedule (ignored otherwise). Pass ``num_replicas=1, rank=0`` when accelerate
-    shards the DataLoader (see the module docstring)."""
+    progressive schedule (ignored otherwise), ``class_counts`` the dataset's counts when the
+    caller has them (see :class:`ClassAwareSampler`). Pass ``num_replicas=1, rank=0`` when
+    accelerate shards the DataLoader (see the module docstring)."""
     return create_sampler(
         strategy,
         dataset,
@@ -282,6 +310,7 @@ def build_class_aware_sampler(
         rank=rank,
         num_samples=num_samples,
         drop_last=drop_last,
+        class_counts=class_counts,
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
 
-from hf_longtail.class_counts import shot_group
+from hf_longtail.class_counts import ClassCounts, ShotThresholds
 from hf_longtail.hub.rundir import (
     CARD_FILE,
     CONFUSION_PLOT,
@@ -253,28 +253,28 @@ def _fmt_number(value: Any) -> str:
     return str(value)
 
 
-def _group_of(count: int, thresholds: Mapping[str, int]) -> str:
-    return shot_group(count, thresholds["many"], thresholds["few"])
+def _group_of(count: int, thresholds: Mapping[str, float]) -> str:
+    return ShotThresholds.coerce(thresholds).group(count)
 
 
 def class_count_summary(
-    class_counts: Sequence[int], thresholds: Mapping[str, int] | None = None
+    class_counts: Sequence[int] | ClassCounts, thresholds: Mapping[str, float] | None = None
 ) -> dict[str, Any]:
     """Summary of per-class training counts n_1..n_K for the cards.
 
     Returns ``num_classes`` K, ``total`` Σ n_i, ``max``/``min``/``median`` of n_i, ``ratio`` =
     max/min formatted (``∞`` when a class has no image), ``ratio_value`` (float, ``inf``), and the
     number of ``many`` (n_i > thresholds["many"]), ``few`` (n_i < thresholds["few"]) and
-    ``medium`` (the rest) classes, with the thresholds themselves (default 100 / 20).
+    ``medium`` (the rest) classes, with the thresholds themselves (default 100 / 20): the counts
+    and shot groups of :class:`~hf_longtail.class_counts.ClassCounts`, as in the metrics.
     """
-    if not class_counts:
-        raise ValueError("class_counts is empty: a long-tailed dataset needs at least one class.")
-    th = {"many": 100, "few": 20, **(thresholds or {})}
-    counts = [int(c) for c in class_counts]
+    th = ShotThresholds.coerce(thresholds)
+    class_counts = ClassCounts.coerce(class_counts)
+    groups = class_counts.shot_groups(th)
+    counts = class_counts.to_list()
     cmax, cmin = max(counts), min(counts)
     ratio_value = cmax / cmin if cmin > 0 else float("inf")
     median = statistics.median(counts)
-    groups = [_group_of(c, th) for c in counts]
     return {
         "num_classes": len(counts),
         "total": sum(counts),
@@ -288,11 +288,9 @@ def class_count_summary(
             if cmin > 0
             else "at least one class has no training image at all"
         ),
-        "many": groups.count("many"),
-        "medium": groups.count("medium"),
-        "few": groups.count("few"),
-        "many_threshold": th["many"],
-        "few_threshold": th["few"],
+        **{group: len(ids) for group, ids in groups.items()},
+        "many_threshold": th.many,
+        "few_threshold": th.few,
     }
 
 

@@ -14,17 +14,51 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from hf_longtail.hub.card import CARD_OPTIONS, write_model_card
+from hf_longtail.hub.card import CARD_OPTIONS, card_options, write_model_card
 from hf_longtail.hub.push import DEFAULT_COMMIT_MESSAGE, PushToHubError, push_long_tail_model
 from hf_longtail.hub.rundir import CARD_FILE, CONFUSION_PLOT, PER_CLASS_PLOT
 
 EXIT_OK, EXIT_PUSH_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def _card_options(parser: argparse.ArgumentParser) -> None:
-    for option in CARD_OPTIONS:
-        parser.add_argument(option.flag, default=option.default, help=option.help)
+# Each sub-command: its help and description, its --repo-id, and its own options; every one
+# also reads OUTPUT_DIR and takes the card options (CARD_OPTIONS, defined once).
+_SUBCOMMANDS: dict[str, dict[str, Any]] = {
+    "push": {
+        "help": "push a finished run output directory to a Hub model repo",
+        "description": "Write the long-tail card, then upload the model, processor, card, "
+        "plots, all_results.json and longtail_run.json (never checkpoints or optimizer state).",
+        "repo_id": {"required": True, "help": "target model repo, 'namespace/name'"},
+        "options": {
+            "--private": {"action": "store_true", "help": "create the repo as private"},
+            "--token": {"default": None, "help": "Hub token (default: HF_TOKEN / saved login)"},
+            "--revision": {"default": None, "help": "branch to push to (created if needed)"},
+            "--commit-message": {"default": DEFAULT_COMMIT_MESSAGE},
+            "--keep-card": {
+                "action": "store_true",
+                "help": "upload the existing README.md as it is instead of regenerating the card",
+            },
+        },
+    },
+    "card": {
+        "help": "(re)write the long-tail model card README.md in OUTPUT_DIR",
+        "description": "Render the long-tail model card from OUTPUT_DIR's files into "
+        "OUTPUT_DIR/README.md; with --export-dir also copy it and its plots there.",
+        "repo_id": {
+            "default": None,
+            "help": "model repo id shown in the usage snippet and metadata",
+        },
+        "options": {
+            "--export-dir": {
+                "default": None,
+                "type": Path,
+                "help": "also copy README.md and the plots it embeds into this directory",
+            },
+        },
+    },
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,43 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Long-tail model cards and publishing to the Hugging Face Hub.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{push,card}")
-
-    push = sub.add_parser(
-        "push",
-        help="push a finished run output directory to a Hub model repo",
-        description="Write the long-tail card, then upload the model, processor, card, plots, "
-        "all_results.json and longtail_run.json (never checkpoints or optimizer state).",
-    )
-    push.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's --output_dir")
-    push.add_argument("--repo-id", required=True, help="target model repo, 'namespace/name'")
-    push.add_argument("--private", action="store_true", help="create the repo as private")
-    push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN / saved login)")
-    push.add_argument("--revision", default=None, help="branch to push to (created if needed)")
-    push.add_argument("--commit-message", default=DEFAULT_COMMIT_MESSAGE)
-    push.add_argument(
-        "--keep-card",
-        action="store_true",
-        help="upload the existing README.md as it is instead of regenerating the card",
-    )
-    _card_options(push)
-
-    card = sub.add_parser(
-        "card",
-        help="(re)write the long-tail model card README.md in OUTPUT_DIR",
-        description="Render the long-tail model card from OUTPUT_DIR's files into "
-        "OUTPUT_DIR/README.md; with --export-dir also copy it and its plots there.",
-    )
-    card.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's --output_dir")
-    card.add_argument(
-        "--repo-id", default=None, help="model repo id shown in the usage snippet and metadata"
-    )
-    card.add_argument(
-        "--export-dir",
-        default=None,
-        type=Path,
-        help="also copy README.md and the plots it embeds into this directory",
-    )
-    _card_options(card)
+    for name, spec in _SUBCOMMANDS.items():
+        command = sub.add_parser(name, help=spec["help"], description=spec["description"])
+        command.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's --output_dir")
+        command.add_argument("--repo-id", **spec["repo_id"])
+        for flag, kwargs in spec["options"].items():
+            command.add_argument(flag, **kwargs)
+        for option in CARD_OPTIONS:
+            command.add_argument(option.flag, default=option.default, help=option.help)
     return parser
 
 
@@ -88,13 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "card":
-            path = write_model_card(
-                args.output_dir,
-                args.repo_id,
-                license=args.license,
-                base_model=args.base_model,
-                dataset_repo_id=args.dataset_repo_id,
-            )
+            path = write_model_card(args.output_dir, args.repo_id, **card_options(vars(args)))
             print(f"wrote {path}")
             if args.export_dir is not None:
                 for copied in _export(path.parent, args.export_dir):
@@ -107,10 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             private=True if args.private else None,
             commit_message=args.commit_message,
             revision=args.revision,
-            license=args.license,
-            base_model=args.base_model,
-            dataset_repo_id=args.dataset_repo_id,
             keep_card=args.keep_card,
+            **card_options(vars(args)),
         )
         print(f"pushed {args.output_dir} to {getattr(commit, 'commit_url', commit)}")
         return EXIT_OK

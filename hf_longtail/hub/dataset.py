@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from huggingface_hub import DatasetCard, DatasetCardData
 
+from hf_longtail.class_counts import ClassCounts
 from hf_longtail.hub.card import (
     DATASET_CARD_TEMPLATE,
     PROFILE_FORMULAS,
@@ -66,20 +66,17 @@ def _label_column(dataset: Dataset, label_column: str | None, split: str) -> str
 
 
 def _count(dataset: Dataset, label_column: str, num_classes: int) -> list[int]:
-    """Per-class counts: the ones ``hf_longtail.data`` records, else a bincount of the labels."""
+    """Per-class counts of a split, counted once from its label column
+    (:func:`hf_longtail.data.class_counts`: Arrow, no image decoded)."""
     from hf_longtail.data import class_counts
 
-    counts = [int(c) for c in class_counts(dataset, label_column=label_column)]
-    if len(counts) == num_classes:
-        return counts
-    # dataset[col] honours a select() indices mapping (the long-tailed subset), .data would not.
-    labels = np.asarray(dataset[label_column], dtype=np.int64)
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    counts = class_counts(dataset, label_column=label_column)
+    if len(counts) != num_classes:
         raise ValueError(
-            f"labels of column {label_column!r} must lie in [0, {num_classes}); found "
-            f"{labels.min()}..{labels.max()} (-1 marks a missing label: drop those rows first)."
+            f"labels of column {label_column!r} must lie in [0, {num_classes}); found label "
+            f"{len(counts) - 1} (-1 marks a missing label: drop those rows first)."
         )
-    return np.bincount(labels, minlength=num_classes).astype(int).tolist()
+    return counts
 
 
 def _recorded_construction(dataset: Dataset) -> dict[str, Any]:
@@ -154,7 +151,8 @@ def build_dataset_card(
     column = _label_column(train, label_column, train_split)
     names = list(train.features[column].names)
     k = len(names)
-    train_counts = _count(train, column, k)
+    # The training counts obey the package's one count rule (ClassCounts), as in the model card.
+    train_counts = ClassCounts(_count(train, column, k), names, name=f"{train_split} class counts")
     counts = class_count_summary(train_counts, thresholds)
     other_splits = {}
     for split, ds in dataset_dict.items():
@@ -179,7 +177,7 @@ def build_dataset_card(
         "train_split": train_split,
         "label_column": column,
         "class_names": names,
-        "class_counts": train_counts,
+        "class_counts": train_counts.to_list(),
     }
     card_data = DatasetCardData(
         license=license,
@@ -240,17 +238,11 @@ def push_long_tailed_dataset(
     *,
     token: str | None = None,
     private: bool | None = None,
-    source: str | None = None,
-    imbalance_factor: float | None = None,
-    profile: str | None = None,
-    seed: int | None = None,
-    label_column: str | None = None,
-    train_split: str = "train",
-    license: str | None = None,
     commit_message: str = DEFAULT_DATASET_COMMIT_MESSAGE,
     revision: str | None = None,
     api: HfApi | None = None,
     push_kwargs: dict[str, Any] | None = None,
+    **card_options: Any,
 ) -> CommitInfo:
     """Push a long-tailed ``DatasetDict`` and its card to the dataset repo ``repo_id``.
 
@@ -258,7 +250,9 @@ def push_long_tailed_dataset(
     call), then: ``create_repo(repo_type="dataset", exist_ok=True)``, the card uploaded as
     ``README.md``, then ``dataset_dict.push_to_hub`` which adds its ``dataset_info``/``configs``
     metadata to that README and keeps the card's text. Returns the data commit's ``CommitInfo``.
-    ``push_kwargs`` go to ``DatasetDict.push_to_hub`` (e.g. ``max_shard_size``).
+    ``push_kwargs`` go to ``DatasetDict.push_to_hub`` (e.g. ``max_shard_size``);
+    ``card_options`` to :func:`build_dataset_card` (``source``, ``imbalance_factor``,
+    ``profile``, ``seed``, ``label_column``, ``train_split``, ``license``, ``thresholds``, ...).
 
     Nothing local is modified. Any Hub/network failure raises :class:`PushToHubError` (the
     cause chained); calling again is safe: it re-uploads the card and replaces the shards.
@@ -276,17 +270,7 @@ def push_long_tailed_dataset(
         raise PushToHubError(
             f"Cannot push the dataset to {repo_id!r}: {err} Use 'namespace/name'.", call
         ) from err
-    card = build_dataset_card(
-        dataset_dict,
-        repo_id,
-        source=source,
-        imbalance_factor=imbalance_factor,
-        profile=profile,
-        seed=seed,
-        label_column=label_column,
-        train_split=train_split,
-        license=license,
-    )
+    card = build_dataset_card(dataset_dict, repo_id, **card_options)
     if api is None:
         from huggingface_hub import HfApi
 

@@ -14,7 +14,7 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hf_longtail.hub.card import CARD_OPTIONS, DEFAULT_LICENSE, write_model_card
+from hf_longtail.hub.card import CARD_OPTIONS, write_model_card
 from hf_longtail.hub.rundir import CARD_FILE, validate_output_dir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -64,28 +64,21 @@ def files_to_push(output_dir: str | Path) -> list[str]:
     return sorted(selected)
 
 
-def retry_command(
-    output_dir: str | Path,
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    revision: str | None = None,
-    license: str = DEFAULT_LICENSE,
-    dataset_repo_id: str | None = None,
-    base_model: str | None = None,
-    keep_card: bool = False,
-) -> str:
-    """The shell command that pushes ``output_dir`` again with the same options (no token)."""
+def retry_command(output_dir: str | Path, repo_id: str, **options: Any) -> str:
+    """The shell command that pushes ``output_dir`` again with the same options (no token):
+    ``options`` are the keyword options of :func:`push_long_tail_model` (``private``,
+    ``revision``, ``keep_card`` and the :data:`~hf_longtail.hub.card.CARD_OPTIONS` ``license``,
+    ``dataset_repo_id``, ``base_model``); the others (``token``, ``api``, ...) are not part of
+    the command."""
     parts = ["python", "-m", "hf_longtail.hub", "push", str(output_dir), "--repo-id", repo_id]
-    if private:
+    if options.get("private"):
         parts.append("--private")
-    if revision:
-        parts += ["--revision", revision]
-    given = {"license": license, "dataset_repo_id": dataset_repo_id, "base_model": base_model}
+    if options.get("revision"):
+        parts += ["--revision", options["revision"]]
     for option in CARD_OPTIONS:
-        if given[option.name] not in (None, option.default):
-            parts += [option.flag, given[option.name]]
-    if keep_card:
+        if options.get(option.name) not in (None, option.default):
+            parts += [option.flag, options[option.name]]
+    if options.get("keep_card"):
         parts.append("--keep-card")
     return shlex.join(parts)
 
@@ -142,11 +135,9 @@ def push_long_tail_model(
     private: bool | None = None,
     commit_message: str = DEFAULT_COMMIT_MESSAGE,
     revision: str | None = None,
-    license: str = DEFAULT_LICENSE,
-    base_model: str | None = None,
-    dataset_repo_id: str | None = None,
     keep_card: bool = False,
     api: HfApi | None = None,
+    **card: Any,
 ) -> CommitInfo:
     """Push a finished run directory to the model repo ``repo_id``; return the ``CommitInfo``.
 
@@ -155,7 +146,9 @@ def push_long_tail_model(
     ``keep_card`` and one exists); ``create_repo(exist_ok=True)``; create ``revision`` as a
     branch if given; ``upload_folder`` restricted to :func:`files_to_push` (model, processor,
     card, plots, ``all_results.json``, ``longtail_run.json``; no checkpoints or optimizer
-    state). ``api`` defaults to ``HfApi(token=token)``; pass one to inject a client.
+    state). ``api`` defaults to ``HfApi(token=token)``; pass one to inject a client. ``card``:
+    the :data:`~hf_longtail.hub.card.CARD_OPTIONS` (``license`` (default apache-2.0),
+    ``base_model``, ``dataset_repo_id``), for the card and the retry command.
 
     Local files are only ever read (and ``README.md`` written). Any error of the Hub part
     (offline mode, no or bad token, wrong repo id, HTTP or network error mid-upload) is raised
@@ -164,16 +157,15 @@ def push_long_tail_model(
     """
     from huggingface_hub.utils import validate_repo_id
 
+    unknown = sorted(set(card) - {option.name for option in CARD_OPTIONS})
+    if unknown:
+        raise TypeError(
+            f"push_long_tail_model got unknown option(s) {unknown}; the card options are "
+            f"{[option.name for option in CARD_OPTIONS]}."
+        )
     path = validate_output_dir(output_dir, require_run_info=not keep_card)
     retry = retry_command(
-        path,
-        repo_id,
-        private=private,
-        revision=revision,
-        license=license,
-        dataset_repo_id=dataset_repo_id,
-        base_model=base_model,
-        keep_card=keep_card,
+        path, repo_id, private=private, revision=revision, keep_card=keep_card, **card
     )
     try:
         validate_repo_id(repo_id)
@@ -185,13 +177,7 @@ def push_long_tail_model(
             retry,
         ) from err
     if not (keep_card and (path / CARD_FILE).is_file()):
-        write_model_card(
-            path,
-            repo_id,
-            license=license,
-            base_model=base_model,
-            dataset_repo_id=dataset_repo_id,
-        )
+        write_model_card(path, repo_id, **card)
     files = files_to_push(path)
 
     if api is None:

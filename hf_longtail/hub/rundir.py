@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hf_longtail.class_counts import ClassCounts
+
 # The file names are those the trainer writes, defined once in hf_longtail.run_directory (also
 # importable from here, where the hub's readers always found them).
 from hf_longtail.run_directory import (  # noqa: F401
@@ -26,6 +28,7 @@ from hf_longtail.run_directory import (  # noqa: F401
     RESULTS_FILE,
     RUN_FILE,
     WEIGHT_FILES,
+    thresholds_of,
 )
 
 _HOW_TO_PRODUCE = {
@@ -158,30 +161,29 @@ def _metric_prefix(results: dict[str, Any], path: Path) -> str:
 
 
 def _class_counts(dataset: dict[str, Any], path: Path) -> list[int]:
-    counts = dataset.get("class_counts")
     where = f"{path / RUN_FILE}: dataset.class_counts"
-    if not isinstance(counts, list) or not counts:
+    try:  # the one count rule of the package (ClassCounts), with the file in every message
+        return ClassCounts.coerce(dataset.get("class_counts"), name=where).to_list()
+    except (TypeError, ValueError) as err:
         raise OutputDirError(
-            f"{where} must be a non-empty list of per-class training image counts (label order), "
-            f"got {counts!r}."
+            f"{err}; it must list the training images per class (label order)."
+        ) from err
+
+
+def _per_class(value: Any, k: int, where: str) -> list[Any] | None:
+    """``value`` (``None`` or a list with one entry per class) or an :class:`OutputDirError`."""
+    if value is not None and (not isinstance(value, list) or len(value) != k):
+        got = len(value) if isinstance(value, list) else type(value).__name__
+        raise OutputDirError(
+            f"{where} must have one value per class ({k}, the length of {RUN_FILE} "
+            f"dataset.class_counts), got {got}."
         )
-    out = []
-    for i, c in enumerate(counts):
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or c < 0 or int(c) != c:
-            raise OutputDirError(f"{where}[{i}] must be a non-negative integer, got {c!r}.")
-        out.append(int(c))
-    return out
+    return value
 
 
 def _class_names(dataset: dict[str, Any], config: dict[str, Any], k: int, path: Path) -> list[str]:
-    names = dataset.get("class_names")
+    names = _per_class(dataset.get("class_names"), k, f"{path / RUN_FILE}: dataset.class_names")
     if names is not None:
-        if not isinstance(names, list) or len(names) != k:
-            got = len(names) if isinstance(names, list) else type(names).__name__
-            raise OutputDirError(
-                f"{path / RUN_FILE}: dataset.class_names must list one name per class ({k}, the "
-                f"length of dataset.class_counts), got {got}."
-            )
         return [str(n) for n in names]
     id2label = config.get("id2label")
     if isinstance(id2label, dict) and len(id2label) == k:
@@ -218,23 +220,17 @@ def read_run_dir(output_dir: str | Path) -> RunDir:
         for key, value in results.items()
         if key.startswith(prefix) and not isinstance(value, (list, dict, str))
     }
-    per_class = results.get(f"{prefix}per_class_accuracy")
+    per_class = _per_class(
+        results.get(f"{prefix}per_class_accuracy"),
+        k,
+        f"{path / RESULTS_FILE}: {prefix}per_class_accuracy",
+    )
     if per_class is not None:
-        if not isinstance(per_class, list) or len(per_class) != k:
-            got = len(per_class) if isinstance(per_class, list) else type(per_class).__name__
-            raise OutputDirError(
-                f"{path / RESULTS_FILE}: {prefix}per_class_accuracy must have one value per class "
-                f"({k}, from longtail_run.json dataset.class_counts), got {got}."
-            )
         per_class = [_as_float(v) for v in per_class]
-    thresholds = dict(DEFAULT_THRESHOLDS)
-    recorded = run.get("metric_thresholds")
-    if isinstance(recorded, dict):
-        for key in ("many", "few"):
-            if isinstance(recorded.get(key), (int, float)) and not isinstance(
-                recorded.get(key), bool
-            ):
-                thresholds[key] = int(recorded[key])
+    try:  # the rule the trainer recorded them with (ShotThresholds)
+        thresholds = thresholds_of(run)
+    except (TypeError, ValueError) as err:
+        raise OutputDirError(f"{path / RUN_FILE}: metric_thresholds: {err}") from err
     return RunDir(
         path=path,
         config=config,

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from hf_longtail.class_counts import fill_zero_counts
+from hf_longtail.class_counts import ClassCounts, fill_zero_counts
 
 __all__ = ["CheckedTarget", "as_class_counts", "check_logits_and_target"]
 
@@ -22,44 +22,16 @@ _SOFT_TARGET_ATOL = 1e-3
 def as_class_counts(class_counts: Any, name: str = "class_counts") -> torch.Tensor:
     """Validate training-set class counts and return them as a 1-D float64 CPU tensor.
 
-    Accepts a sequence, a NumPy array or a tensor with one entry per class (``K >= 2``), every
-    entry finite and ``>= 0``, at least one ``> 0``. Counts need not be integers.
+    The validation is :class:`hf_longtail.class_counts.ClassCounts`'s, the one rule of the
+    package: a sequence, NumPy array, tensor or ``ClassCounts`` with one entry per class
+    (``K >= 2``), every entry a non-negative integer, at least one ``> 0``; errors name the
+    position and the value.
 
     Classes with zero training samples are allowed (a :class:`UserWarning` names them); what each
     loss does with them is documented on the loss (never inf/NaN).
     """
-    if isinstance(class_counts, torch.Tensor):
-        counts = class_counts.detach().to("cpu", torch.float64)
-    else:
-        if isinstance(class_counts, (str, bytes, dict)):
-            raise TypeError(
-                f"{name} must be a sequence of per-class training-sample counts "
-                f"(list, NumPy array or tensor); got {type(class_counts).__name__}"
-            )
-        try:
-            counts = torch.as_tensor(class_counts, dtype=torch.float64)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise TypeError(
-                f"{name} must be a sequence of numbers (per-class training-sample counts); "
-                f"got {type(class_counts).__name__}: {err}"
-            ) from err
-    if counts.dim() != 1:
-        raise ValueError(
-            f"{name} must be 1-D (one count per class); got shape {tuple(counts.shape)}"
-        )
-    if counts.numel() < 2:
-        raise ValueError(f"{name} must have at least 2 classes; got {counts.numel()}")
-    bad = ~torch.isfinite(counts)
-    if bad.any():
-        idx = int(bad.nonzero()[0])
-        raise ValueError(f"{name}[{idx}] = {counts[idx].item()} is not finite; counts must be >= 0")
-    neg = counts < 0
-    if neg.any():
-        idx = int(neg.nonzero()[0])
-        raise ValueError(f"{name}[{idx}] = {counts[idx].item():g} is negative; counts must be >= 0")
-    if counts.sum() <= 0:
-        raise ValueError(f"{name} sums to 0; at least one class needs training samples")
-    zero = (counts == 0).nonzero().flatten().tolist()
+    counts = ClassCounts.coerce(class_counts, name=name)
+    zero = [c for c, n in enumerate(counts) if n == 0]
     if zero:
         shown = ", ".join(map(str, zero[:10])) + (" ..." if len(zero) > 10 else "")
         warnings.warn(
@@ -69,7 +41,7 @@ def as_class_counts(class_counts: Any, name: str = "class_counts") -> torch.Tens
             # A fixed location: Python then shows the message once, not once per loss component.
             stacklevel=1,
         )
-    return counts
+    return torch.tensor(counts.counts, dtype=torch.float64)
 
 
 def safe_counts(counts: torch.Tensor) -> torch.Tensor:

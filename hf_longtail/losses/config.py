@@ -295,6 +295,27 @@ class LongTailLossConfig:
         kwargs.update(self.base_options)
         return kwargs
 
+    def ccar_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``CCARLoss(counts, base=..., **kwargs)``: every ``ccar_*``
+        field without its prefix (``ccar`` itself, the switch, excluded), plus ``validate``."""
+        return self._prefixed_kwargs("ccar_")
+
+    def car_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``ConfusionSpectralRegularizer(counts, **kwargs)``: every
+        ``car_*`` field without its prefix (``car_weight`` as ``alpha``), plus ``validate``."""
+        kwargs = self._prefixed_kwargs("car_")
+        kwargs["alpha"] = kwargs.pop("weight")
+        return kwargs
+
+    def _prefixed_kwargs(self, prefix: str) -> dict[str, Any]:
+        kwargs = {
+            f.name[len(prefix) :]: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name.startswith(prefix)
+        }
+        kwargs["validate"] = self.validate
+        return kwargs
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python dict of every field (JSON/YAML serializable)."""
         return dataclasses.asdict(self)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from hf_longtail.class_counts import ClassCounts
 from hf_longtail.losses._validation import as_class_counts, safe_counts
 
 __all__ = [
@@ -42,8 +43,9 @@ def log_class_prior(class_counts: Any) -> torch.Tensor:
 
 
 def _log_prior(counts: torch.Tensor) -> torch.Tensor:
-    counts = safe_counts(counts)
-    return torch.log(counts) - torch.log(counts.sum())
+    # The one log-prior rule (zeros filled with the smallest positive count), shared with the
+    # metrics' post-hoc adjustment: ClassCounts.log_prior.
+    return torch.tensor(ClassCounts(counts).log_prior(), dtype=torch.float64)
 
 
 def effective_number_weights(class_counts: Any, beta: float = 0.9999) -> torch.Tensor:

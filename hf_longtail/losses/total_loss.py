@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_longtail.class_counts import DEFAULT_THRESHOLDS, check_thresholds, many_shot_mask
+from hf_longtail.class_counts import DEFAULT_THRESHOLDS, ClassCounts, check_thresholds
 from hf_longtail.losses._validation import as_class_counts
 from hf_longtail.losses.base import BaseLoss, create_base_loss, fp32_region, upcast
 from hf_longtail.losses.car import ConfusionSpectralRegularizer
@@ -37,9 +37,9 @@ def head_class_mask(
 ) -> torch.Tensor:
     """Head classes for the ``ccar_weight_head``/``_tail`` statistics: the many-shot classes,
     ``N_c > many_threshold`` (default 100), the shot-group rule the metrics and the model card
-    use (:mod:`hf_longtail.class_counts`). The tail is every other class (medium- and
-    few-shot)."""
-    return many_shot_mask(as_class_counts(class_counts), many_threshold)
+    use (:meth:`hf_longtail.class_counts.ClassCounts.many_shot`). The tail is every other class
+    (medium- and few-shot)."""
+    return torch.tensor(ClassCounts.coerce(class_counts).many_shot(many_threshold))
 
 
 class LongTailLoss(nn.Module):
@@ -152,10 +152,9 @@ class LongTailLoss(nn.Module):
 
     # ------------------------------------------------------------------ files (peft style)
     @property
-    def class_counts(self) -> list[float]:
+    def class_counts(self) -> list[int]:
         """The training-set class counts the loss was built from."""
-        counts = self.base_loss.class_counts.double().tolist()
-        return [int(c) if float(c).is_integer() else c for c in counts]
+        return ClassCounts(self.base_loss.class_counts).to_list()
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``longtail_loss.json`` (config, counts, names) and ``longtail_loss.safetensors``.
@@ -234,7 +233,9 @@ def build_loss(
 
     ``config`` may be a :class:`LongTailLossConfig`, its ``to_dict()`` form or ``None`` (plain
     cross-entropy). CCAR wraps the base loss when ``config.ccar``; CAR is added when
-    ``config.car_weight > 0``.
+    ``config.car_weight > 0``. ``class_counts``: a list, array, tensor or
+    :class:`~hf_longtail.class_counts.ClassCounts` (whose names serve when ``class_names`` is
+    ``None``).
     """
     if config is None:
         config = LongTailLossConfig()
@@ -244,38 +245,16 @@ def build_loss(
         raise TypeError(
             f"config must be a LongTailLossConfig or a dict; got {type(config).__name__}"
         )
+    if class_names is None and isinstance(class_counts, ClassCounts) and class_counts.names:
+        class_names = list(class_counts.names)
     counts = as_class_counts(class_counts)
     base = create_base_loss(config.base, counts, **config.base_loss_kwargs())
     criterion: BaseLoss | CCARLoss = base
     if config.ccar:
-        criterion = CCARLoss(
-            counts,
-            base=base,
-            omega=config.ccar_omega,
-            variant=config.ccar_variant,
-            detach_weight=config.ccar_detach_weight,
-            p_t_from=config.ccar_p_t_from,
-            validate=config.validate,
-        )
+        criterion = CCARLoss(counts, base=base, **config.ccar_kwargs())
     regularizer = None
     if config.car_enabled:
-        regularizer = ConfusionSpectralRegularizer(
-            counts,
-            alpha=config.car_weight,
-            beta=config.car_beta,
-            r0=config.car_r0,
-            tau=config.car_tau,
-            detach_gate=config.car_detach_gate,
-            margin=config.car_margin,
-            weights=config.car_weights,
-            count_offset=config.car_count_offset,
-            ema=config.car_ema,
-            solver=config.car_solver,
-            subspace_size=config.car_subspace_size,
-            max_iterations=config.car_max_iterations,
-            tol=config.car_tol,
-            validate=config.validate,
-        )
+        regularizer = ConfusionSpectralRegularizer(counts, **config.car_kwargs())
     return LongTailLoss(
         criterion,
         regularizer,

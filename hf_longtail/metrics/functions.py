@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_longtail.class_counts import DEFAULT_THRESHOLDS, fill_zero_counts, many_shot_mask
+from hf_longtail.class_counts import DEFAULT_THRESHOLDS, ClassCounts, ShotThresholds
 
 __all__ = [
     "LongTailMetricAccumulator",
@@ -56,20 +56,9 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
 
 
 def _as_class_counts(train_class_counts: Any) -> np.ndarray:
-    counts = _to_numpy(train_class_counts, "train_class_counts")
-    if counts.ndim != 1 or counts.size == 0:
-        raise ValueError(
-            "`train_class_counts` must be a non-empty 1-D sequence with one training-image count "
-            f"per class (index = label id); got shape {counts.shape}."
-        )
-    if not np.issubdtype(counts.dtype, np.number):
-        raise ValueError(f"`train_class_counts` must be numeric; got dtype {counts.dtype}.")
-    if not np.all(np.isfinite(counts)) or np.any(counts < 0) or np.any(counts != np.round(counts)):
-        raise ValueError(
-            "`train_class_counts` must hold non-negative integers (number of training images "
-            f"per class); got {counts.tolist()[:20]}{'...' if counts.size > 20 else ''}."
-        )
-    return counts.astype(np.int64)
+    """The validated counts (:class:`~hf_longtail.class_counts.ClassCounts`'s rule) as int64."""
+    counts = ClassCounts.coerce(train_class_counts, name="train_class_counts")
+    return np.asarray(counts.counts, dtype=np.int64)
 
 
 def _as_labels(labels: Any, num_classes: int, name: str = "labels") -> np.ndarray:
@@ -91,15 +80,6 @@ def _as_labels(labels: Any, num_classes: int, name: str = "labels") -> np.ndarra
     return arr
 
 
-def _validate_thresholds(many_threshold: float, few_threshold: float) -> None:
-    if few_threshold > many_threshold:
-        raise ValueError(
-            f"`few_threshold` ({few_threshold}) must not exceed `many_threshold` "
-            f"({many_threshold}): few-shot classes have < few_threshold training images and "
-            "many-shot classes > many_threshold."
-        )
-
-
 def shot_groups(
     train_class_counts: Sequence[int] | np.ndarray,
     many_threshold: float = DEFAULT_THRESHOLDS["many"],
@@ -111,18 +91,12 @@ def shot_groups(
     ``few``: ``n_c < few_threshold``. (OLTR's original code used ``>= 100`` / ``<= 20``; pass
     ``many_threshold=99, few_threshold=21`` to reproduce it with integer counts.)
 
-    Returns ``{"many": [...], "medium": [...], "few": [...]}`` with sorted class ids.
+    Returns ``{"many": [...], "medium": [...], "few": [...]}`` with sorted class ids
+    (:meth:`hf_longtail.class_counts.ClassCounts.shot_groups`, the one shot-group rule).
     """
-    _validate_thresholds(many_threshold, few_threshold)
-    counts = _as_class_counts(train_class_counts)
-    many = many_shot_mask(counts, many_threshold)  # the one shot-group rule
-    few = counts < few_threshold
-    medium = ~many & ~few
-    return {
-        "many": np.flatnonzero(many).tolist(),
-        "medium": np.flatnonzero(medium).tolist(),
-        "few": np.flatnonzero(few).tolist(),
-    }
+    thresholds = ShotThresholds(many_threshold, few_threshold)
+    counts = ClassCounts.coerce(train_class_counts, name="train_class_counts")
+    return counts.shot_groups(thresholds)
 
 
 def logit_adjust(
@@ -135,18 +109,14 @@ def logit_adjust(
     rule of the losses' priors), so its adjustment stays finite and equals
     :func:`hf_longtail.losses.post_hoc_logit_adjust`. Returns a float64 numpy array.
     """
-    counts = _as_class_counts(train_class_counts)
+    counts = ClassCounts.coerce(train_class_counts, name="train_class_counts")
     z = _to_numpy(logits, "logits").astype(np.float64)
-    if z.ndim != 2 or z.shape[1] != counts.size:
+    if z.ndim != 2 or z.shape[1] != len(counts):
         raise ValueError(
-            f"`logits` must have shape (N, {counts.size}) to match train_class_counts; got {z.shape}."
+            f"`logits` must have shape (N, {len(counts)}) to match train_class_counts; got "
+            f"{z.shape}."
         )
-    return z - float(tau) * _log_prior(counts)
-
-
-def _log_prior(counts: np.ndarray) -> np.ndarray:
-    c = fill_zero_counts(counts.astype(np.float64))
-    return np.log(c) - np.log(c.sum())
+    return z - float(tau) * np.asarray(counts.log_prior())
 
 
 def confusion_matrix(predictions: Any, labels: Any, num_classes: int) -> np.ndarray:
@@ -234,8 +204,8 @@ def expected_calibration_error(logits: Any, labels: Any, n_bins: int = 15) -> fl
     the mean confidence in the bin (Guo et al., 2017). Softmax is computed in float64.
     """
     z = _to_numpy(logits, "logits")
-    if z.ndim != 2:
-        raise ValueError(f"`logits` must have shape (N, K); got {z.shape}.")
+    if z.ndim != 2 or z.shape[1] < 2:
+        raise ValueError(f"`logits` must have shape (N, K) with K >= 2 classes; got {z.shape}.")
     acc = LongTailMetricAccumulator(np.ones(z.shape[1], dtype=np.int64), ece_bins=n_bins)
     acc.update(z, labels)
     return acc._ece()  # type: ignore[return-value]
@@ -248,14 +218,20 @@ class LongTailMetricAccumulator:
     serves iNaturalist-size evaluations and the Trainer's ``batch_eval_metrics`` mode. Results are
     identical to calling :func:`long_tail_metrics` once on the concatenated inputs.
 
-    Args:
-        train_class_counts: training images per class (length ``K``), which fixes ``K`` and the
-            shot groups.
-        many_threshold, few_threshold: shot-group thresholds (see the module docstring).
+    Args (the metric options; :func:`long_tail_metrics`, :class:`LongTailComputeMetrics` and
+    the ``evaluate`` metric pass theirs on to here):
+        train_class_counts: training images per class (length ``K``): a list, an array, a tensor
+            or a :class:`~hf_longtail.class_counts.ClassCounts` (its names serve as
+            ``class_names`` when those are not given); it fixes ``K`` and the shot groups.
+        many_threshold, few_threshold: shot-group thresholds
+            (:class:`~hf_longtail.class_counts.ShotThresholds`): many-shot
+            ``n_c > many_threshold``, few-shot ``n_c < few_threshold``, medium-shot otherwise
+            (OLTR's original code: ``>= 100`` / ``<= 20``, i.e. ``many_threshold=99,
+            few_threshold=21``).
         class_names: optional names (length ``K``) used for ``worst_class_name``.
-        ece_bins: number of equal-width confidence bins of the ECE.
+        ece_bins: number of equal-width confidence bins of the ECE (15, as in Guo et al., 2017).
         logit_adjustment_tau: if set, logits are replaced by ``logits - tau * log(prior)`` before
-            anything else (predictions and ECE both use the adjusted logits).
+            anything else (predictions and ECE both use the adjusted logits; logits only).
     """
 
     def __init__(
@@ -267,26 +243,22 @@ class LongTailMetricAccumulator:
         ece_bins: int = 15,
         logit_adjustment_tau: float | None = None,
     ) -> None:
-        _validate_thresholds(many_threshold, few_threshold)
-        self.train_class_counts = _as_class_counts(train_class_counts)
-        self.num_classes = int(self.train_class_counts.size)
-        if class_names is not None:
-            class_names = [str(n) for n in class_names]
-            if len(class_names) != self.num_classes:
-                raise ValueError(
-                    f"`class_names` has {len(class_names)} entries but train_class_counts has "
-                    f"{self.num_classes}; pass one name per class id."
-                )
+        self.thresholds = ShotThresholds(many_threshold, few_threshold)
+        self.class_counts = ClassCounts.coerce(
+            train_class_counts, class_names, name="train_class_counts"
+        )
+        self.train_class_counts = np.asarray(self.class_counts.counts, dtype=np.int64)
+        self.num_classes = len(self.class_counts)
         if int(ece_bins) < 1:
             raise ValueError(f"`ece_bins` must be >= 1; got {ece_bins}.")
-        self.class_names = class_names
+        names = self.class_counts.names
+        self.class_names = list(names) if names is not None else None
         self.many_threshold = many_threshold
         self.few_threshold = few_threshold
         self.ece_bins = int(ece_bins)
         self.logit_adjustment_tau = logit_adjustment_tau
-        # Only with an adjustment: all-zero counts are otherwise fine for the metrics.
         self._log_prior = (
-            _log_prior(self.train_class_counts) if logit_adjustment_tau is not None else None
+            np.asarray(self.class_counts.log_prior()) if logit_adjustment_tau is not None else None
         )
         self.reset()
 
@@ -386,7 +358,7 @@ class LongTailMetricAccumulator:
         recall = np.divide(tp, n_true, out=np.zeros(k), where=evaluated)
         per_class: list[float | None] = [float(r) if e else None for r, e in zip(recall, evaluated)]
 
-        groups = shot_groups(self.train_class_counts, self.many_threshold, self.few_threshold)
+        groups = self.class_counts.shot_groups(self.thresholds)
 
         def group_mean(ids: list[int]) -> float | None:
             ids = [i for i in ids if evaluated[i]]
@@ -435,12 +407,8 @@ class LongTailMetricAccumulator:
 def long_tail_metrics(
     logits_or_predictions: Any,
     labels: Any,
-    train_class_counts: Sequence[int] | np.ndarray,
-    many_threshold: float = DEFAULT_THRESHOLDS["many"],
-    few_threshold: float = DEFAULT_THRESHOLDS["few"],
-    class_names: Sequence[str] | None = None,
-    ece_bins: int = 15,
-    logit_adjustment_tau: float | None = None,
+    train_class_counts: Sequence[int] | np.ndarray | ClassCounts,
+    **options: Any,
 ) -> dict[str, Any]:
     """All long-tail evaluation metrics of one set of predictions.
 
@@ -449,13 +417,8 @@ def long_tail_metrics(
             ``(N,)``. With ids only, ``ece`` is ``None`` and logit adjustment is unavailable.
         labels: true class ids ``(N,)`` in ``[0, K)``.
         train_class_counts: training images per class, length ``K`` (defines the shot groups).
-        many_threshold, few_threshold: many-shot ``n_c > many_threshold``, few-shot
-            ``n_c < few_threshold``, medium-shot otherwise (OLTR's original code: ``>= 100`` /
-            ``<= 20``, i.e. ``many_threshold=99, few_threshold=21``).
-        class_names: optional names, to report ``worst_class_name``.
-        ece_bins: equal-width confidence bins of the ECE (15, as in Guo et al., 2017).
-        logit_adjustment_tau: post-hoc logit adjustment ``logits - tau * log(prior)`` applied
-            before computing predictions and the ECE.
+        options: the metric options of :class:`LongTailMetricAccumulator` (``many_threshold``,
+            ``few_threshold``, ``class_names``, ``ece_bins``, ``logit_adjustment_tau``).
 
     Returns a JSON-serialisable dict (Python floats/ints, ``None`` for undefined values):
 
@@ -475,13 +438,6 @@ def long_tail_metrics(
     - ``num_many`` / ``num_medium`` / ``num_few``: classes per group (all ``K`` classes, by
       training count); ``num_evaluated_classes``; ``num_samples``.
     """
-    acc = LongTailMetricAccumulator(
-        train_class_counts,
-        many_threshold=many_threshold,
-        few_threshold=few_threshold,
-        class_names=class_names,
-        ece_bins=ece_bins,
-        logit_adjustment_tau=logit_adjustment_tau,
-    )
+    acc = LongTailMetricAccumulator(train_class_counts, **options)
     acc.update(logits_or_predictions, labels)
     return acc.compute()

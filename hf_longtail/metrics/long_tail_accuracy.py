@@ -81,28 +81,13 @@ class LongTailAccuracy(evaluate.Metric):
         )
 
     def _compute(
-        self,
-        predictions: Any,
-        references: Any,
-        train_class_counts: Any = None,
-        many_threshold: float = 100,
-        few_threshold: float = 20,
-        class_names: list[str] | None = None,
-        ece_bins: int = 15,
-        logit_adjustment_tau: float | None = None,
+        self, predictions: Any, references: Any, train_class_counts: Any = None, **options: Any
     ) -> dict[str, Any]:
+        # options: many_threshold, few_threshold, class_names, ece_bins, logit_adjustment_tau
+        # (the metric options of long_tail_metrics, checked there).
         if train_class_counts is None:
             raise ValueError(
                 "long_tail_accuracy needs `train_class_counts` (training images per class), e.g. "
                 "metric.compute(predictions=..., references=..., train_class_counts=[5000, 2997, ...])."
             )
-        return long_tail_metrics(
-            predictions,
-            references,
-            train_class_counts,
-            many_threshold=many_threshold,
-            few_threshold=few_threshold,
-            class_names=class_names,
-            ece_bins=ece_bins,
-            logit_adjustment_tau=logit_adjustment_tau,
-        )
+        return long_tail_metrics(predictions, references, train_class_counts, **options)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_longtail.class_counts import DEFAULT_THRESHOLDS
+from hf_longtail.class_counts import ClassCounts
 from hf_longtail.metrics.functions import LongTailMetricAccumulator, _to_numpy
 
 __all__ = ["IGNORE_INDEX", "LongTailComputeMetrics", "make_compute_metrics"]
@@ -58,22 +58,14 @@ class LongTailComputeMetrics:
 
     def __init__(
         self,
-        train_class_counts: Sequence[int] | np.ndarray,
-        many_threshold: float = DEFAULT_THRESHOLDS["many"],
-        few_threshold: float = DEFAULT_THRESHOLDS["few"],
-        class_names: Sequence[str] | None = None,
-        logit_adjustment_tau: float | None = None,
-        ece_bins: int = 15,
+        train_class_counts: Sequence[int] | np.ndarray | ClassCounts,
+        *,
         include_per_class: bool = True,
+        **options: Any,
     ) -> None:
-        self._acc = LongTailMetricAccumulator(
-            train_class_counts,
-            many_threshold=many_threshold,
-            few_threshold=few_threshold,
-            class_names=class_names,
-            ece_bins=ece_bins,
-            logit_adjustment_tau=logit_adjustment_tau,
-        )
+        # options: the metric options of LongTailMetricAccumulator (many_threshold,
+        # few_threshold, class_names, ece_bins, logit_adjustment_tau), checked there.
+        self._acc = LongTailMetricAccumulator(train_class_counts, **options)
         self.include_per_class = include_per_class
 
     @property
@@ -129,7 +121,8 @@ def make_compute_metrics(
     """Build a ``compute_metrics`` for ``transformers.Trainer``: a
     :class:`LongTailComputeMetrics` with its keyword ``options`` (``many_threshold``,
     ``few_threshold``, ``class_names``, ``logit_adjustment_tau``, ``ece_bins``,
-    ``include_per_class``).
+    ``include_per_class``); the options other than ``include_per_class`` are those of
+    :class:`~hf_longtail.metrics.LongTailMetricAccumulator`.
 
     Example::
 

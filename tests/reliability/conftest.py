@@ -13,3 +13,12 @@ import pytest
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     """Every reliability test runs torch on one thread (tests/conftest.py ``one_thread``)."""
+
+
+@pytest.fixture(scope="module")
+def train():
+    """``scripts/train.py`` loaded as a module (its ``main``, parsers and helpers), per test
+    module."""
+    from _reliability_helpers import load_train_module
+
+    return load_train_module()

@@ -10,12 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from _reliability_helpers import TINY_RUN, load_train_module
-
-
-@pytest.fixture(scope="module")
-def train():
-    return load_train_module()
+from _reliability_helpers import TINY_RUN
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,6 @@ from collections import namedtuple
 import pytest
 from _reliability_helpers import (
     TINY_RUN,
-    load_train_module,
     run_files,
     tiny_vit,
     train_dataset,
@@ -35,11 +34,6 @@ RECIPE = {
     "dataset": {"name": "digits", "imbalance_factor": 10.0},
     "loss": LongTailLossConfig(ccar=True).to_dict(),
 }
-
-
-@pytest.fixture(scope="module")
-def train():
-    return load_train_module()
 
 
 @pytest.fixture(scope="module")

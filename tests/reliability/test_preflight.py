@@ -14,18 +14,13 @@ import logging
 
 import numpy as np
 import pytest
-from _reliability_helpers import TINY_RUN, image_arrays, load_train_module
+from _reliability_helpers import TINY_RUN, image_arrays
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from PIL import Image as PILImage
 
 from hf_longtail.data import BadImageError, check_images
 
 COUNTS = (20, 20, 20, 20)  # balanced source, made long-tailed (IF 4) by the run
-
-
-@pytest.fixture(scope="module")
-def train():
-    return load_train_module()
 
 
 def _flags(dataset: str, out) -> list[str]:

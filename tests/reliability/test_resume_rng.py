@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _reliability_helpers import image_dataset, model_state, training_args
+from _reliability_helpers import image_dataset, model_state, tiny_vit, training_args
 from torchvision.transforms import v2
 
 from hf_longtail import LongTailTrainer
@@ -35,21 +35,7 @@ def _augmenting_dataset(resized_crop: bool = False):
 
 
 def _dropout_vit():
-    from transformers import ViTConfig, ViTForImageClassification
-
-    config = ViTConfig(
-        image_size=8,
-        patch_size=4,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        hidden_dropout_prob=0.2,
-        attention_probs_dropout_prob=0.1,
-        num_labels=6,
-    )
-    torch.manual_seed(0)
-    return ViTForImageClassification(config)
+    return tiny_vit(num_labels=6, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.1)
 
 
 def _trainer(
@@ -89,7 +75,6 @@ def test_fast_path_resume_with_workers_is_exact(tmp_path, pixel_cache):
     uninterrupted one did; the streaming path (workers seeded per iterator) ends elsewhere.
     (No dropout and no mixup here: those draw from the main process's RNGs, which the sampler
     re-seeds ahead of time when workers prefetch.)"""
-    from _reliability_helpers import tiny_vit
 
     from hf_longtail.data import collate_fn
 

@@ -14,17 +14,12 @@ import warnings
 
 import pytest
 import torch
-from _reliability_helpers import TINY_RUN, load_train_module, tiny_vit, train_dataset, training_args
+from _reliability_helpers import TINY_RUN, tiny_vit, train_dataset, training_args
 from safetensors.torch import load_file
 
 from hf_longtail import LongTailTrainer
 from hf_longtail.data import collate_fn
 from hf_longtail.trainer import NonFiniteLossError
-
-
-@pytest.fixture(scope="module")
-def train():
-    return load_train_module()
 
 
 @pytest.mark.parametrize(
