@@ -653,6 +653,55 @@ class LongTailTrainer(Trainer):
             write_json(os.path.join(self.args.output_dir, RUN_FILE), record)
         return record
 
+    def apply_posthoc_adjustment(
+        self,
+        tau: float | str,
+        validation_dataset: Any = None,
+        *,
+        validation_split: str | None = None,
+        taus: Sequence[float] | None = None,
+    ) -> dict[str, Any]:
+        """Fold post-hoc logit adjustment ``logits - tau * log(prior)`` into the model's
+        classifier bias (:func:`hf_longtail.features.fold_logit_adjustment`), so the saved model
+        predicts what is reported; call it after training, before :meth:`save_model` and
+        :meth:`evaluate_and_save` (which then evaluates the adjusted model as it is).
+
+        ``tau="auto"`` chooses tau on ``validation_dataset`` (predicted once) from ``taus``
+        (default :data:`hf_longtail.metrics.POSTHOC_TAUS`, 0 to 2 by 0.25) by balanced accuracy
+        (:func:`hf_longtail.metrics.select_logit_adjustment_tau`); the test split is never
+        used. Returns the record kept as ``posthoc`` in the run record: ``tau``, ``selected_on``
+        (the validation split, or ``None`` for a given tau), ``criterion``, ``grid`` (tau ->
+        validation balanced accuracy) and ``folded_into``.
+        """
+        from hf_longtail.features import fold_logit_adjustment
+        from hf_longtail.metrics import POSTHOC_TAUS, select_logit_adjustment_tau
+
+        record: dict[str, Any] = {"selected_on": None}
+        if tau == "auto":
+            if validation_dataset is None:
+                raise ValueError(
+                    "posthoc tau 'auto' is chosen on a validation split: pass "
+                    "validation_dataset (never the test split), or a fixed tau."
+                )
+            grid = tuple(taus) if taus is not None else POSTHOC_TAUS
+            prediction = self.predict(validation_dataset, metric_key_prefix="validation")
+            logits = _first_array(prediction.predictions)
+            tau, scores = select_logit_adjustment_tau(
+                logits, prediction.label_ids, self.class_counts, grid
+            )
+            record.update(
+                {
+                    "selected_on": validation_split or "validation",
+                    "criterion": "validation balanced accuracy (ties: smaller tau)",
+                    "grid": {f"{t:g}": v for t, v in scores.items()},
+                }
+            )
+        model = self.accelerator.unwrap_model(self.model)
+        fold_logit_adjustment(model, self.class_counts, float(tau))
+        record.update({"tau": float(tau), "folded_into": "classifier bias"})
+        self.run_info = {**(getattr(self, "run_info", {}) or {}), "posthoc": record}
+        return record
+
     def evaluate_and_save(
         self,
         test_dataset: Any = None,
@@ -1174,6 +1223,13 @@ def _uses_features(*datasets: Any) -> bool:
     from hf_longtail.features import is_feature_dataset
 
     return any(d is not None and is_feature_dataset(d) for d in datasets)
+
+
+def _first_array(predictions: Any) -> Any:
+    """The logits of ``Trainer.predict`` output (models with extra outputs give a tuple)."""
+    while isinstance(predictions, tuple):
+        predictions = predictions[0]
+    return predictions
 
 
 def _logits_of(outputs: Any) -> torch.Tensor:
