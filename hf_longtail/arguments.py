@@ -642,6 +642,7 @@ def _check_data_and_run_options(
         )
     data_args.posthoc_tau = parse_posthoc_tau(data_args.posthoc_tau)
     _check_validation_options(data_args, training_args)
+    _check_trackers(training_args)
     check_number("lr_gamma", run_args.lr_gamma, above=0)
     check_number("nonfinite_skip_limit", run_args.nonfinite_skip_limit, minimum=1, integer=True)
     if run_args.early_stopping_patience is not None:
@@ -677,6 +678,21 @@ def _check_data_and_run_options(
             "logit adjustment subtracts again. Use one of the two.",
             UserWarning,
             stacklevel=2,
+        )
+
+
+def _check_trackers(training_args: TrainingArguments) -> None:
+    """``--report_to tensorboard`` without TensorBoard installed fails now, naming the extra
+    (transformers would only fail once the data and the model are loaded)."""
+    from transformers import integrations
+
+    reporters = training_args.report_to or []
+    if isinstance(reporters, str):
+        reporters = [reporters]
+    if "tensorboard" in reporters and not integrations.is_tensorboard_available():
+        raise ValueError(
+            "--report_to tensorboard needs TensorBoard: pip install 'hf-longtail[tensorboard]' "
+            "(or pass --report_to none, or another installed tracker such as wandb or trackio)."
         )
 
 

@@ -324,6 +324,9 @@ class LongTailTrainer(Trainer):
         # The smoothing is in the loss (apply_label_smoothing_factor); never a second time.
         self.label_smoother = None
         self.add_callback(_EpochCallback(self))
+        from hf_longtail.diagnostics import DiagnosticsCallback
+
+        self.add_callback(DiagnosticsCallback(self))  # confusion-matrix images in the trackers
 
     # ------------------------------------------------------------------ loss
     def compute_loss(
@@ -510,7 +513,29 @@ class LongTailTrainer(Trainer):
                 logs["skipped_nonfinite_steps"] = skipped
             self._stat_sums.clear()
             self._stat_steps = 0
-        super().log(logs, start_time)
+        self._log_for_trackers(logs, start_time)
+
+    def _log_for_trackers(self, logs: dict[str, Any], start_time: float | None) -> None:
+        """``Trainer.log`` with what the trackers cannot take made trackable
+        (:func:`hf_longtail.diagnostics.tracker_logs`: the per-class accuracy list as one scalar
+        per class, ``None`` left out); ``trainer_state.json``'s log history keeps the record as
+        computed (the list, the ``None``), and ``logs`` gains what ``Trainer.log`` adds (epoch)."""
+        from hf_longtail.diagnostics import tracker_logs
+
+        tracked, held = tracker_logs(logs, self.loss_fn.class_names)
+        if not held:
+            super().log(logs, start_time)
+            return
+        expanded = set(tracked) - set(logs)
+        given = set(tracked)
+        super().log(tracked, start_time)
+        for key in set(tracked) - given:  # e.g. epoch, added by Trainer.log
+            logs[key] = tracked[key]
+        if self.state.log_history:
+            entry = self.state.log_history[-1]
+            for key in expanded:
+                entry.pop(key, None)
+            entry.update(held)
 
     # ----------------------------------------------------------- checkpoints
     def checkpoint_recipe(self) -> dict[str, Any]:
@@ -754,6 +779,7 @@ class LongTailTrainer(Trainer):
         results.update({f"test_{k}": v for k, v in test_metrics.items()})
         results["test_loss"] = prediction.metrics.get("test_loss")
         results.update(peak_memory())
+        self._report_test_metrics(results, test_metrics, prediction, record)
         if self.args.should_save:
             write_evaluation(
                 self.args.output_dir,
@@ -764,6 +790,29 @@ class LongTailTrainer(Trainer):
                 labels=prediction.label_ids,
             )
         return results
+
+    def _report_test_metrics(self, results, test_metrics, prediction, record) -> None:
+        """Send the final test metrics (scalars, per-class scalars) and the test confusion matrix
+        image to the trackers of ``args.report_to`` (``Trainer.predict`` logs nothing)."""
+        from hf_longtail.diagnostics import evaluation_figures, log_figures, reporting_callbacks
+        from hf_longtail.metrics import confusion_matrix
+
+        self.log({k: v for k, v in results.items() if k.startswith("test_")})
+        if not self.is_world_process_zero() or not reporting_callbacks(
+            self.callback_handler.callbacks
+        ):
+            return
+        names = record["dataset"]["class_names"]
+        predicted = np.asarray(_first_array(prediction.predictions)).argmax(-1)
+        figures = evaluation_figures(
+            "test",
+            confusion_matrix(predicted, prediction.label_ids, len(names)),
+            self.class_counts,
+            class_names=names,
+            per_class_accuracy=test_metrics.get("per_class_accuracy"),
+            thresholds=record.get("metric_thresholds"),
+        )
+        log_figures(self.callback_handler.callbacks, self.args, self.state, figures)
 
     def create_model_card(self, **kwargs: Any) -> None:
         """Write the long-tail model card ``README.md`` into ``args.output_dir`` (the Trainer's
