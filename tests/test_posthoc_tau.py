@@ -184,3 +184,53 @@ def test_baked_tau_reproduces_the_recorded_accuracy_after_a_fresh_load(baked_run
     counts = run["dataset"]["class_counts"]
     np.testing.assert_allclose(logits, logit_adjust(raw, counts, 1.5), atol=1e-4)
     assert abs(trained - reloaded) > 2 / n
+
+
+def _builders():
+    from hf_longtail.models import create_model
+
+    return {
+        "transformers_vit": lambda: tiny_vit(),
+        "timm_wrapper": lambda: create_model(
+            "timm/test_efficientnet", num_labels=len(COUNTS), pretrained=False
+        ),
+        "resnet_cifar": lambda: create_model("resnet20_cifar", num_labels=len(COUNTS)),
+    }
+
+
+@pytest.mark.parametrize("kind", ["transformers_vit", "timm_wrapper", "resnet_cifar"])
+def test_folded_adjustment_survives_save_and_from_pretrained(kind, tmp_path):
+    """The fold gives exactly logits - tau * log(prior), and a fresh ``from_pretrained`` of the
+    saved model (transformers, timm through TimmWrapper, the CIFAR ResNet) gives the same."""
+    from transformers import AutoModelForImageClassification
+
+    from hf_longtail.features import fold_logit_adjustment
+
+    torch.manual_seed(0)
+    model = _builders()[kind]().eval()
+    size = 8 if kind == "transformers_vit" else 32
+    pixels = torch.randn(5, 3, size, size)
+    with torch.no_grad():
+        before = model(pixel_values=pixels).logits.numpy()
+    fold_logit_adjustment(model, COUNTS, 0.75)
+    with torch.no_grad():
+        after = model(pixel_values=pixels).logits.numpy()
+    np.testing.assert_allclose(after, logit_adjust(before, COUNTS, 0.75), atol=1e-5)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(reloaded(pixel_values=pixels).logits.numpy(), after, atol=1e-5)
+
+
+def test_a_head_without_bias_is_refused():
+    from hf_longtail.features import fold_logit_adjustment
+
+    model = tiny_vit()
+    model.classifier = torch.nn.Linear(16, len(COUNTS), bias=False)
+    with pytest.raises(ValueError, match="no bias"):
+        fold_logit_adjustment(model, COUNTS, 1.0)
+    from hf_longtail.models import create_model
+
+    cosine = create_model("resnet20_cifar", num_labels=len(COUNTS), normed_linear=True)
+    with pytest.raises(TypeError, match="cosine classifier has no bias"):
+        fold_logit_adjustment(cosine, COUNTS, 1.0)
