@@ -63,6 +63,7 @@ __all__ = [
     "parse_args",
     "parse_posthoc_tau",
     "read_config_file",
+    "selection_record",
     "split_config_file",
     "uses_feature_cache",
     "validation_load_kwargs",
@@ -459,6 +460,14 @@ class RunArguments:
     save_on_signal: bool = field(
         default=True, metadata={"help": "Checkpoint on SIGTERM/SIGINT before exiting."}
     )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop after this many evaluations without improvement of "
+            "--metric_for_best_model on the validation split (transformers' "
+            "EarlyStoppingCallback; needs a validation split and an --eval_strategy)."
+        },
+    )
     stage: str | None = field(
         default=None,
         metadata={
@@ -522,6 +531,12 @@ def check_options(
     loss_config = apply_label_smoothing_factor(loss_config, training_args.label_smoothing_factor)
     _check_data_and_run_options(data_args, run_args, training_args)
     check_classifier(model_args, loss_config)
+    if model_args.classifier == "cosine" and data_args.posthoc_tau is not None:
+        raise ValueError(
+            f"--posthoc_tau {data_args.posthoc_tau} is folded into the classifier's bias so the "
+            "saved model predicts what is reported, and --classifier cosine has no bias. Use "
+            "--classifier linear, or drop --posthoc_tau."
+        )
     _check_frozen_options(model_args, data_args, run_args)
     return loss_config
 
@@ -627,8 +642,21 @@ def _check_data_and_run_options(
         )
     data_args.posthoc_tau = parse_posthoc_tau(data_args.posthoc_tau)
     _check_validation_options(data_args, training_args)
+    _check_trackers(training_args)
     check_number("lr_gamma", run_args.lr_gamma, above=0)
     check_number("nonfinite_skip_limit", run_args.nonfinite_skip_limit, minimum=1, integer=True)
+    if run_args.early_stopping_patience is not None:
+        check_number("early_stopping_patience", run_args.early_stopping_patience, minimum=1,
+                     integer=True)  # fmt: skip
+        eval_strategy = str(
+            getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
+        )
+        if not training_args.metric_for_best_model or eval_strategy == "no":
+            raise ValueError(
+                "--early_stopping_patience needs --metric_for_best_model (e.g. balanced_accuracy, "
+                "with --load_best_model_at_end true) and an --eval_strategy (epoch or steps): it "
+                "stops when that validation metric stops improving."
+            )
     try:
         run_args.lr_milestones = normalize_lr_milestones(run_args.lr_milestones)
     except (TypeError, ValueError) as err:
@@ -650,6 +678,21 @@ def _check_data_and_run_options(
             "logit adjustment subtracts again. Use one of the two.",
             UserWarning,
             stacklevel=2,
+        )
+
+
+def _check_trackers(training_args: TrainingArguments) -> None:
+    """``--report_to tensorboard`` without TensorBoard installed fails now, naming the extra
+    (transformers would only fail once the data and the model are loaded)."""
+    from transformers import integrations
+
+    reporters = training_args.report_to or []
+    if isinstance(reporters, str):
+        reporters = [reporters]
+    if "tensorboard" in reporters and not integrations.is_tensorboard_available():
+        raise ValueError(
+            "--report_to tensorboard needs TensorBoard: pip install 'hf-longtail[tensorboard]' "
+            "(or pass --report_to none, or another installed tracker such as wandb or trackio)."
         )
 
 
@@ -763,7 +806,9 @@ def choose_validation_split(
         if data_args.posthoc_tau == "auto":
             needs.append("--posthoc_tau auto")
         if training_args.load_best_model_at_end or training_args.metric_for_best_model:
-            needs.append("--load_best_model_at_end / --metric_for_best_model")
+            needs.append(
+                "--load_best_model_at_end / --metric_for_best_model / --early_stopping_patience"
+            )
         if needs:
             raise ValueError(
                 f"{' and '.join(needs)} need a validation split, and this dataset has none "
@@ -773,6 +818,39 @@ def choose_validation_split(
                 "--train_val_split FRACTION."
             )
     return chosen
+
+
+def selection_record(
+    training_args: TrainingArguments,
+    data_args: DataArguments,
+    validation_split: str | None,
+    run_args: RunArguments | None = None,
+) -> dict[str, Any]:
+    """Which split chose what (``selection`` of the run record, shown on the card): the
+    validation split, the split of the per-epoch evaluation, the best-checkpoint metric and the
+    post-hoc tau's split, early stopping; the evaluation split is predicted once, after
+    training."""
+    per_epoch = None
+    if str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no":
+        per_epoch = validation_split or data_args.eval_split
+    best = None
+    if training_args.load_best_model_at_end:
+        best = {"metric": training_args.metric_for_best_model or "loss", "split": validation_split}
+    stopping = None
+    if run_args is not None and run_args.early_stopping_patience is not None:
+        stopping = {
+            "patience": run_args.early_stopping_patience,
+            "metric": training_args.metric_for_best_model,
+            "split": validation_split,
+        }
+    return {
+        "validation_split": validation_split,
+        "per_epoch_evaluation": per_epoch,
+        "best_checkpoint": best,
+        "early_stopping": stopping,
+        "posthoc_tau": validation_split if data_args.posthoc_tau == "auto" else None,
+        "test_split": data_args.eval_split,
+    }
 
 
 def classifier_kwargs(model_args: ModelArguments) -> dict[str, Any]:

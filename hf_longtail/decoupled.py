@@ -547,6 +547,11 @@ def run_second_stage(
     )
     results = {**train_metrics, **{f"test_{k}": v for k, v in test_metrics.items()}}
     run_info = dict(record)
+    # The first stage's post-hoc bias and its selection record describe a head this stage
+    # replaced or rescaled: keep them as history, not as claims about this model.
+    for key in ("posthoc", "selection"):
+        if key in run_info:
+            stage_info[f"first_stage_{key}"] = run_info.pop(key)
     run_info["stage"] = stage_info
     _write_stage_dir(out, model, processor, run_info, results, test_metrics, logits, labels)
     return SecondStageResult(stage, out, results, test_metrics, run_info, stage_info)

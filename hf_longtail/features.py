@@ -45,6 +45,7 @@ __all__ = [
     "dataset_fingerprint",
     "feature_cache_key",
     "find_classifier",
+    "fold_logit_adjustment",
     "freeze_backbone",
     "head_linear",
     "is_feature_dataset",
@@ -126,6 +127,49 @@ def head_linear(head: nn.Module) -> nn.Linear:
             "(w_j . x + b_j); this operation needs one."
         )
     return linears[-1]
+
+
+def fold_logit_adjustment(model: nn.Module, train_class_counts: Any, tau: float) -> torch.Tensor:
+    """Fold post-hoc logit adjustment into the classifier: ``b_c <- b_c - tau * log(prior_c)``.
+
+    The head's last ``nn.Linear`` (:func:`find_classifier`, :func:`head_linear`: a transformers
+    ``classifier``, a timm head through TimmWrapper, the CIFAR ResNets' ``classifier``) then
+    outputs ``logits - tau * log(prior)`` (:func:`hf_longtail.metrics.logit_adjust`, prior from
+    ``train_class_counts``) for every input, so the saved model, loaded with plain
+    ``from_pretrained`` and argmax, predicts the adjusted classes. Returns the offsets added.
+
+    Raises:
+        TypeError: a head without an ``nn.Linear`` (the cosine classifier ``NormedLinear``).
+        ValueError: a linear layer without bias (a bias added here would not be loaded back by
+            the model's class), or as many outputs as classes in ``train_class_counts``.
+    """
+    from hf_longtail.metrics import log_prior
+
+    name, head = find_classifier(model)
+    try:
+        linear = head_linear(head)
+    except TypeError as err:
+        raise TypeError(
+            f"cannot fold the post-hoc logit adjustment into {name!r}: {err} A cosine classifier "
+            "has no bias, and one added here would not be saved with the model's config; use "
+            "--classifier linear, or a loss that adjusts the logits while training (--loss la)."
+        ) from None
+    prior = log_prior(train_class_counts)
+    if linear.out_features != prior.size:
+        raise ValueError(
+            f"the classifier {name!r} has {linear.out_features} outputs but train_class_counts "
+            f"has {prior.size} classes."
+        )
+    if linear.bias is None:
+        raise ValueError(
+            f"the classifier {name!r} has no bias to fold the post-hoc logit adjustment into; a "
+            "bias added here would not be loaded back by the model's class. Use a loss that "
+            "adjusts the logits while training (--loss la) instead of --posthoc_tau."
+        )
+    offsets = torch.as_tensor(-float(tau) * prior, dtype=linear.bias.dtype)
+    with torch.no_grad():
+        linear.bias.add_(offsets.to(linear.bias.device))
+    return offsets
 
 
 # ------------------------------------------------------------------------------ freezing

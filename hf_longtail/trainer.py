@@ -323,6 +323,9 @@ class LongTailTrainer(Trainer):
         # The smoothing is in the loss (apply_label_smoothing_factor); never a second time.
         self.label_smoother = None
         self.add_callback(_EpochCallback(self))
+        from hf_longtail.diagnostics import DiagnosticsCallback
+
+        self.add_callback(DiagnosticsCallback(self))  # confusion-matrix images in the trackers
 
     # ------------------------------------------------------------------ loss
     def compute_loss(
@@ -509,7 +512,29 @@ class LongTailTrainer(Trainer):
                 logs["skipped_nonfinite_steps"] = skipped
             self._stat_sums.clear()
             self._stat_steps = 0
-        super().log(logs, start_time)
+        self._log_for_trackers(logs, start_time)
+
+    def _log_for_trackers(self, logs: dict[str, Any], start_time: float | None) -> None:
+        """``Trainer.log`` with what the trackers cannot take made trackable
+        (:func:`hf_longtail.diagnostics.tracker_logs`: the per-class accuracy list as one scalar
+        per class, ``None`` left out); ``trainer_state.json``'s log history keeps the record as
+        computed (the list, the ``None``), and ``logs`` gains what ``Trainer.log`` adds (epoch)."""
+        from hf_longtail.diagnostics import tracker_logs
+
+        tracked, held = tracker_logs(logs, self.loss_fn.class_names)
+        if not held:
+            super().log(logs, start_time)
+            return
+        expanded = set(tracked) - set(logs)
+        given = set(tracked)
+        super().log(tracked, start_time)
+        for key in set(tracked) - given:  # e.g. epoch, added by Trainer.log
+            logs[key] = tracked[key]
+        if self.state.log_history:
+            entry = self.state.log_history[-1]
+            for key in expanded:
+                entry.pop(key, None)
+            entry.update(held)
 
     # ----------------------------------------------------------- checkpoints
     def checkpoint_recipe(self) -> dict[str, Any]:
@@ -652,6 +677,55 @@ class LongTailTrainer(Trainer):
             write_json(os.path.join(self.args.output_dir, RUN_FILE), record)
         return record
 
+    def apply_posthoc_adjustment(
+        self,
+        tau: float | str,
+        validation_dataset: Any = None,
+        *,
+        validation_split: str | None = None,
+        taus: Sequence[float] | None = None,
+    ) -> dict[str, Any]:
+        """Fold post-hoc logit adjustment ``logits - tau * log(prior)`` into the model's
+        classifier bias (:func:`hf_longtail.features.fold_logit_adjustment`), so the saved model
+        predicts what is reported; call it after training, before :meth:`save_model` and
+        :meth:`evaluate_and_save` (which then evaluates the adjusted model as it is).
+
+        ``tau="auto"`` chooses tau on ``validation_dataset`` (predicted once) from ``taus``
+        (default :data:`hf_longtail.metrics.POSTHOC_TAUS`, 0 to 2 by 0.25) by balanced accuracy
+        (:func:`hf_longtail.metrics.select_logit_adjustment_tau`); the test split is never
+        used. Returns the record kept as ``posthoc`` in the run record: ``tau``, ``selected_on``
+        (the validation split, or ``None`` for a given tau), ``criterion``, ``grid`` (tau ->
+        validation balanced accuracy) and ``folded_into``.
+        """
+        from hf_longtail.features import fold_logit_adjustment
+        from hf_longtail.metrics import POSTHOC_TAUS, select_logit_adjustment_tau
+
+        record: dict[str, Any] = {"selected_on": None}
+        if tau == "auto":
+            if validation_dataset is None:
+                raise ValueError(
+                    "posthoc tau 'auto' is chosen on a validation split: pass "
+                    "validation_dataset (never the test split), or a fixed tau."
+                )
+            grid = tuple(taus) if taus is not None else POSTHOC_TAUS
+            prediction = self.predict(validation_dataset, metric_key_prefix="validation")
+            logits = _first_array(prediction.predictions)
+            tau, scores = select_logit_adjustment_tau(
+                logits, prediction.label_ids, self.class_counts, grid
+            )
+            record.update(
+                {
+                    "selected_on": validation_split or "validation",
+                    "criterion": "validation balanced accuracy (ties: smaller tau)",
+                    "grid": {f"{t:g}": v for t, v in scores.items()},
+                }
+            )
+        model = self.accelerator.unwrap_model(self.model)
+        fold_logit_adjustment(model, self.class_counts, float(tau))
+        record.update({"tau": float(tau), "folded_into": "classifier bias"})
+        self.run_info = {**(getattr(self, "run_info", {}) or {}), "posthoc": record}
+        return record
+
     def evaluate_and_save(
         self,
         test_dataset: Any = None,
@@ -704,6 +778,7 @@ class LongTailTrainer(Trainer):
         results.update({f"test_{k}": v for k, v in test_metrics.items()})
         results["test_loss"] = prediction.metrics.get("test_loss")
         results.update(peak_memory())
+        self._report_test_metrics(results, test_metrics, prediction, record)
         if self.args.should_save:
             write_evaluation(
                 self.args.output_dir,
@@ -714,6 +789,29 @@ class LongTailTrainer(Trainer):
                 labels=prediction.label_ids,
             )
         return results
+
+    def _report_test_metrics(self, results, test_metrics, prediction, record) -> None:
+        """Send the final test metrics (scalars, per-class scalars) and the test confusion matrix
+        image to the trackers of ``args.report_to`` (``Trainer.predict`` logs nothing)."""
+        from hf_longtail.diagnostics import evaluation_figures, log_figures, reporting_callbacks
+        from hf_longtail.metrics import confusion_matrix
+
+        self.log({k: v for k, v in results.items() if k.startswith("test_")})
+        if not self.is_world_process_zero() or not reporting_callbacks(
+            self.callback_handler.callbacks
+        ):
+            return
+        names = record["dataset"]["class_names"]
+        predicted = np.asarray(_first_array(prediction.predictions)).argmax(-1)
+        figures = evaluation_figures(
+            "test",
+            confusion_matrix(predicted, prediction.label_ids, len(names)),
+            self.class_counts,
+            class_names=names,
+            per_class_accuracy=test_metrics.get("per_class_accuracy"),
+            thresholds=record.get("metric_thresholds"),
+        )
+        log_figures(self.callback_handler.callbacks, self.args, self.state, figures)
 
     def create_model_card(self, **kwargs: Any) -> None:
         """Write the long-tail model card ``README.md`` into ``args.output_dir`` (the Trainer's
@@ -1174,6 +1272,13 @@ def _uses_features(*datasets: Any) -> bool:
     from hf_longtail.features import is_feature_dataset
 
     return any(d is not None and is_feature_dataset(d) for d in datasets)
+
+
+def _first_array(predictions: Any) -> Any:
+    """The logits of ``Trainer.predict`` output (models with extra outputs give a tuple)."""
+    while isinstance(predictions, tuple):
+        predictions = predictions[0]
+    return predictions
 
 
 def _logits_of(outputs: Any) -> torch.Tensor:

@@ -53,6 +53,7 @@ from hf_longtail.arguments import (
     classifier_kwargs,
     initial_run_record,
     parse_args,
+    selection_record,
     uses_feature_cache,
     validation_load_kwargs,
 )
@@ -282,7 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
             many_threshold=data_args.many_shot_threshold,
             few_threshold=data_args.few_shot_threshold,
             class_names=class_names,
-            logit_adjustment_tau=data_args.posthoc_tau,
+            # A fixed tau shows in the per-epoch metrics; 'auto' is chosen after training.
+            logit_adjustment_tau=None if data_args.posthoc_tau == "auto" else data_args.posthoc_tau,
         ),
         loss_config=loss_config,
         class_counts=counts,
@@ -304,6 +306,11 @@ def main(argv: list[str] | None = None) -> dict:
 
         install_signal_checkpointing(trainer)
     run_info["training"] = trainer.training_summary()
+    run_info["selection"] = selection_record(training_args, data_args, val_name, run_args)
+    if run_args.early_stopping_patience is not None:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(EarlyStoppingCallback(run_args.early_stopping_patience))
     # Everything is validated: only now may --overwrite_output_dir delete the previous run.
     if plan.replace_previous:
         with training_args.main_process_first(local=False, desc="replacing the previous run"):
@@ -315,13 +322,22 @@ def main(argv: list[str] | None = None) -> dict:
     if getattr(trainer, "stopped_by_signal", None):
         logger.warning("Stopped by %s after saving a checkpoint.", trainer.stopped_by_signal)
         sys.exit(128 + int(trainer.stopped_by_signal_number))
+    if data_args.posthoc_tau is not None:
+        # Folded into the classifier bias before saving: the saved model predicts what is
+        # reported, and the test split below is evaluated (once) with the adjustment inside.
+        posthoc = trainer.apply_posthoc_adjustment(
+            data_args.posthoc_tau, val_ds, validation_split=val_name
+        )
+        logger.info(
+            "Post-hoc logit adjustment tau = %g (%s), folded into the classifier bias.",
+            posthoc["tau"],
+            f"chosen on {posthoc['selected_on']}" if posthoc["selected_on"] else "given",
+        )
     trainer.save_model()
     trainer.save_state()
     # Final evaluation with the full metric set (lists included) on every process; the trainer
     # writes all_results.json, longtail_run.json, the plots and the long-tail card.
-    results = trainer.evaluate_and_save(
-        eval_ds, split_name=data_args.eval_split, logit_adjustment_tau=data_args.posthoc_tau
-    )
+    results = trainer.evaluate_and_save(eval_ds, split_name=data_args.eval_split)
     if training_args.should_save:
         _print_summary(results, trainer.shot_thresholds)
     if push_requested:

@@ -213,3 +213,31 @@ def test_validation_options_are_checked_before_any_work(train_script, tmp_path):
     with pytest.raises(ValueError, match="is not a split of the dataset"):
         train_script.main(_argv(out, "--validation_split", "valid"))
     assert not (out / "longtail_run.json").exists()
+
+
+def test_early_stopping_watches_the_validation_split(train_script, tmp_path):
+    out = tmp_path / "stop"
+    train_script.main(
+        _argv(
+            out, "--validation_split", "heldout", "--validation_per_class", "6",
+            "--max_steps", "40", "--eval_strategy", "steps", "--eval_steps", "1",
+            "--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "1",
+            "--load_best_model_at_end", "true", "--metric_for_best_model", "balanced_accuracy",
+            "--early_stopping_patience", "2",
+        )
+    )  # fmt: skip
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] < 40  # stopped early
+    evals = [h for h in state["log_history"] if "eval_balanced_accuracy" in h]
+    assert all(h["eval_num_samples"] == 60 for h in evals)  # on the validation split
+    best = max(h["eval_balanced_accuracy"] for h in evals)
+    assert state["best_metric"] == best
+    later = [h["eval_balanced_accuracy"] for h in evals if h["step"] > state["best_global_step"]]
+    assert len(later) == 2 and max(later) <= best  # patience 2, then stop
+    selection = json.loads((out / "longtail_run.json").read_text())["selection"]
+    assert selection["early_stopping"] == {
+        "patience": 2, "metric": "balanced_accuracy", "split": "validation",
+    }  # fmt: skip
+    assert selection["best_checkpoint"] == {"metric": "balanced_accuracy", "split": "validation"}
+    with pytest.raises(ValueError, match="--early_stopping_patience needs --metric_for_best"):
+        train_script.main(_argv(tmp_path / "x", "--early_stopping_patience", "2"))

@@ -599,6 +599,69 @@ def _stage_context(run: RunDir) -> dict[str, Any] | None:
     }
 
 
+def _validation_text(run: RunDir) -> str:
+    """The validation split of the run, in words (``dataset.validation`` of the record)."""
+    val = run.dataset.get("validation")
+    if not isinstance(val, dict) or not val.get("split"):
+        return "none"
+    split, method = _md(val["split"]), val.get("method")
+    size = f"{_fmt_number(val['size'])} images" if val.get("size") is not None else "images"
+    if method == "heldout":
+        return (
+            f"`{split}` ({size}): {_fmt_number(val.get('per_class'))} per class held out from the "
+            f"source training images before the long tail was drawn (seed "
+            f"{_fmt_number(val.get('seed'))}), disjoint from training and test"
+        )
+    if method == "train_val_split":
+        return (
+            f"`{split}` ({size}): a stratified {_fmt_number(val.get('fraction'))} of the "
+            f"long-tailed training split (seed {_fmt_number(val.get('seed'))})"
+        )
+    return f"`{split}` ({size}), the dataset's own"
+
+
+def _selection_context(run: RunDir) -> dict[str, Any] | None:
+    """Which split chose what and the post-hoc adjustment folded into the model (the record's
+    ``selection`` and ``posthoc`` blocks); ``None`` for runs recorded without them."""
+    selection = run.run.get("selection")
+    posthoc = run.run.get("posthoc")
+    if not isinstance(selection, dict) and not isinstance(posthoc, dict):
+        return None
+    selection = selection if isinstance(selection, dict) else {}
+    chosen = []
+    if selection.get("per_epoch_evaluation"):
+        note = "" if selection.get("validation_split") else " (monitoring only)"
+        chosen.append(f"per-epoch evaluation on `{_md(selection['per_epoch_evaluation'])}`{note}")
+    best = selection.get("best_checkpoint")
+    if isinstance(best, dict):
+        chosen.append(
+            f"best checkpoint by `{_md(best.get('metric'))}` on `{_md(best.get('split'))}`"
+        )
+    stopping = selection.get("early_stopping")
+    if isinstance(stopping, dict):
+        chosen.append(
+            f"early stopping by `{_md(stopping.get('metric'))}` (patience "
+            f"{_fmt_number(stopping.get('patience'))})"
+        )
+    tau = None
+    if isinstance(posthoc, dict) and isinstance(posthoc.get("tau"), int | float):
+        grid = posthoc.get("grid") or {}
+        tau = {
+            "value": _fmt_number(posthoc["tau"]),
+            "selected_on": _md(posthoc.get("selected_on") or ""),
+            "criterion": _md(posthoc.get("criterion") or ""),
+            "grid": ", ".join(_md(k) for k in grid),
+        }
+        if tau["selected_on"]:
+            chosen.append(f"post-hoc τ on `{tau['selected_on']}`")
+    return {
+        "validation": _validation_text(run),
+        "chosen": chosen,
+        "test_split": _md(selection.get("test_split") or run.dataset.get("eval_split", "test")),
+        "posthoc": tau,
+    }
+
+
 def eval_results_for_run(run: RunDir, dataset_type: str, dataset_name: str) -> list[EvalResult]:
     """``EvalResult`` s for every long-tail metric of the run that has a finite value.
 
@@ -725,6 +788,7 @@ def build_model_card(
         model_source=_public_name(model_source, default="not recorded"),
         hf_longtail_version=str(run.run.get("hf_longtail_version", "")),
         stage=stage,
+        selection=_selection_context(run),
         dataset=dataset,
         counts=counts,
         loss=loss,

@@ -16,12 +16,15 @@ from typing import Any
 
 from hf_longtail.metrics.evaluate_metric import EVALUATE_METRIC_PATH, load_evaluate_metric
 from hf_longtail.metrics.functions import (
+    POSTHOC_TAUS,
     LongTailMetricAccumulator,
     confusion_matrix,
     confusion_spectral_norm,
     expected_calibration_error,
+    log_prior,
     logit_adjust,
     long_tail_metrics,
+    select_logit_adjustment_tau,
     shot_groups,
 )
 from hf_longtail.metrics.trainer_metrics import (
@@ -33,17 +36,20 @@ from hf_longtail.metrics.trainer_metrics import (
 __all__ = [
     "EVALUATE_METRIC_PATH",
     "IGNORE_INDEX",
+    "POSTHOC_TAUS",
     "LongTailComputeMetrics",
     "LongTailMetricAccumulator",
     "confusion_matrix",
     "confusion_spectral_norm",
     "expected_calibration_error",
     "load_evaluate_metric",
+    "log_prior",
     "logit_adjust",
     "long_tail_metrics",
     "make_compute_metrics",
     "plot_confusion_matrix",
     "plot_per_class_accuracy",
+    "select_logit_adjustment_tau",
     "shot_groups",
 ]
 

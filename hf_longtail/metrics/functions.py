@@ -119,6 +119,43 @@ def logit_adjust(
     return z - float(tau) * np.asarray(counts.log_prior())
 
 
+def log_prior(train_class_counts: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``log(prior_c)``, ``prior_c = n_c / sum(n)`` (zero counts filled as in
+    :func:`logit_adjust`): the vector that post-hoc logit adjustment subtracts ``tau`` times."""
+    return _log_prior(_as_class_counts(train_class_counts))
+
+
+#: The tau grid of ``--posthoc_tau auto``: 0, 0.25, ..., 2.0.
+POSTHOC_TAUS = tuple(0.25 * i for i in range(9))
+
+
+def select_logit_adjustment_tau(
+    logits: Any,
+    labels: Any,
+    train_class_counts: Sequence[int] | np.ndarray,
+    taus: Sequence[float] = POSTHOC_TAUS,
+) -> tuple[float, dict[float, float]]:
+    """``(best tau, {tau: balanced accuracy})`` of :func:`logit_adjust` on *validation* logits.
+
+    The criterion is balanced accuracy (mean per-class recall over the classes present in
+    ``labels``), so an imbalanced validation split does not favour the head classes; ties go to
+    the smaller tau (the smaller change). Pass validation predictions only: choosing on the
+    split the results are reported on would overstate them.
+    """
+    if not len(taus):
+        raise ValueError("taus is empty: give at least one tau to try.")
+    counts = _as_class_counts(train_class_counts)
+    z = _to_numpy(logits, "logits").astype(np.float64)
+    y = _as_labels(labels, counts.size)
+    present = np.unique(y)
+    scores: dict[float, float] = {}
+    for tau in taus:
+        pred = logit_adjust(z, counts, float(tau)).argmax(-1)
+        scores[float(tau)] = float(np.mean([(pred[y == c] == c).mean() for c in present]))
+    best = max(sorted(scores), key=lambda t: (scores[t], -t))
+    return best, scores
+
+
 def confusion_matrix(predictions: Any, labels: Any, num_classes: int) -> np.ndarray:
     """Count matrix ``M[t, p]`` = number of samples of true class ``t`` predicted as ``p``.
 

@@ -33,7 +33,9 @@ def _new_figure(width: float, height: float) -> Any:
     return fig
 
 
-def _save(fig: Any, path: str | os.PathLike) -> Path:
+def _save(fig: Any, path: str | os.PathLike | None) -> Any:
+    if path is None:  # the caller logs the figure itself (e.g. to a tracker)
+        return fig
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
@@ -55,12 +57,12 @@ def _class_ticks(ax: Any, axis: str, order: np.ndarray, class_names: Sequence[st
 def plot_per_class_accuracy(
     per_class_accuracy: Sequence[float | None],
     train_class_counts: Sequence[int] | np.ndarray,
-    path: str | os.PathLike,
+    path: str | os.PathLike | None,
     class_names: Sequence[str] | None = None,
     many_threshold: float = DEFAULT_THRESHOLDS["many"],
     few_threshold: float = DEFAULT_THRESHOLDS["few"],
     title: str | None = None,
-) -> Path:
+) -> Any:
     """Plot per-class accuracy against training frequency and save it as a PNG at ``path``.
 
     Classes are sorted by decreasing number of training images (head on the left). Bars give the
@@ -68,7 +70,8 @@ def plot_per_class_accuracy(
     empty); the line gives the training count on a log-scale right axis (symlog if a count is
     0). The many/medium/few-shot regions (same thresholds as
     :func:`~hf_longtail.metrics.long_tail_metrics`) are shaded, with each group's mean accuracy
-    drawn as a dashed segment. Returns the path written.
+    drawn as a dashed segment. Returns the path written (``path=None``: the matplotlib
+    ``Figure`` itself, nothing written).
     """
     counts = _as_class_counts(train_class_counts)
     acc = np.array([np.nan if a is None else float(a) for a in per_class_accuracy], dtype=float)
@@ -144,12 +147,12 @@ def plot_per_class_accuracy(
 
 def plot_confusion_matrix(
     confusion: Any,
-    path: str | os.PathLike,
+    path: str | os.PathLike | None,
     class_names: Sequence[str] | None = None,
     normalize: str | None = "true",
     train_class_counts: Sequence[int] | np.ndarray | None = None,
     title: str | None = None,
-) -> Path:
+) -> Any:
     """Save a heat map of a confusion matrix ``M[t, p]`` (rows true, columns predicted) as PNG.
 
     ``normalize="true"`` divides each row by its true-class count (the diagonal is then the
@@ -158,7 +161,8 @@ def plot_confusion_matrix(
     classes are ordered from head to tail (most training images first), so the long tail reads
     left to right / top to bottom. Class names label the axes up to 30 classes; beyond that a
     few rank/index ticks are shown, and above 1000 classes the matrix is averaged over square
-    blocks for display. Cell values are printed for up to 12 classes. Returns the path written.
+    blocks for display. Cell values are printed for up to 12 classes. Returns the path written
+    (``path=None``: the matplotlib ``Figure`` itself, nothing written).
     """
     m = _to_numpy(confusion, "confusion").astype(np.float64)
     if m.ndim != 2 or m.shape[0] != m.shape[1]:

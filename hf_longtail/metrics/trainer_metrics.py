@@ -67,6 +67,8 @@ class LongTailComputeMetrics:
         # few_threshold, class_names, ece_bins, logit_adjustment_tau), checked there.
         self._acc = LongTailMetricAccumulator(train_class_counts, **options)
         self.include_per_class = include_per_class
+        #: Confusion matrix ``M[true, predicted]`` of the last computed evaluation (or ``None``).
+        self.last_confusion: np.ndarray | None = None
 
     @property
     def accumulator(self) -> LongTailMetricAccumulator:
@@ -93,6 +95,9 @@ class LongTailComputeMetrics:
 
     def _result(self) -> dict[str, Any]:
         out = self._acc.compute()
+        # Kept for the trackers' confusion-matrix image (hf_longtail.diagnostics), until the next
+        # evaluation.
+        self.last_confusion = self._acc.confusion_matrix()
         if not self.include_per_class:
             out.pop("per_class_accuracy")
         return out
