@@ -122,7 +122,8 @@ def logit_adjust(
 def log_prior(train_class_counts: Sequence[int] | np.ndarray) -> np.ndarray:
     """``log(prior_c)``, ``prior_c = n_c / sum(n)`` (zero counts filled as in
     :func:`logit_adjust`): the vector that post-hoc logit adjustment subtracts ``tau`` times."""
-    return _log_prior(_as_class_counts(train_class_counts))
+    counts = ClassCounts.coerce(train_class_counts, name="train_class_counts")
+    return np.asarray(counts.log_prior())
 
 
 #: The tau grid of ``--posthoc_tau auto``: 0, 0.25, ..., 2.0.
