@@ -59,6 +59,7 @@ __all__ = [
     "check_options",
     "classifier_kwargs",
     "initial_run_record",
+    "lora_options",
     "parse_args",
     "read_config_file",
     "split_config_file",
@@ -292,6 +293,25 @@ class ModelArguments:
         default=None,
         metadata={"help": "Feature cache directory (default: ~/.cache/hf_longtail/features)."},
     )
+    # LoRA through peft (hf_longtail.models.lora); its own group in -h.
+    lora_r: int | None = field(
+        default=None,
+        metadata={"help": "LoRA rank: train low-rank adapters plus the head (off when unset)."},
+    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale: update = alpha/r BA."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: str = field(
+        default="auto",
+        metadata={
+            "help": "Layers given adapters: 'auto' (all-linear for ViTs, all-conv for CNNs), "
+            "'all-linear', 'all-conv' or names such as 'q_proj,v_proj'. The head is trained "
+            "in full."
+        },
+    )
+    lora_merge: bool = field(
+        default=False,
+        metadata={"help": "Save the adapters merged into a plain model (no peft to load it)."},
+    )
 
 
 CLASSIFIERS = ("linear", "cosine")
@@ -499,7 +519,30 @@ def check_options(
     _check_data_and_run_options(data_args, run_args, training_args)
     check_classifier(model_args, loss_config)
     _check_frozen_options(model_args, data_args, run_args)
+    lora_options(model_args)  # LoRA options are checked (and peft found) before any work
     return loss_config
+
+
+def lora_options(model_args: ModelArguments) -> Any:
+    """The :class:`hf_longtail.models.lora.LoraOptions` of ``--lora_*`` (``None`` without
+    ``--lora_r``); contradictory combinations raise ``ValueError`` naming the options."""
+    if model_args.lora_r is None:
+        if model_args.lora_merge:
+            raise ValueError("--lora_merge needs --lora_r (it merges LoRA adapters).")
+        return None
+    from hf_longtail.models.lora import LoraOptions, _require_peft
+
+    if model_args.freeze_backbone:
+        raise ValueError(
+            "--lora_r and --freeze_backbone are two ways of light fine-tuning; pass one."
+        )
+    _require_peft()
+    return LoraOptions(
+        r=model_args.lora_r,
+        alpha=model_args.lora_alpha,
+        dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules,
+    )
 
 
 def uses_feature_cache(model_args: ModelArguments) -> bool:
@@ -543,6 +586,13 @@ def initial_run_record(
     }
     if model_args.classifier != "linear":  # absent for the model's own head (older run files)
         run_info["classifier"] = {"type": model_args.classifier, "scale": model_args.cosine_scale}
+    if model_args.lora_r is not None:  # recipe: adapters of another shape cannot be resumed
+        run_info["lora"] = {
+            "r": model_args.lora_r,
+            "alpha": model_args.lora_alpha,
+            "dropout": model_args.lora_dropout,
+            "target_modules": model_args.lora_target_modules,
+        }
     use_features = uses_feature_cache(model_args)
     if model_args.freeze_backbone:  # recipe: a frozen run must not resume a full fine-tune
         run_info["freeze_backbone"] = {

@@ -51,6 +51,7 @@ from hf_longtail.arguments import (
     check_options,
     classifier_kwargs,
     initial_run_record,
+    lora_options,
     parse_args,
     uses_feature_cache,
 )
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     from hf_longtail.models import (
         create_image_processor,
         create_model,
+        pretrained_source,
         record_eval_preprocessing,
     )
     from hf_longtail.trainer import LongTailTrainer
@@ -207,6 +209,14 @@ def main(argv: list[str] | None = None) -> dict:
     run_info["preprocessing"] = {"train_transform": protocol, "image_size": data_args.image_size}
     # The saved model's preprocessing must be this run's evaluation preprocessing.
     processor = record_eval_preprocessing(model, processor, protocol, data_args.image_size)
+    run_info["base_model"] = pretrained_source(model_args.model_name_or_path, model_args.pretrained)
+    lora = lora_options(model_args)
+    if lora is not None:  # after the processor: it is read from the plain model
+        from hf_longtail.models.lora import apply_lora, trainable_parameters
+
+        model = apply_lora(model, lora, base_model_name_or_path=run_info["base_model"])
+        run_info["trainable_parameters"] = trainable_parameters(model)
+        run_info["lora_saved_as"] = "merged" if model_args.lora_merge else "adapter"
     on_bad = data_args.on_bad_image
     if model_args.freeze_backbone:
         from hf_longtail.features import freeze_backbone
@@ -292,6 +302,10 @@ def main(argv: list[str] | None = None) -> dict:
     if getattr(trainer, "stopped_by_signal", None):
         logger.warning("Stopped by %s after saving a checkpoint.", trainer.stopped_by_signal)
         sys.exit(128 + int(trainer.stopped_by_signal_number))
+    if model_args.lora_merge:
+        from hf_longtail.models.lora import merge_trainer_model
+
+        merge_trainer_model(trainer)
     trainer.save_model()
     trainer.save_state()
     # Final evaluation with the full metric set (lists included) on every process; the trainer
