@@ -150,6 +150,17 @@ class _EpochCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self._trainer.loss_fn.set_epoch(float(state.epoch or 0.0))
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # A countdown a person can read ("epoch 5/30"), beside the logs' fractional epochs.
+        if state.is_world_process_zero:
+            logger.info(
+                "epoch %d/%d done (step %d/%d)",
+                round(state.epoch or 0),
+                math.ceil(state.num_train_epochs or 0),
+                state.global_step,
+                state.max_steps,
+            )
+
 
 class LongTailTrainer(Trainer):
     """``transformers.Trainer`` whose loss is the configured long-tail loss.

@@ -53,6 +53,7 @@ from hf_longtail.arguments import (
     initial_run_record,
     lora_options,
     parse_args,
+    quiet_libraries,
     uses_feature_cache,
 )
 from hf_longtail.resume import (
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
     )
+    quiet_libraries(training_args)
     if training_args.disable_tqdm:
         # --disable_tqdm silences the Trainer's bars; also those of checkpoint writing and of
         # datasets' map/load, so logs stay one line per event.
@@ -322,8 +324,18 @@ def main(argv: list[str] | None = None) -> dict:
             trainer.push_to_hub()
         except PushToHubError as err:  # every local file is already written; it says how to retry
             print(f"\n{err}", file=sys.stderr)
+            end_training(trainer)
             sys.exit(2)
+    end_training(trainer)
     return results
+
+
+def end_training(trainer) -> None:
+    """``Trainer.end()`` (transformers >= 5.x that has it): finish the trackers (flush their
+    event files) and destroy the process group, once everything collective is done."""
+    end = getattr(trainer, "end", None)
+    if callable(end):
+        end()
 
 
 def _second_stage(model_args, data_args, loss_config, run_args, training_args) -> dict:
