@@ -748,7 +748,11 @@ def build_model_card(
         template_path=str(template_file),
         model_title=model_name,
         repo_id=repo_id,
-        base_model_display=_base_model_display(base_model, model_source),
+        base_model_display=(
+            ""  # trained from random weights (--no_pretrained, a from-scratch model)
+            if base_model is None and "base_model" in run.run and run.run["base_model"] is None
+            else _base_model_display(base_model, model_source)
+        ),
         model_source=_public_name(model_source, default="not recorded"),
         hf_longtail_version=str(run.run.get("hf_longtail_version", "")),
         stage=stage,
