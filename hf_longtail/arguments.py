@@ -887,5 +887,12 @@ def _check_frozen_options(
             raise ValueError(f"--stage {run_args.stage!r} is not valid; use one of {list(STAGES)}.")
         if not run_args.from_run:
             raise ValueError("--stage needs --from_run DIR (a finished scripts/train.py run).")
+        if model_args.lora_r is not None:
+            raise ValueError("--lora_r trains a model; --stage re-balances a finished one.")
+        if (Path(run_args.from_run) / "adapter_config.json").is_file():
+            raise ValueError(
+                f"--from_run {run_args.from_run} holds a LoRA adapter, not a full model; the "
+                "second stage needs one saved with --lora_merge true."
+            )
     elif run_args.from_run:
         raise ValueError("--from_run is only used with --stage crt|tau_norm|lws.")

@@ -237,3 +237,11 @@ def test_bad_lora_options_are_refused_before_work(train_script, tmp_path):
         with pytest.raises(ValueError, match=match):
             train_script.main(["--output_dir", str(out), *flags])
     assert not out.exists()
+
+
+def test_second_stage_refuses_an_adapter_run(train_script, adapter_run, tmp_path):
+    out, _ = adapter_run
+    with pytest.raises(ValueError, match=r"holds a LoRA adapter.*--lora_merge true"):
+        train_script.main(
+            ["--stage", "crt", "--from_run", str(out), "--output_dir", str(tmp_path / "s")]
+        )
