@@ -68,6 +68,7 @@ def test_hub_id_offline_fails_naming_the_hub_and_the_id(train_script, tmp_path):
 
 
 # ------------------------------------------------------------------ launch
+@pytest.mark.slow  # ~14 s alone, ~22 s on the shared 2 cores: accelerate's CLI start-up
 def test_accelerate_cpu_with_two_processes_is_refused_before_any_work(tmp_path):
     """accelerate 1.x's --cpu launcher starts one process whatever --num_processes says."""
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
