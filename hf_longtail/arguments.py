@@ -54,14 +54,19 @@ __all__ = [
     "DataArguments",
     "ModelArguments",
     "RunArguments",
+    "accelerate_requested_processes",
+    "build_parser",
     "check_classifier",
     "check_number",
     "check_options",
+    "check_world_size",
     "choose_validation_split",
     "classifier_kwargs",
     "initial_run_record",
+    "lora_options",
     "parse_args",
     "parse_posthoc_tau",
+    "quiet_libraries",
     "read_config_file",
     "selection_record",
     "split_config_file",
@@ -297,6 +302,25 @@ class ModelArguments:
         default=None,
         metadata={"help": "Feature cache directory (default: ~/.cache/hf_longtail/features)."},
     )
+    # LoRA through peft (hf_longtail.models.lora); its own group in -h.
+    lora_r: int | None = field(
+        default=None,
+        metadata={"help": "LoRA rank: train low-rank adapters plus the head (off when unset)."},
+    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale: update = alpha/r BA."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: str = field(
+        default="auto",
+        metadata={
+            "help": "Layers given adapters: 'auto' (all-linear for ViTs, all-conv for CNNs), "
+            "'all-linear', 'all-conv' or names such as 'q_proj,v_proj'. The head is trained "
+            "in full."
+        },
+    )
+    lora_merge: bool = field(
+        default=False,
+        metadata={"help": "Save the adapters merged into a plain model (no peft to load it)."},
+    )
 
 
 CLASSIFIERS = ("linear", "cosine")
@@ -494,7 +518,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Any, ...]:
     read_config_file`): unknown keys and wrong types raise a ``ValueError`` naming them.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(DATACLASSES)
+    parser = build_parser()
     value_flags = {
         flag for action in parser._actions if action.nargs is None for flag in action.option_strings
     }
@@ -508,6 +532,148 @@ def parse_args(argv: list[str] | None = None) -> tuple[Any, ...]:
     if "--output_dir" not in argv and parser.get_default("output_dir") is None:
         parser.set_defaults(output_dir="outputs/run")
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+# ------------------------------------------------------------------------------ -h / parsing
+_GROUPS = (
+    (ModelArguments, "model", "Which model to fine-tune, and how much of it."),
+    (None, "LoRA (peft)", "Low-rank adapters plus the head (hf_longtail.models.lora)."),
+    (DataArguments, "data", "Which data, how it is made long-tailed and how it is fed."),
+    (LongTailLossConfig, "loss (LongTailLossConfig)", "The long-tail loss recipe."),
+    (RunArguments, "run", "Run management: resume, schedules, decoupled second stage."),
+    (TrainingArguments, "transformers TrainingArguments", "Trainer options (transformers)."),
+)
+_USAGE = "%(prog)s [CONFIG.yaml|CONFIG.json] [--option VALUE ...] [-h]"
+_DESCRIPTION = (
+    "Fine-tune an image classifier on long-tailed data. A YAML/JSON config file (first or last "
+    "among the arguments) sets the options; flags override it. Options that take none, such as "
+    "--imbalance_factor none, accept 'none'. The project's options come first, grouped; "
+    "transformers' TrainingArguments follow."
+)
+_HELP_OVERRIDES = {
+    "--pretrained": "Load the model's pretrained weights (default). Weights that cannot be "
+    "loaded (offline, wrong id) are an error, never a silent random start.",
+    "--no_pretrained": "Train from random weights on purpose: the architecture of "
+    "--model_name_or_path without its weights (a Hub model still needs its config.json). The "
+    "run record and the card then name no base model.",
+}
+
+
+def _none_or(kind: type) -> Any:
+    def convert(text: str) -> Any:
+        return None if text.strip().lower() in ("none", "null") else kind(text)
+
+    convert.__name__ = kind.__name__  # argparse names the type in its error messages
+    return convert
+
+
+def build_parser() -> HfArgumentParser:
+    """The ``HfArgumentParser`` of :data:`DATACLASSES` with a short usage line, the project's
+    options first in one titled group per dataclass (LoRA options in their own), transformers'
+    ``TrainingArguments`` last, ``--pretrained`` / ``--no_pretrained`` with their own help, and
+    ``none`` / ``null`` accepted by the optional numeric options of the project's dataclasses
+    (``--imbalance_factor none``: use the source as it is)."""
+    parser = HfArgumentParser(DATACLASSES)
+    parser.usage, parser.description = _USAGE, _DESCRIPTION
+    owner: dict[str, int] = {}
+    for index, (dc, _, _) in enumerate(_GROUPS):
+        if dc is not None:
+            hints = typing.get_type_hints(dc)
+            for f in dataclasses.fields(dc):
+                owner.setdefault(f.name, index)
+                if dc is not TrainingArguments and type(None) in _union_args(hints[f.name]):
+                    owner[f.name + "?optional"] = index
+    groups = [parser.add_argument_group(title, text) for _, title, text in _GROUPS]
+    for action in list(parser._optionals._group_actions):
+        if action.dest not in owner:
+            continue  # -h
+        index = owner[action.dest]
+        if action.dest.startswith("lora_"):
+            index = 1
+        parser._optionals._group_actions.remove(action)
+        groups[index]._group_actions.append(action)
+        for flag in action.option_strings:
+            if flag in _HELP_OVERRIDES:
+                action.help = _HELP_OVERRIDES[flag]
+            elif flag == f"--no_{action.dest}":  # not the help of the positive flag again
+                action.help = f"Same as --{action.dest} false."
+        if action.dest + "?optional" in owner and action.type in (int, float):
+            action.type = _none_or(action.type)
+    parser._action_groups = [*parser._action_groups[:2], *groups]
+    return parser
+
+
+def quiet_libraries(training_args: TrainingArguments) -> None:
+    """Library logging for a script run: with the default ``--log_level passive``,
+    transformers and datasets log warnings and errors only, and transformers' own progress bars
+    (writing / loading weight shards: seconds) are off; the training, evaluation and dataset
+    bars (long work) stay unless ``--disable_tqdm``. An explicit ``--log_level`` is left to the
+    Trainer, which applies it."""
+    if training_args.log_level != "passive":
+        return
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_warning()
+    datasets.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()
+
+
+_CPU_MULTI_PROCESS = (
+    "For several CPU processes use `accelerate launch --multi_gpu --num_processes N "
+    "scripts/train.py ...` (without a GPU its processes train on the CPU with gloo) or "
+    "`torchrun --nproc_per_node N scripts/train.py ...`."
+)
+
+
+def accelerate_requested_processes() -> int | None:
+    """The ``--num_processes`` of the ``accelerate launch`` that started this process through
+    its single-process launcher (``--cpu``, which sets ``ACCELERATE_USE_CPU`` and no
+    ``WORLD_SIZE``), read from the launcher's command line (``/proc``, Linux); ``None`` when it
+    cannot be known. accelerate 1.x's ``--cpu`` always runs one process (several only with
+    ``--mpirun_hostfile``), whatever ``--num_processes`` says."""
+    if "ACCELERATE_USE_CPU" not in os.environ or "WORLD_SIZE" in os.environ:
+        return None
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    if not any(a.endswith("accelerate") for a in argv) or "launch" not in argv:
+        return None
+    for i, arg in enumerate(argv):
+        for flag in ("--num_processes", "--num-processes"):
+            value = None
+            if arg == flag and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1]
+            if value is not None:
+                try:
+                    return int(value)
+                except ValueError:
+                    return None
+    return None
+
+
+def check_world_size(training_args: TrainingArguments) -> None:
+    """Refuse a launch whose real number of processes is not the one asked for, before any
+    work: ``accelerate launch --cpu --num_processes N`` (one process, whatever N), or a
+    ``WORLD_SIZE`` in the environment that the process group does not have."""
+    world = training_args.world_size
+    requested = accelerate_requested_processes()
+    if requested is not None and requested > world:
+        raise ValueError(
+            f"`accelerate launch --cpu --num_processes {requested}` started {world} process: "
+            "accelerate's --cpu launcher runs a single process (several only through MPI with "
+            f"--mpirun_hostfile). {_CPU_MULTI_PROCESS}"
+        )
+    env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if env_world != world:
+        raise ValueError(
+            f"WORLD_SIZE={env_world} in the environment but this run has {world} process(es): "
+            f"the launch did not form the process group it asked for. {_CPU_MULTI_PROCESS}"
+        )
 
 
 def _multi_process_without_gpu() -> bool:
@@ -538,7 +704,31 @@ def check_options(
             "--classifier linear, or drop --posthoc_tau."
         )
     _check_frozen_options(model_args, data_args, run_args)
+    lora_options(model_args)  # LoRA options are checked (and peft found) before any work
+    check_world_size(training_args)
     return loss_config
+
+
+def lora_options(model_args: ModelArguments) -> Any:
+    """The :class:`hf_longtail.models.lora.LoraOptions` of ``--lora_*`` (``None`` without
+    ``--lora_r``); contradictory combinations raise ``ValueError`` naming the options."""
+    if model_args.lora_r is None:
+        if model_args.lora_merge:
+            raise ValueError("--lora_merge needs --lora_r (it merges LoRA adapters).")
+        return None
+    from hf_longtail.models.lora import LoraOptions, _require_peft
+
+    if model_args.freeze_backbone:
+        raise ValueError(
+            "--lora_r and --freeze_backbone are two ways of light fine-tuning; pass one."
+        )
+    _require_peft()
+    return LoraOptions(
+        r=model_args.lora_r,
+        alpha=model_args.lora_alpha,
+        dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules,
+    )
 
 
 def uses_feature_cache(model_args: ModelArguments) -> bool:
@@ -585,6 +775,13 @@ def initial_run_record(
         run_info["dataset"]["validation_options"] = validation
     if model_args.classifier != "linear":  # absent for the model's own head (older run files)
         run_info["classifier"] = {"type": model_args.classifier, "scale": model_args.cosine_scale}
+    if model_args.lora_r is not None:  # recipe: adapters of another shape cannot be resumed
+        run_info["lora"] = {
+            "r": model_args.lora_r,
+            "alpha": model_args.lora_alpha,
+            "dropout": model_args.lora_dropout,
+            "target_modules": model_args.lora_target_modules,
+        }
     use_features = uses_feature_cache(model_args)
     if model_args.freeze_backbone:  # recipe: a frozen run must not resume a full fine-tune
         run_info["freeze_backbone"] = {
@@ -918,5 +1115,12 @@ def _check_frozen_options(
             raise ValueError(f"--stage {run_args.stage!r} is not valid; use one of {list(STAGES)}.")
         if not run_args.from_run:
             raise ValueError("--stage needs --from_run DIR (a finished scripts/train.py run).")
+        if model_args.lora_r is not None:
+            raise ValueError("--lora_r trains a model; --stage re-balances a finished one.")
+        if (Path(run_args.from_run) / "adapter_config.json").is_file():
+            raise ValueError(
+                f"--from_run {run_args.from_run} holds a LoRA adapter, not a full model; the "
+                "second stage needs one saved with --lora_merge true."
+            )
     elif run_args.from_run:
         raise ValueError("--from_run is only used with --stage crt|tau_norm|lws.")

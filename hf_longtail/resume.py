@@ -63,6 +63,7 @@ RECIPE_FIELDS = (
     "model_name_or_path",
     "classifier",  # a replaced head (e.g. cosine); absent for the model's own
     "freeze_backbone",  # frozen-backbone training; absent for full fine-tuning
+    "lora",  # LoRA adapters (rank, alpha, dropout, targets); absent for full fine-tuning
     "dataset.name",
     "dataset.config_name",
     "dataset.imbalance_factor",

@@ -33,6 +33,7 @@ from hf_longtail.class_counts import DEFAULT_THRESHOLDS, ShotThresholds
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ADAPTER_CONFIG_FILE",
     "CARD_FILE",
     "CONFIG_FILE",
     "CONFUSION_PLOT",
@@ -61,7 +62,9 @@ WEIGHT_FILES = (
     "model.safetensors.index.json",
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",  # a LoRA run saved as its adapter (hf_longtail.models.lora)
 )
+ADAPTER_CONFIG_FILE = "adapter_config.json"
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 

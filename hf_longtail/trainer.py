@@ -150,6 +150,17 @@ class _EpochCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self._trainer.loss_fn.set_epoch(float(state.epoch or 0.0))
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # A countdown a person can read ("epoch 5/30"), beside the logs' fractional epochs.
+        if state.is_world_process_zero:
+            logger.info(
+                "epoch %d/%d done (step %d/%d)",
+                round(state.epoch or 0),
+                math.ceil(state.num_train_epochs or 0),
+                state.global_step,
+                state.max_steps,
+            )
+
 
 class LongTailTrainer(Trainer):
     """``transformers.Trainer`` whose loss is the configured long-tail loss.
@@ -572,9 +583,13 @@ class LongTailTrainer(Trainer):
         # Checkpoints got the loss in _save_checkpoint (before trainer_state.json); a saved model
         # gets it here, so LongTailLoss.from_pretrained(output_dir) rebuilds the trained loss.
         if not _internal_call and self.args.should_save:
-            self.loss_fn.save_pretrained(
-                output_dir if output_dir is not None else self.args.output_dir
-            )
+            folder = output_dir if output_dir is not None else self.args.output_dir
+            self.loss_fn.save_pretrained(folder)
+            from hf_longtail.models.lora import is_lora_model, save_base_config
+
+            model = self.accelerator.unwrap_model(self.model)
+            if is_lora_model(model):  # the adapter files alone do not say what the model is
+                save_base_config(model, folder)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         # The parent pickles the whole TrainingArguments into training_args.bin (output dir and

@@ -52,7 +52,9 @@ from hf_longtail.arguments import (
     choose_validation_split,
     classifier_kwargs,
     initial_run_record,
+    lora_options,
     parse_args,
+    quiet_libraries,
     selection_record,
     uses_feature_cache,
     validation_load_kwargs,
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
     )
+    quiet_libraries(training_args)
     if training_args.disable_tqdm:
         # --disable_tqdm silences the Trainer's bars; also those of checkpoint writing and of
         # datasets' map/load, so logs stay one line per event.
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     from hf_longtail.models import (
         create_image_processor,
         create_model,
+        pretrained_source,
         record_eval_preprocessing,
     )
     from hf_longtail.trainer import LongTailTrainer
@@ -218,6 +222,14 @@ def main(argv: list[str] | None = None) -> dict:
     run_info["preprocessing"] = {"train_transform": protocol, "image_size": data_args.image_size}
     # The saved model's preprocessing must be this run's evaluation preprocessing.
     processor = record_eval_preprocessing(model, processor, protocol, data_args.image_size)
+    run_info["base_model"] = pretrained_source(model_args.model_name_or_path, model_args.pretrained)
+    lora = lora_options(model_args)
+    if lora is not None:  # after the processor: it is read from the plain model
+        from hf_longtail.models.lora import apply_lora, trainable_parameters
+
+        model = apply_lora(model, lora, base_model_name_or_path=run_info["base_model"])
+        run_info["trainable_parameters"] = trainable_parameters(model)
+        run_info["lora_saved_as"] = "merged" if model_args.lora_merge else "adapter"
     on_bad = data_args.on_bad_image
     if model_args.freeze_backbone:
         from hf_longtail.features import freeze_backbone
@@ -322,6 +334,10 @@ def main(argv: list[str] | None = None) -> dict:
     if getattr(trainer, "stopped_by_signal", None):
         logger.warning("Stopped by %s after saving a checkpoint.", trainer.stopped_by_signal)
         sys.exit(128 + int(trainer.stopped_by_signal_number))
+    if model_args.lora_merge:
+        from hf_longtail.models.lora import merge_trainer_model
+
+        merge_trainer_model(trainer)
     if data_args.posthoc_tau is not None:
         # Folded into the classifier bias before saving: the saved model predicts what is
         # reported, and the test split below is evaluated (once) with the adjustment inside.
@@ -347,8 +363,18 @@ def main(argv: list[str] | None = None) -> dict:
             trainer.push_to_hub()
         except PushToHubError as err:  # every local file is already written; it says how to retry
             print(f"\n{err}", file=sys.stderr)
+            end_training(trainer)
             sys.exit(2)
+    end_training(trainer)
     return results
+
+
+def end_training(trainer) -> None:
+    """``Trainer.end()`` (transformers >= 5.x that has it): finish the trackers (flush their
+    event files) and destroy the process group, once everything collective is done."""
+    end = getattr(trainer, "end", None)
+    if callable(end):
+        end()
 
 
 def _second_stage(model_args, data_args, loss_config, run_args, training_args) -> dict:

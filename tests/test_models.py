@@ -329,14 +329,29 @@ def test_download_options_never_leak_into_configs(tmp_path):
     assert "revision" not in m.config.to_dict()
 
 
-def test_timm_pretrained_offline_falls_back_to_random_with_warning(monkeypatch, caplog):
+def test_timm_pretrained_offline_fails_clearly_instead_of_random_weights(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
-        m = create_model("timm:test_vit", num_labels=3, pretrained=True)
-    assert "RANDOMLY INITIALIZED" in caplog.text
+    with pytest.raises(OSError) as info:
+        create_model("timm:test_vit", num_labels=3, pretrained=True)
+    message = str(info.value)
+    assert "test_vit" in message and "offline" in message
+    assert "pretrained=False" in message and "--no_pretrained" in message
+    # Opting out on purpose still builds the architecture.
+    m = create_model("timm:test_vit", num_labels=3, pretrained=False)
     assert m(torch.randn(1, 3, 160, 160)).logits.shape == (1, 3)
+
+
+def test_pretrained_source_names_only_weights_that_are_loaded(tmp_path):
+    from hf_longtail.models import pretrained_source
+
+    assert pretrained_source("resnet32_cifar") is None
+    assert pretrained_source("timm/test_vit", pretrained=False) is None
+    assert pretrained_source("timm/test_vit").startswith("timm/test_vit")
+    assert pretrained_source("google/vit-base-patch16-224") == "google/vit-base-patch16-224"
+    assert pretrained_source({"model_type": "vit"}) is None
+    assert pretrained_source(str(tmp_path)) == str(tmp_path.resolve())
 
 
 def test_timm_pretrained_weights_are_copied_when_available(monkeypatch, caplog):

@@ -20,6 +20,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from hf_longtail.class_counts import ClassCounts, ShotThresholds
 from hf_longtail.hub.rundir import (
+    ADAPTER_CONFIG_FILE,
     CARD_FILE,
     CONFUSION_PLOT,
     PER_CLASS_PLOT,
@@ -557,6 +558,24 @@ def _usage_snippet(run: RunDir, model_ref: str, needs_hf_longtail: bool) -> str:
     )
 
 
+def _adapter_snippet(run: RunDir, model_ref: str, base_model: str | None) -> str:
+    """Loading a LoRA adapter run: the base model built with this run's config (its labels;
+    the base's own head is dropped, the trained one is in the adapter), then the adapter."""
+    base = base_model or "BASE_MODEL  # the base model the adapter was trained on"
+    return "\n".join(
+        [
+            "from peft import PeftModel",
+            "from transformers import AutoConfig, AutoModelForImageClassification",
+            "",
+            f'config = AutoConfig.from_pretrained("{model_ref}")',
+            "base = AutoModelForImageClassification.from_pretrained(",
+            f'    "{base}", config=config, ignore_mismatched_sizes=True',
+            ")",
+            f'model = PeftModel.from_pretrained(base, "{model_ref}").eval()',
+        ]
+    )
+
+
 # Local pretrained aliases (hf_longtail.models.register_checkpoint): what they are, for the card.
 PRETRAINED_ALIASES = {
     "efficientnet_lite0_in1k": (
@@ -733,8 +752,12 @@ def build_model_card(
     dataset = _dataset_context(run, dataset_repo_id, counts)
 
     model_source = run.run.get("model_name_or_path")
-    if base_model is None and looks_like_hub_id(model_source):
-        base_model = model_source
+    if base_model is None:
+        # Only weights that were loaded (`base_model` of the run record, None for random
+        # weights); older records without it name their model source.
+        loaded = run.run.get("base_model", model_source)
+        base_model = loaded if looks_like_hub_id(loaded) else None
+    adapter = run.has_file(ADAPTER_CONFIG_FILE)
     model_name = repo_id.split("/")[-1] if repo_id else run.path.name
     raw_dataset = run.dataset.get("name")
     dataset_ids = [d for d in (dataset_repo_id, raw_dataset) if looks_like_hub_id(d)]
@@ -746,6 +769,8 @@ def build_model_card(
     stage = _stage_context(run)
     if stage is not None:
         tags.append("decoupled-" + stage["name"].replace("_", "-"))
+    if isinstance(run.run.get("lora"), dict):
+        tags.append("lora")
     metrics_present = {s.key for s in METRIC_SPECS if run.metrics.get(s.key) is not None}
     hub_metrics = ["accuracy"] + (["f1"] if "macro_f1" in metrics_present else [])
 
@@ -758,7 +783,7 @@ def build_model_card(
         base_model=base_model,
         datasets=dataset_ids or None,
         eval_results=eval_results_for_run(run, dataset_type, dataset_name) or None,
-        library_name="transformers",
+        library_name="peft" if adapter else "transformers",
         license=license,
         metrics=hub_metrics,
         model_name=model_name,
@@ -784,7 +809,11 @@ def build_model_card(
         template_path=str(template_file),
         model_title=model_name,
         repo_id=repo_id,
-        base_model_display=_base_model_display(base_model, model_source),
+        base_model_display=(
+            ""  # trained from random weights (--no_pretrained, a from-scratch model)
+            if base_model is None and "base_model" in run.run and run.run["base_model"] is None
+            else _base_model_display(base_model, model_source)
+        ),
         model_source=_public_name(model_source, default="not recorded"),
         hf_longtail_version=str(run.run.get("hf_longtail_version", "")),
         stage=stage,
@@ -808,7 +837,11 @@ def build_model_card(
         per_class_truncated=truncated,
         needs_hf_longtail=needs_hf_longtail,
         model_type=model_type,
-        usage_snippet=_usage_snippet(run, model_ref, needs_hf_longtail),
+        usage_snippet=(
+            _adapter_snippet(run, model_ref, base_model)
+            if adapter
+            else _usage_snippet(run, model_ref, needs_hf_longtail)
+        ),
         architecture=architectures[0],
         num_labels=len(run.config.get("id2label") or {}) or run.num_classes,
     )

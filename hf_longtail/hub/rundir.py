@@ -19,6 +19,7 @@ from hf_longtail.class_counts import ClassCounts
 # The file names are those the trainer writes, defined once in hf_longtail.run_directory (also
 # importable from here, where the hub's readers always found them).
 from hf_longtail.run_directory import (  # noqa: F401
+    ADAPTER_CONFIG_FILE,
     CARD_FILE,
     CONFIG_FILE,
     CONFUSION_PLOT,

@@ -68,6 +68,7 @@ from hf_longtail.losses.functional import (
     _effective_number_weights,
     _ldam_margins,
     _log_prior,
+    explicit_class_weights,
 )
 
 __all__ = [
@@ -125,6 +126,11 @@ class BaseLoss(nn.Module):
         class_counts: training-set count of every class (length ``K``).
         drw_epoch: epoch from which deferred re-weighting is on (``None``: never, except ``cb``).
         drw_beta: ``beta`` of the effective-number DRW weights.
+        class_weights: plain per-class weights instead of DRW's (``"auto"``: inverse frequency
+            normalised to mean 1; or one positive number per class, see
+            :func:`~hf_longtail.losses.functional.explicit_class_weights`), applied from epoch 0
+            (from ``drw_epoch`` when given). With the default ``weight_reduction`` this is
+            ``F.cross_entropy(weight=w)`` for ``ce``. Not with ``cb`` (its own weights).
         weight_reduction: ``"auto"``, ``"mean"`` or ``"weighted_mean"`` (module docstring).
         validate: check label range / finite logits on every call (one device sync).
     """
@@ -141,6 +147,7 @@ class BaseLoss(nn.Module):
         drw_beta: float = 0.9999,
         weight_reduction: str = "auto",
         validate: bool = True,
+        class_weights: Any = None,
     ) -> None:
         super().__init__()
         counts = as_class_counts(class_counts)
@@ -162,7 +169,15 @@ class BaseLoss(nn.Module):
         )
         self.validate = bool(validate)
         self.epoch = 0.0
-        weights = self._make_class_weights(counts)
+        if class_weights is not None:
+            if type(self)._make_class_weights is not BaseLoss._make_class_weights:
+                raise ValueError(
+                    f"class_weights cannot be combined with base loss {self.name!r}, which has "
+                    "its own class weights; use base 'ce' (or 'focal', 'la', ...) with them."
+                )
+            weights = explicit_class_weights(class_weights, counts)
+        else:
+            weights = self._make_class_weights(counts)
         self.register_buffer(
             "class_weights", None if weights is None else weights.float(), persistent=False
         )

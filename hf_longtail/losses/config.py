@@ -24,7 +24,7 @@ from hf_longtail.losses.base import (
 )
 from hf_longtail.losses.car import CAR_EMA_MODES, CAR_SOLVERS, CAR_WEIGHT_FORMS
 from hf_longtail.losses.ccar import P_T_SOURCES
-from hf_longtail.losses.functional import CCAR_VARIANTS
+from hf_longtail.losses.functional import CCAR_VARIANTS, parse_class_weights
 
 __all__ = ["LongTailLossConfig"]
 
@@ -81,6 +81,8 @@ class LongTailLossConfig:
         la_tau: ``la`` adjustment strength.
         drw_epoch, drw_beta: deferred re-weighting from ``drw_epoch`` (any base; ``None`` = off).
         weight_reduction: ``auto``/``mean``/``weighted_mean`` batch reduction with class weights.
+        class_weights: plain per-class weights (``"auto"``: inverse frequency, mean 1; or one
+            positive number per class), from epoch 0 or ``drw_epoch``; not with ``cb``.
         base_options: extra keyword arguments for the base loss (custom registered losses).
 
     CCAR (``ccar`` on/off): ``ccar_omega`` in (0, 1], ``ccar_variant`` (``paper``/``e_minus_f``/``notebook``),
@@ -130,6 +132,15 @@ class LongTailLossConfig:
     )
     weight_reduction: Literal[WEIGHT_REDUCTIONS] = field(
         default="auto", metadata={"help": "Batch reduction with class weights."}
+    )
+    # A string on the command line ("auto" or "1,2,0.5"); __post_init__ makes a list of it.
+    class_weights: list[float] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Plain per-class loss weights (weighted CE with base ce): 'auto' = inverse "
+            "frequency normalised to mean 1, w_c = (1/N_c) / mean_j(1/N_j), or one positive "
+            "weight per class, '1,2.5,4'. From epoch 0, or from drw_epoch if set; not with cb."
+        },
     )
     # ``str``/``None`` so the command line can pass it as JSON; __post_init__ makes it a dict.
     base_options: dict[str, Any] | str | None = field(
@@ -214,6 +225,20 @@ class LongTailLossConfig:
                 ) from None
         if not isinstance(self.base_options, dict):
             raise TypeError(f"base_options must be a dict; got {type(self.base_options).__name__}")
+        if self.class_weights is not None and not (
+            isinstance(self.class_weights, str) and self.class_weights.strip().lower() == "auto"
+        ):
+            try:
+                self.class_weights = parse_class_weights(self.class_weights)
+            except ValueError as err:
+                raise ValueError(f"LongTailLossConfig.{err}") from None
+        elif isinstance(self.class_weights, str):
+            self.class_weights = "auto"
+        if self.class_weights is not None and self.base == "cb":
+            raise ValueError(
+                "LongTailLossConfig.class_weights cannot be combined with base 'cb', which has "
+                "its own class weights; use base 'ce' for plain weighted cross-entropy."
+            )
         _check(
             0.0 <= self.label_smoothing < 1.0, "label_smoothing", "in [0, 1)", self.label_smoothing
         )
@@ -292,6 +317,8 @@ class LongTailLossConfig:
         """Keyword arguments for ``create_base_loss(self.base, counts, **kwargs)``."""
         mapping = {**_BASE_FIELDS.get(self.base, {}), **_COMMON_FIELDS}
         kwargs = {key: getattr(self, attr) for key, attr in mapping.items()}
+        if self.class_weights is not None:  # only then: custom bases need not know the keyword
+            kwargs["class_weights"] = self.class_weights
         kwargs.update(self.base_options)
         return kwargs
 

@@ -71,6 +71,55 @@ def _effective_number_weights(counts: torch.Tensor, beta: float) -> torch.Tensor
     return weights * (counts.numel() / weights.sum())
 
 
+def explicit_class_weights(spec: Any, class_counts: Any) -> torch.Tensor:
+    """Per-class weights given by the user (``class_weights``), as a float64 tensor of length K.
+
+    ``spec`` is ``"auto"``: inverse frequency normalised to mean 1,
+    ``w_c = (1 / N_c) / ((1 / K) sum_j 1 / N_j)`` (zero counts replaced by the smallest positive
+    count); or K positive finite numbers (a sequence, or a comma-separated string such as
+    ``"1,2,0.5"``), used as given. Raises ``ValueError`` naming the problem (length, value).
+    """
+    counts = as_class_counts(class_counts)
+    k = counts.numel()
+    if isinstance(spec, str) and spec.strip().lower() == "auto":
+        inverse = 1.0 / safe_counts(counts)
+        return inverse / inverse.mean()
+    values = parse_class_weights(spec)
+    if len(values) != k:
+        raise ValueError(
+            f"class_weights has {len(values)} values but there are {k} classes; give one weight "
+            "per class (in class-id order) or 'auto' (inverse frequency, mean 1)."
+        )
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def parse_class_weights(spec: Any) -> list[float]:
+    """``class_weights`` other than ``"auto"`` as a list of positive finite floats (a sequence or
+    a comma-separated string); ``ValueError`` names the first bad value."""
+    items = spec.split(",") if isinstance(spec, str) else spec
+    try:
+        items = list(items)
+    except TypeError:
+        raise ValueError(
+            f"class_weights must be 'auto' or one positive number per class; got {spec!r}"
+        ) from None
+    values = []
+    for i, item in enumerate(items):
+        try:
+            value = float(item.strip() if isinstance(item, str) else item)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if isinstance(item, bool) or not (math.isfinite(value) and value > 0):
+            raise ValueError(
+                f"class_weights[{i}] = {item!r} is not a positive finite number; give 'auto' or "
+                "one positive weight per class, e.g. '1,2.5,4'."
+            )
+        values.append(value)
+    if not values:
+        raise ValueError("class_weights is empty; give 'auto' or one positive weight per class.")
+    return values
+
+
 def ldam_margins(class_counts: Any, max_m: float = 0.5) -> torch.Tensor:
     """LDAM margins of Cao et al. (NeurIPS 2019): ``m_c = C / N_c^{1/4}``, with ``max_c m_c = max_m``.
 

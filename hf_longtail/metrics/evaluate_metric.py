@@ -18,6 +18,12 @@ def load_evaluate_metric(**kwargs: Any) -> Any:
     the path of the script shipped with hf-longtail. ``kwargs`` are passed to ``evaluate.load``
     (e.g. ``experiment_id``, ``num_process``/``process_id`` for distributed evaluation).
     """
-    import evaluate
-
+    try:
+        import evaluate
+    except ImportError as err:  # an optional extra: nothing else in hf-longtail needs it
+        raise ImportError(
+            "load_evaluate_metric needs the `evaluate` package: `pip install evaluate` (or "
+            "`pip install hf-longtail[evaluate]`). The same metrics without it: "
+            "hf_longtail.metrics.long_tail_metrics / make_compute_metrics."
+        ) from err
     return evaluate.load(EVALUATE_METRIC_PATH, **kwargs)

@@ -12,8 +12,8 @@ Resolution order of ``name_or_path`` (first match wins):
    ``config.json``; works offline);
 4. ``timm:<arch>``, ``timm/<arch>`` or a bare architecture known to ``timm`` (``resnet50``,
    ``vit_small_patch16_224.augreg_in21k``) -> ``TimmWrapperForImageClassification``; pretrained
-   timm weights are loaded when ``pretrained=True`` and reachable, otherwise (offline, not cached)
-   the model is randomly initialised with a warning;
+   timm weights are loaded when ``pretrained=True``; unreachable weights (offline, not cached,
+   a wrong tag) are an error that names ``pretrained=False`` for training from random weights;
 5. a Hub id ``namespace/name`` -> ``AutoModelForImageClassification.from_pretrained``; offline and
    not cached is an error that says how to pass a local directory instead.
 
@@ -47,6 +47,7 @@ __all__ = [
     "create_model",
     "is_model",
     "list_models",
+    "pretrained_source",
     "record_eval_preprocessing",
     "register_checkpoint",
     "register_model",
@@ -280,12 +281,12 @@ def _from_pretrained(
                 f"Cannot load {name!r}: the Hugging Face Hub is offline (HF_HUB_OFFLINE=1 or "
                 "TRANSFORMERS_OFFLINE=1) and the model is not in the local cache. Download it "
                 f"on a connected machine (`hf download {name}`) or save it with "
-                "save_pretrained and pass that local directory instead."
+                "save_pretrained and pass that local directory instead. (--no_pretrained still "
+                "needs the model's config.json.)"
             ) from err
         raise OSError(
-            f"Cannot load {name!r} as a Hub model id or local directory ({err}). Pass "
-            + _ACCEPTED_FORMS
-            + "."
+            f"Cannot load {name!r} as a Hub model id or local directory: the Hub is unreachable "
+            f"or the id is wrong ({err}). Pass " + _ACCEPTED_FORMS + "."
         ) from err
     n, id2label, label2id = labels
     old = getattr(config, "num_labels", None)
@@ -346,14 +347,20 @@ def _from_timm(
         timm_kwargs = {"cache_dir": hub_kwargs["cache_dir"]} if hub_kwargs.get("cache_dir") else {}
         src = timm.create_model(arch, pretrained=True, num_classes=n, **timm_kwargs, **model_args)
     except OSError as err:
-        logger.warning(
-            "timm %s: pretrained weights are not reachable (offline or not cached: %s). The "
-            "model is RANDOMLY INITIALIZED. Pass pretrained=False to silence this, or go online "
-            "/ pre-download the weights.",
-            arch,
-            str(err).splitlines()[0] if str(err) else type(err).__name__,
+        # Never a silent random initialisation: a run (and its card) would claim a pretrained
+        # backbone it never had.
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        where = (
+            "the Hugging Face Hub is offline (HF_HUB_OFFLINE=1) and they are not cached"
+            if _offline()
+            else "the Hub is unreachable, or the id/tag is wrong"
         )
-        return model
+        raise OSError(
+            f"Cannot load the pretrained weights of timm {arch!r}: {where} ({reason}). Check the "
+            f"name with timm.list_pretrained('{base}*'), download them on a connected machine "
+            f"(`hf download timm/{arch}`), or train from random weights on purpose with "
+            "pretrained=False (scripts/train.py: --no_pretrained)."
+        ) from err
     except RuntimeError as err:
         if "No pretrained weights" in str(err):
             raise ValueError(
@@ -365,6 +372,30 @@ def _from_timm(
     _warn_head_resize(f"timm {arch}", old, n)
     model.timm_model.load_state_dict(src.state_dict())
     return model
+
+
+def pretrained_source(name_or_path: Any, pretrained: bool = True) -> str | None:
+    """The loadable name of the pretrained weights :func:`create_model` loads for
+    ``name_or_path``, or ``None`` when it builds random weights (``pretrained=False``, a
+    registered from-scratch model, a config). A registered checkpoint alias gives its
+    directory; a timm architecture its Hub repo (``timm/<arch>.<tag>``); a local directory its
+    absolute path; a Hub id itself. What a run record and a card may call the base model."""
+    if not pretrained or not isinstance(name_or_path, (str, os.PathLike)):
+        return None
+    name = os.fspath(name_or_path)
+    if name in _MODEL_ENTRYPOINTS:
+        return None
+    if name in _CHECKPOINTS:
+        return resolve_checkpoint(name)
+    if os.path.isdir(name):
+        return os.path.abspath(name)
+    arch = _timm_arch(name)
+    if arch is not None:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(arch)
+        return getattr(cfg, "hf_hub_id", None) or f"timm/{arch}"
+    return name
 
 
 def create_model(
