@@ -245,3 +245,22 @@ def test_second_stage_refuses_an_adapter_run(train_script, adapter_run, tmp_path
         train_script.main(
             ["--stage", "crt", "--from_run", str(out), "--output_dir", str(tmp_path / "s")]
         )
+
+
+def test_posthoc_tau_is_in_the_saved_adapter(train_script, vit_source, tmp_path):
+    """A tau folded into the head of an adapter run is saved with the head (modules_to_save):
+    the reloaded adapter predicts what the run reported, and the head differs from tau 0."""
+    from hf_longtail.models.lora import load_lora_model
+
+    out = tmp_path / "tau"
+    results = train_script.main(_argv(vit_source, out, "--posthoc_tau", "2.0"))
+    assert json.loads((out / "longtail_run.json").read_text())["posthoc"]["tau"] == 2.0
+    accuracy, logits = _eval_accuracy(load_lora_model(out), out)
+    assert accuracy == pytest.approx(results["test_accuracy"], abs=1e-9)
+    plain = tmp_path / "plain"
+    train_script.main(_argv(vit_source, plain))
+    _, plain_logits = _eval_accuracy(load_lora_model(plain), plain)
+    # Same seed and data: the logits differ by -2 log prior, a per-class constant.
+    shift = (logits - plain_logits).mean(0)
+    assert torch.allclose(logits - plain_logits, shift.expand_as(logits), atol=1e-4)
+    assert shift.std() > 0.1
