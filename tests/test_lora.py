@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from _helpers_train import load_train_script
+from _readme import python_block
 
 peft = pytest.importorskip("peft")
 
@@ -264,3 +265,15 @@ def test_posthoc_tau_is_in_the_saved_adapter(train_script, vit_source, tmp_path)
     shift = (logits - plain_logits).mean(0)
     assert torch.allclose(logits - plain_logits, shift.expand_as(logits), atol=1e-4)
     assert shift.std() > 0.1
+
+
+def test_readme_lora_loading_snippet(adapter_run, vit_source):
+    """README's peft loading block as written, with its Hub base model and output directory
+    replaced by this run's local ones: it reproduces the run's accuracy."""
+    out, results = adapter_run
+    code = python_block("PeftModel.from_pretrained(base")
+    code = code.replace('"google/vit-base-patch16-224-in21k"', repr(str(vit_source)))
+    code = code.replace('"outputs/vit-c100lt-lora"', repr(str(out)))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert _eval_accuracy(namespace["model"], out)[0] == pytest.approx(results["test_accuracy"])

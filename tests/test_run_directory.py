@@ -5,7 +5,6 @@ with transformers' pipeline / AutoImageProcessor in a fresh process."""
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import textwrap
@@ -14,17 +13,14 @@ from typing import ClassVar
 
 import pytest
 import torch
+from _readme import python_block
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _readme_python_example() -> str:
-    """The first ```python block of README.md's "Using it from Python" section."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("## Using it from Python") :]
-    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
-    assert match, "README.md has no Python example under 'Using it from Python'"
-    return match.group(1)
+    """README.md's main Python example (the block that builds the ``LongTailTrainer``)."""
+    return python_block("trainer = LongTailTrainer(")
 
 
 class FakeHfApi:
@@ -69,7 +65,8 @@ def readme_run(tmp_path_factory):
         exec(compile(_readme_python_example(), "README.md", "exec"), namespace)
     finally:
         mp.undo()
-    return work / "outputs" / "digits-lt", list(FakeHfApi.calls), namespace["trainer"]
+    namespace["__workdir__"] = work
+    return work / "outputs" / "digits-lt", list(FakeHfApi.calls), namespace["trainer"], namespace
 
 
 def _top_level_files(path: Path) -> set[str]:
@@ -81,7 +78,7 @@ def test_readme_example_writes_the_full_run_directory(readme_run, tmp_path):
     from hf_longtail.hub import read_run_dir
     from hf_longtail.losses import LongTailLoss
 
-    out, _, trainer = readme_run
+    out, _, trainer, _ = readme_run
     files = _top_level_files(out)
     for name in (
         "config.json",
@@ -133,7 +130,7 @@ def test_push_to_hub_publishes_the_long_tail_card(readme_run):
 
     from hf_longtail.hub import card_metrics
 
-    out, calls, _ = readme_run
+    out, calls, _, _ = readme_run
     assert calls[0] == {"create_repo": "your-username/digits-lt"}
     upload = calls[1]
     assert upload["upload"] == "your-username/digits-lt"
@@ -155,7 +152,7 @@ def test_create_model_card_is_the_long_tail_card(readme_run, monkeypatch):
 
     from hf_longtail.hub import card_metrics
 
-    out, _, trainer = readme_run
+    out, _, trainer, _ = readme_run
     monkeypatch.chdir(out.parent.parent)  # the README's output_dir is relative
     (out / "README.md").unlink()
     trainer.create_model_card(license="mit")
@@ -166,7 +163,7 @@ def test_create_model_card_is_the_long_tail_card(readme_run, monkeypatch):
 def test_saved_run_works_with_pipeline_in_a_fresh_process(readme_run):
     """`import hf_longtail` then pipeline / AutoImageProcessor on the output directory: the
     pipeline's probabilities are the model's on the run's own evaluation transform."""
-    out, _, _ = readme_run
+    out, _, _, _ = readme_run
     code = textwrap.dedent(
         f"""
         import torch
@@ -204,3 +201,21 @@ def test_import_hf_longtail_stays_light_and_registers_on_use():
         "assert isinstance(AutoConfig.for_model('resnet_cifar'), ResNetCifarConfig)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_readme_probe_and_second_stage_continue_the_example(readme_run, monkeypatch):
+    """The README's frozen-backbone block, run as written after the main example (it freezes
+    the example's model, so this test comes last): a linear probe on cached features writes its
+    run directory, and the tau-norm second stage on the example's run writes another."""
+    namespace = readme_run[3]
+    monkeypatch.chdir(namespace["__workdir__"])
+    every = {n for n, _ in namespace["model"].named_parameters()}
+    exec(compile(python_block("probe = LongTailTrainer("), "README.md", "exec"), namespace)
+    trainable = {n for n, p in namespace["model"].named_parameters() if p.requires_grad}
+    assert trainable and trainable < every  # only the head trained
+    work = namespace["__workdir__"] / "outputs"
+    probe = json.loads((work / "digits-probe" / "all_results.json").read_text())
+    assert 0.0 <= probe["test_accuracy"] <= 1.0
+    stage = json.loads((work / "digits-lt-tau" / "longtail_run.json").read_text())
+    assert stage["stage"]["name"] == "tau_norm"
+    assert (work / "digits-lt-tau" / "model.safetensors").is_file()

@@ -1,0 +1,102 @@
+"""Every snippet of README.md runs: the Python blocks are executed (elsewhere when they continue
+the main example: tests/test_run_directory.py, tests/test_lora.py), and every shell command of
+the project is parsed by the real argument parser of the program it calls, so a renamed or
+removed option in the README fails here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+import pytest
+import torch
+from _readme import REPO, code_blocks, python_block, shell_commands
+
+
+class _Parsed(Exception):
+    """Raised right after a script's parser accepted its arguments: nothing else runs."""
+
+
+def _parse_with_main(main, argv: list[str], monkeypatch) -> argparse.Namespace:
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_and_stop(self, args=None, namespace=None):
+        raise _Parsed(original(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
+    with pytest.raises(_Parsed) as parsed:
+        main(argv)
+    return parsed.value.args[0]
+
+
+def _script_main(path: str):
+    spec = importlib.util.spec_from_file_location(f"readme_{abs(hash(path))}", REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _project_commands() -> list[list[str]]:
+    """The README's commands that call this project's programs (not pip, venv, ruff, pytest)."""
+    picked = []
+    for argv in shell_commands():
+        if argv[:2] == ["accelerate", "launch"]:
+            script = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+            argv = ["python", *argv[script:]]
+        if argv and argv[0] in ("python", "python3") and len(argv) > 1:
+            if argv[1].startswith("scripts/") or argv[1:3] in (
+                ["-m", "hf_longtail.hub"],
+                ["-m", "hf_longtail.models.convert"],
+            ):
+                picked.append(argv)
+    return picked
+
+
+def test_readme_has_project_commands():
+    commands = _project_commands()
+    assert len(commands) >= 10
+    assert ["python", "scripts/train.py", "scripts/configs/digits_ccar_car.yaml"] in commands
+
+
+@pytest.mark.parametrize("argv", _project_commands(), ids=lambda argv: " ".join(argv[1:4])[:60])
+def test_readme_command_parses(argv, monkeypatch):
+    monkeypatch.chdir(REPO)
+    # The GPU commands (--bf16, GPU configs) are parsed as on a machine with a bf16 GPU.
+    import transformers.training_args
+
+    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
+    if argv[1] == "scripts/train.py":
+        from hf_longtail.arguments import parse_args
+
+        training_args = parse_args(argv[2:])[-1]
+        assert training_args.output_dir
+    elif argv[1:3] == ["-m", "hf_longtail.hub"]:
+        from hf_longtail.hub.cli import build_parser
+
+        assert build_parser().parse_args(argv[3:]).command in ("push", "card")
+    elif argv[1:3] == ["-m", "hf_longtail.models.convert"]:
+        from hf_longtail.models.convert import main
+
+        _parse_with_main(main, argv[3:], monkeypatch)
+    else:
+        _parse_with_main(_script_main(argv[1]), argv[2:], monkeypatch)
+
+
+def test_readme_loss_snippet_runs():
+    """The 'plain PyTorch' loss block, as written: a finite float32 loss with a gradient."""
+    namespace: dict = {}
+    torch.manual_seed(0)
+    exec(compile(python_block("loss_fn = build_loss("), "README.md", "exec"), namespace)
+    loss, logits = namespace["loss"], namespace["logits"]
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    assert {"base_loss", "car_sigma"} <= set(namespace["loss_fn"].last_stats)
+
+
+def test_every_python_block_is_executed_by_a_test():
+    """Each README python block is one of those the tests run (here, the main example in
+    test_run_directory, the probe/second stage continuing it, the LoRA loader in test_lora)."""
+    markers = ("trainer = LongTailTrainer(", "loss_fn = build_loss(", "probe = LongTailTrainer(",
+               "PeftModel.from_pretrained(base")  # fmt: skip
+    for block in code_blocks("python"):
+        assert sum(marker in block for marker in markers) == 1, block[:200]
