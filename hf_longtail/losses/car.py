@@ -542,10 +542,16 @@ class ConfusionSpectralRegularizer(nn.Module):
             iterations += 1
             Bt, MBt = torch.cat(basis, 0), torch.cat(images, 0)
             # Rayleigh-Ritz on span(B) (orthonormal rows Bt): the top right singular vectors
-            # W_p of M B from the eigenvectors of its n x n Gram matrix in float64 (0.1 ms where
-            # LAPACK's SVD of the K x n block takes 1-2 ms). Whatever their rounding, the pair
-            # below satisfies M v = sigma u exactly, and the residual test checks the rest.
-            G = MBt.double() @ MBt.double().T
+            # W_p of M B from the eigenvectors of its n x n Gram matrix (0.1 ms where LAPACK's
+            # SVD of the K x n block takes 1-2 ms). Whatever their rounding, the pair below
+            # satisfies M v = sigma u exactly, and the residual test checks the rest. The Gram
+            # is formed in float64, except that of the large first basis (batch coordinates,
+            # ~U + p vectors; 4x cheaper in float32): its Ritz vectors only have to start the
+            # iteration, whose later, small Rayleigh-Ritz steps are float64.
+            if iterations == 1 and Bt.shape[0] > 2 * p:
+                G = (MBt @ MBt.T).double()
+            else:
+                G = MBt.double() @ MBt.double().T
             Wp = torch.linalg.eigh(G).eigenvectors[:, -p:].flip(1).T.to(dtype)
             ritz = Wp @ Bt  # rows: the top right Ritz vectors, v and the next warm start
             ritz_images = Wp @ MBt  # rows (M ritz_i)^T = s_i u_i
