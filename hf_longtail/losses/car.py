@@ -32,15 +32,24 @@ with a median 18% error on such trajectories). Two solvers, both exact to a tole
 
 - ``solver="exact"``: ``M`` is built densely and the top eigenpair of ``M^T M`` is computed in
   float64 (``torch.linalg.eigh``), ``O(K^3)``; the cheaper choice for small ``K``;
-- ``solver="subspace"``: a block Krylov method with Rayleigh-Ritz, warm-started on the previous
-  step's top ``subspace_size`` (8) right Ritz vectors. The basis ``B`` (orthonormal) grows by one
-  block per iteration: with ``M B = U S W^T`` (a thin SVD), ``sigma = S_1``, ``u = U_1``,
-  ``v = B W_1`` (so ``M v = sigma u`` exactly) and the next block is ``M^T U_{1..p}`` made
-  orthogonal to ``B`` (i.e. ``M^T M`` applied to the top Ritz vectors); after 6 blocks it restarts
-  on the top ``p`` Ritz vectors. Convergence does not hinge on the gap ``sigma_1 / sigma_2``
-  (near-ties at the top do not stall it). It stops on the singular vectors, not on ``sigma``: once
-  the residual ``|M^T u - sigma v| / sigma <= tol``, after at most ``max_iterations``. Each
-  iteration reads ``E`` twice (two ``K x K`` by ``K x p`` products);
+- ``solver="subspace"``: a block Krylov method with Rayleigh-Ritz. The first basis holds the
+  previous step's top ``subspace_size`` (``p = 8``) right Ritz vectors (the warm start) and the
+  coordinate vectors ``e_j`` of the batch's classes (at most 128): since
+  ``M_t^T = h M_{t-1}^T + diag(w) D_t^T`` with ``D_t`` zero outside the batch's columns, the new
+  top right singular vector lies in the span of ``M_{t-1}^T u`` and those ``e_j``. The basis
+  ``B`` (orthonormal) then grows by one block per iteration: with ``M B = U S W^T``
+  (Rayleigh-Ritz through the small Gram matrix ``(M B)^T M B``), ``v = B W_1 / |B W_1|``,
+  ``sigma = |M v|``, ``u = M v / sigma`` (so ``M v = sigma u`` exactly), and the next block is
+  ``M^T U_{1..p}`` made orthogonal to ``B`` (``M^T M`` applied to the top Ritz vectors); at 6
+  blocks it restarts on the top ``p`` Ritz vectors. Convergence does not hinge on the gap
+  ``sigma_1 / sigma_2`` (near-ties at the top do not stall it). It stops on the singular
+  vectors, not on ``sigma``: once the residual ``|M^T u - sigma v| / sigma <= tol``, after at
+  most ``max_iterations``. Each iteration reads ``E`` twice (``M^T U`` and the new block's image
+  ``M X``) except the first, which reads it once: the images of the ``e_j`` are columns of ``M``
+  (``O(U K)``) and that of the warm block is updated from the stored ``M_{t-1} X`` (buffer
+  ``basis_image``) as ``h M_{t-1} X + D_t diag(w) X`` (``O(p U K)``; recomputed whenever the
+  state changed since it was stored, and every 64 steps). At ``K = 2,000``, beta 0.5, that is
+  about 2.9 iterations and 4.8 reads of ``E`` per step;
 - ``solver="auto"`` picks ``exact`` for ``K <=`` :data:`EXACT_SOLVER_MAX_K` (the CPU crossover
   measured by ``scripts/bench_losses.py``) and ``subspace`` above.
 
@@ -52,13 +61,15 @@ Speed. The authors build ``C_t`` with a dense ``K x K`` matmul and run a full SV
   ``Cbar = s * E^T`` (``E`` row ``j`` = column ``j`` of ``Cbar``). A step multiplies ``s`` by
   ``beta`` and adds the new columns to ``U`` rows of ``E``: ``O(U K)``, no ``O(K^2)`` rewrite
   (``s`` is folded back into ``E`` when it falls below ``1e-20``);
-- ``M`` is never formed by the subspace solver: ``E`` enters only through block products;
+- ``M`` is never formed by the subspace solver: ``E`` enters only through block products,
+  computed as ``(p x K) @ (K x K)`` (2-3x faster than ``E^T @ X`` for thin blocks on MKL);
 - ``u, v`` are detached, so the gradient is that of ``u^T M v``; only the current batch's columns
   carry a gradient (the EMA history is stop-gradient), so the backward pass is ``O(B K)``.
 
 Memory: ``E`` is a dense float32 ``K x K`` buffer (265 MB at ``K = 8142``), saved in the
-``state_dict`` together with ``s``, ``u``, ``v``, the warm-start block and the step count, so a
-checkpoint restores the regularizer exactly.
+``state_dict`` together with ``s``, ``u``, ``v``, the warm-start block and its image under ``M``
+and the step count, so a checkpoint restores the regularizer exactly (a resumed run continues
+with the same numbers).
 
 Modes. In training mode (``module.train()``) each call is one EMA step: the state advances. In
 eval mode the value is computed the same way (the batch is blended into the EMA on the fly) but
@@ -103,8 +114,9 @@ CAR_EMA_MODES = ("global", "per_class")
 CAR_WEIGHT_FORMS = ("frequency", "count")
 
 # solver="auto": dense eigh up to this K, subspace iteration above. Measured with
-# `scripts/bench_losses.py --threads 1` on a (shared) 2-core machine: exact 1.9 ms vs subspace
-# 2.4 ms at K = 128, 3.7 vs 3.5 ms at K = 200, 34 vs 9 ms at K = 500.
+# `scripts/bench_losses.py --threads 1 --solver-ks ...` on a (shared, loaded) 2-core machine:
+# exact 1.3 ms vs subspace 1.9 ms at K = 100, 2.2 vs 6.1 ms at K = 128, 8.2 vs 7.1 ms at
+# K = 200, 70 vs 9.0 ms at K = 500.
 EXACT_SOLVER_MAX_K = 128
 
 # The subspace solver's basis grows by subspace_size vectors per iteration up to this many blocks.
