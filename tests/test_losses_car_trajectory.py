@@ -150,3 +150,55 @@ def test_the_trajectory_test_catches_a_truncated_solver():
         stats = run_trajectory(100, 150, n_max=500, solver="subspace", max_iterations=1)
     with pytest.raises(AssertionError):
         assert_exact(stats)
+
+
+def test_more_batch_classes_than_first_basis_coordinates_stays_exact():
+    # A large batch over few-shot classes: more classes per batch than the solver puts into its
+    # first basis (128), so it keeps those with the largest change; the residual test still
+    # decides convergence.
+    assert_exact(run_trajectory(300, 25, n_max=20, batch=512, solver="subspace"))
+
+
+def reference_sigma(reg, z, y):
+    """Float64 full-SVD value of the module's next step, from its current EMA."""
+    k, beta = reg.num_classes, reg.beta
+    w = ref_weights(lt_counts(k, 100), "frequency")
+    cbar = beta * reg.confusion.double() + (1 - beta) * ref_batch_confusion(z.double(), y, k)
+    return torch.linalg.svdvals(cbar * w)[0].item()
+
+
+def test_stored_warm_image_is_not_trusted_once_the_state_changes():
+    # The subspace solver starts from the stored image M_{t-1} X of its warm block; a state
+    # changed in place (an edit, a reset), moved or re-typed must not reuse a stale image.
+    k = 300
+    reg = ConfusionSpectralRegularizer(lt_counts(k, 100), alpha=1.0, solver="subspace")
+    g = torch.Generator().manual_seed(5)
+
+    def batch(dtype=torch.float32):
+        return torch.randn(128, k, generator=g, dtype=dtype) * 2, torch.randint(
+            0, k, (128,), generator=g
+        )
+
+    def check(dtype=torch.float32):
+        z, y = batch(dtype)
+        expected = reference_sigma(reg, z, y)
+        assert reg(z, y).item() == pytest.approx(expected, rel=1e-4)
+
+    for _ in range(6):
+        check()
+    assert int(reg.basis_image_step) == int(reg.num_steps)  # the image is kept
+    with torch.no_grad():
+        reg.ema_columns[:40].mul_(3.0)  # an in-place edit of the EMA
+    check()
+    with torch.no_grad():
+        reg.weights[:10] = 2.0  # and of the weights (the reference reads them from the module)
+    z, y = batch()
+    w = reg.weights.double()
+    cbar = 0.5 * reg.confusion.double() + 0.5 * ref_batch_confusion(z.double(), y, k)
+    assert reg(z, y).item() == pytest.approx(torch.linalg.svdvals(cbar * w)[0].item(), rel=1e-4)
+    reg.weights.copy_(ref_weights(lt_counts(k, 100), "frequency").float())
+    reg.double()  # new buffers: the image moves with them and stays valid
+    check(torch.float64)
+    reg.reset()
+    check()
+    check()
