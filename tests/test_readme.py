@@ -100,3 +100,28 @@ def test_every_python_block_is_executed_by_a_test():
                "PeftModel.from_pretrained(base")  # fmt: skip
     for block in code_blocks("python"):
         assert sum(marker in block for marker in markers) == 1, block[:200]
+
+
+def test_readme_main_job_numbers_are_those_of_the_recorded_run():
+    """README's main-job sentence and second-stage table are exactly what
+    scripts/readme_numbers.py generates from its committed run record (versions included)."""
+    import json
+
+    monkey = pytest.MonkeyPatch()
+    monkey.syspath_prepend(str(REPO / "scripts"))
+    try:
+        spec = importlib.util.spec_from_file_location("readme_numbers", REPO / "scripts" /
+                                                      "readme_numbers.py")  # fmt: skip
+        numbers = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(numbers)
+    finally:
+        monkey.undo()
+    payload = json.loads(numbers.RESULT.read_text())
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for key, block in (("main", numbers.main_block(payload)),
+                       ("stages", numbers.stages_block(payload))):  # fmt: skip
+        start, end = numbers.MARKERS[key]
+        inside = readme.split(start, 1)[1].split(end, 1)[0]
+        assert block in inside, key
+    assert payload["machine"]["hf_longtail"] in readme
+    assert 0.0 < payload["main"]["test_accuracy"] <= 1.0
