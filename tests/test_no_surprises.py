@@ -207,3 +207,25 @@ def test_a_run_ends_its_trainer_and_counts_epochs(train_script, tmp_path, monkey
     assert ended == ([True] if hasattr(LongTailTrainer, "end") else [])
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert [line.split(" done")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+
+
+def test_head_resize_is_announced_once_but_other_load_problems_are_not_hidden(tmp_path, capfd):
+    """A new head for the dataset's classes gets hf-longtail's one notice, not transformers'
+    LOAD REPORT too; a checkpoint that also lacks a backbone tensor keeps the full report."""
+    from _helpers_train import tiny_vit
+    from safetensors.torch import load_file, save_file
+
+    from hf_longtail.models import create_model
+
+    source = tmp_path / "vit"
+    tiny_vit(num_labels=7).save_pretrained(source)
+    create_model(str(source), num_labels=3)
+    err = capfd.readouterr().err
+    assert "LOAD REPORT" not in err
+    weights = load_file(source / "model.safetensors")
+    dropped = next(k for k in weights if "layernorm" in k)
+    save_file({k: v for k, v in weights.items() if k != dropped}, source / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    create_model(str(source), num_labels=3)
+    err = capfd.readouterr().err
+    assert "LOAD REPORT" in err and "MISSING" in err

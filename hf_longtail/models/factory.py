@@ -24,12 +24,13 @@ warning with the old and new sizes).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import fnmatch
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +232,43 @@ def _warn_head_resize(source: str, old: int | None, new: int) -> None:
         )
 
 
+class _AnnouncedHeadResize(logging.Filter):
+    """Drops transformers' state-dict LOAD REPORT when all it reports is the head resize that
+    :func:`_warn_head_resize` already announced (every row a MISMATCH of a checkpoint tensor with
+    ``old`` outputs), so the newcomer sees one notice, not two. Any other row (a missing or
+    unexpected key, a conversion error) keeps the whole report."""
+
+    def __init__(self, old: int) -> None:
+        super().__init__()
+        self.old = old
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "LOAD REPORT" not in text:
+            return True
+        rows = [line for line in text.splitlines() if line.count("|") >= 2]
+        statuses = [row.split("|")[1].strip() for row in rows[1:]]  # rows[0]: the header
+        announced = bool(statuses) and all(
+            status == "MISMATCH" and f"ckpt: torch.Size([{self.old}" in row
+            for status, row in zip(statuses, rows[1:], strict=True)
+        )
+        return not announced
+
+
+@contextlib.contextmanager
+def _announced_head_resize(old: int | None, new: int | None) -> Iterator[None]:
+    if old is None or new is None or old == new:
+        yield
+        return
+    target = logging.getLogger("transformers.modeling_utils")
+    quiet = _AnnouncedHeadResize(old)
+    target.addFilter(quiet)
+    try:
+        yield
+    finally:
+        target.removeFilter(quiet)
+
+
 # Download options: used by the checkpoint sources, never written into a config.
 _HUB_KEYS = ("revision", "cache_dir", "token", "local_files_only", "trust_remote_code", "subfolder")
 
@@ -301,9 +339,10 @@ def _from_pretrained(
         return AutoModelForImageClassification.from_config(config, **kwargs)
     if n is not None:
         _warn_head_resize(name, old, n)
-    return AutoModelForImageClassification.from_pretrained(
-        name, config=config, ignore_mismatched_sizes=True, **hub_kwargs, **kwargs
-    )
+    with _announced_head_resize(old, n):
+        return AutoModelForImageClassification.from_pretrained(
+            name, config=config, ignore_mismatched_sizes=True, **hub_kwargs, **kwargs
+        )
 
 
 def _from_timm(
