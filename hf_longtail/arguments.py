@@ -1008,7 +1008,8 @@ def choose_validation_split(
             )
         if needs:
             raise ValueError(
-                f"{' and '.join(needs)} need a validation split, and this dataset has none "
+                f"{' and '.join(needs)} {'needs' if len(needs) == 1 else 'need'} a validation "
+                "split, and this dataset has none "
                 f"(splits: {sorted(splits)}; --validation_split {name!r}): choosing on the "
                 f"evaluation split {data_args.eval_split!r} would report tuned-on-test numbers. "
                 "Pass --validation_split heldout (balanced, from the source training images) or "
