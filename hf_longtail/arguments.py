@@ -57,12 +57,16 @@ __all__ = [
     "check_classifier",
     "check_number",
     "check_options",
+    "choose_validation_split",
     "classifier_kwargs",
     "initial_run_record",
     "parse_args",
+    "parse_posthoc_tau",
     "read_config_file",
     "split_config_file",
     "uses_feature_cache",
+    "validation_load_kwargs",
+    "validation_recipe",
 ]
 
 logger = logging.getLogger("hf_longtail.train")
@@ -394,9 +398,39 @@ class DataArguments:
         default=DEFAULT_THRESHOLDS["few"],
         metadata={"help": "Few-shot: classes with fewer training images than this."},
     )
-    posthoc_tau: float | None = field(
-        default=None, metadata={"help": "Post-hoc logit adjustment tau at evaluation."}
+    validation_split: str = field(
+        default="auto",
+        metadata={
+            "help": "Split that chooses what is tuned (per-epoch evaluation, best checkpoint, "
+            "early stopping, --posthoc_tau auto, the --stage tau): a split NAME; 'auto' (the "
+            "dataset's 'validation' split if it has one other than --eval_split, else none); "
+            "'heldout' (--validation_per_class images of every class reserved from the source "
+            "training images before the long tail is drawn, seeded by --imbalance_seed); 'none'."
+        },
     )
+    validation_per_class: int = field(
+        default=20,
+        metadata={"help": "Images per class of --validation_split heldout (ImageNet-LT: 20)."},
+    )
+    train_val_split: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction of the long-tailed training split carved off as the validation "
+            "split (stratified, seeded by --imbalance_seed; every class keeps a training image)."
+        },
+    )
+    posthoc_tau: str | None = field(
+        default=None,
+        metadata={
+            "help": "Post-hoc logit adjustment logits - tau * log(prior), folded into the saved "
+            "classifier's bias: a number, or 'auto' (chosen on the validation split from "
+            "0, 0.25, ..., 2 by balanced accuracy)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        # A flag gives the string "1.0": hold a float (or "auto") from the start.
+        self.posthoc_tau = parse_posthoc_tau(self.posthoc_tau)
 
 
 @dataclass
@@ -434,16 +468,6 @@ class RunArguments:
     )
     from_run: str | None = field(
         default=None, metadata={"help": "With --stage: the finished run directory to start from."}
-    )
-    validation_split: str | None = field(
-        default=None,
-        metadata={
-            "help": "With --stage tau_norm: split to choose tau on (default: 'validation', else a "
-            "balanced hold-out of source training images unused by the long-tailed subset)."
-        },
-    )
-    validation_per_class: int = field(
-        default=20, metadata={"help": "Images per class of the held-out validation split."}
     )
 
 
@@ -541,6 +565,9 @@ def initial_run_record(
             "sampler": data_args.sampler,
         },
     }
+    validation = validation_recipe(data_args)
+    if validation is not None:  # absent for the default (older run files compare equal)
+        run_info["dataset"]["validation_options"] = validation
     if model_args.classifier != "linear":  # absent for the model's own head (older run files)
         run_info["classifier"] = {"type": model_args.classifier, "scale": model_args.cosine_scale}
     use_features = uses_feature_cache(model_args)
@@ -598,7 +625,8 @@ def _check_data_and_run_options(
             f"--many_shot_threshold {data_args.many_shot_threshold}; few-shot classes have fewer "
             "training images than many-shot ones."
         )
-    check_number("posthoc_tau", data_args.posthoc_tau, allow_none=True)
+    data_args.posthoc_tau = parse_posthoc_tau(data_args.posthoc_tau)
+    _check_validation_options(data_args, training_args)
     check_number("lr_gamma", run_args.lr_gamma, above=0)
     check_number("nonfinite_skip_limit", run_args.nonfinite_skip_limit, minimum=1, integer=True)
     try:
@@ -615,7 +643,7 @@ def _check_data_and_run_options(
     check_number("weight_decay", training_args.weight_decay, minimum=0)
     check_number("warmup_steps", training_args.warmup_steps, minimum=0)
     check_number("dataloader_num_workers", training_args.dataloader_num_workers, minimum=0)
-    if data_args.sampler == "class_balanced" and data_args.posthoc_tau:
+    if data_args.sampler == "class_balanced" and data_args.posthoc_tau not in (None, 0.0):
         warnings.warn(
             f"--sampler class_balanced with --posthoc_tau {data_args.posthoc_tau} rebalances "
             "twice: the balanced batches already remove the training prior that the post-hoc "
@@ -623,6 +651,128 @@ def _check_data_and_run_options(
             UserWarning,
             stacklevel=2,
         )
+
+
+#: The special values of --validation_split (any other value names a split).
+VALIDATION_CHOICES = ("auto", "heldout", "none")
+
+
+def parse_posthoc_tau(value: Any) -> float | str | None:
+    """``--posthoc_tau`` as ``None``, ``"auto"`` or a finite float (a flag gives a string)."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(
+                f"--posthoc_tau must be a number (e.g. 1.0) or 'auto'; got {value!r}."
+            ) from None
+    check_number("posthoc_tau", value)
+    return float(value)
+
+
+def _check_validation_options(data_args: DataArguments, training_args: TrainingArguments) -> None:
+    """The validation options, checked before any data is loaded (what depends on the dataset's
+    splits is checked by :func:`choose_validation_split` right after loading)."""
+    name = data_args.validation_split
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            f"--validation_split must be a split name or one of {list(VALIDATION_CHOICES)}; "
+            f"got {name!r}."
+        )
+    if name == data_args.eval_split:
+        raise ValueError(
+            f"--validation_split {name!r} is the evaluation split (--eval_split): the split that "
+            "chooses checkpoints and tau must not be the one the results are reported on. Use "
+            "another split, 'heldout' or --train_val_split FRACTION."
+        )
+    check_number("validation_per_class", data_args.validation_per_class, minimum=1, integer=True)
+    if data_args.train_val_split is not None:
+        check_number("train_val_split", data_args.train_val_split, above=0)
+        if not data_args.train_val_split < 1:
+            raise ValueError(
+                f"--train_val_split must be a fraction in (0, 1), e.g. 0.1; got "
+                f"{data_args.train_val_split!r}."
+            )
+        if name not in ("auto", "validation"):
+            raise ValueError(
+                f"--train_val_split makes the validation split; --validation_split {name!r} "
+                "names another. Drop one of the two."
+            )
+    if data_args.posthoc_tau == "auto" and name == "none":
+        raise ValueError(
+            "--posthoc_tau auto chooses tau on the validation split, and --validation_split is "
+            "'none'; give a validation split (auto, heldout, a split name or --train_val_split) "
+            "or a fixed --posthoc_tau."
+        )
+
+
+def validation_load_kwargs(data_args: DataArguments) -> dict[str, Any]:
+    """The ``load_long_tailed`` keywords that build the validation split the options ask for
+    (``validation_per_class`` for ``heldout``, ``train_val_split``), else ``{}``."""
+    if data_args.validation_split == "heldout":
+        return {"validation_per_class": data_args.validation_per_class}
+    if data_args.train_val_split is not None:
+        return {"train_val_split": data_args.train_val_split}
+    return {}
+
+
+def validation_recipe(data_args: DataArguments) -> dict[str, Any] | None:
+    """The validation options as recipe (``dataset.validation_options`` of the run record);
+    ``None`` for the default (``auto``, no carve), so older run records compare equal."""
+    if data_args.validation_split == "auto" and data_args.train_val_split is None:
+        return None
+    recipe: dict[str, Any] = {"validation_split": data_args.validation_split}
+    if data_args.validation_split == "heldout":
+        recipe["validation_per_class"] = data_args.validation_per_class
+    if data_args.train_val_split is not None:
+        recipe["train_val_split"] = data_args.train_val_split
+    return recipe
+
+
+def choose_validation_split(
+    splits: Sequence[str], data_args: DataArguments, training_args: TrainingArguments
+) -> str | None:
+    """The name of the validation split among the loaded ``splits`` (``None``: no validation).
+
+    ``auto``/``heldout``/``--train_val_split`` take ``validation`` when present (the dataset's
+    own, or the one ``load_long_tailed`` built) and other than ``--eval_split``. Raises
+    ``ValueError`` (before the model is built) for a named split that does not exist, and for
+    options that need a validation split when there is none: ``--posthoc_tau auto``,
+    ``--load_best_model_at_end`` / ``--metric_for_best_model`` (they would choose on the test
+    split).
+    """
+    name = data_args.validation_split
+    if name == "none":
+        chosen = None
+    elif name in ("auto", "heldout"):
+        chosen = "validation" if "validation" in splits else None
+        if chosen == data_args.eval_split:
+            chosen = None
+    else:
+        if name not in splits:
+            raise ValueError(
+                f"--validation_split {name!r} is not a split of the dataset (splits: "
+                f"{sorted(splits)}); use one of them, 'heldout', --train_val_split FRACTION or "
+                "'none'."
+            )
+        chosen = name
+    if chosen is None:
+        needs = []
+        if data_args.posthoc_tau == "auto":
+            needs.append("--posthoc_tau auto")
+        if training_args.load_best_model_at_end or training_args.metric_for_best_model:
+            needs.append("--load_best_model_at_end / --metric_for_best_model")
+        if needs:
+            raise ValueError(
+                f"{' and '.join(needs)} need a validation split, and this dataset has none "
+                f"(splits: {sorted(splits)}; --validation_split {name!r}): choosing on the "
+                f"evaluation split {data_args.eval_split!r} would report tuned-on-test numbers. "
+                "Pass --validation_split heldout (balanced, from the source training images) or "
+                "--train_val_split FRACTION."
+            )
+    return chosen
 
 
 def classifier_kwargs(model_args: ModelArguments) -> dict[str, Any]:

@@ -322,16 +322,28 @@ def validation_split(
     """Rebuild a run's splits from its record and pick the validation split for the stage.
 
     The long-tailed training split is rebuilt exactly (``load_long_tailed`` with the recorded
-    dataset, imbalance factor, profile and seed; its class counts are checked against the
-    record). Validation, in order of preference: ``validation_split_name``; the dataset's
-    ``validation`` split; else up to ``per_class`` images per class from the source's training
-    images *not* in the long-tailed subset (seeded, as :func:`~hf_longtail.data.long_tailed_indices`
-    chooses rows), so it is balanced and disjoint from both training and test images.
+    dataset, imbalance factor, profile and seed, and the recorded validation construction
+    ``dataset.validation``: a ``heldout`` or ``train_val_split`` validation split is re-created
+    with the same rows; its class counts and those of the training split are checked against
+    the record). Validation, in order of preference: ``validation_split_name`` (a split name;
+    ``None``, ``"auto"`` and ``"heldout"`` choose automatically); the run's own validation split
+    (the dataset's ``validation`` or the one the run built); else, for runs recorded without
+    one, up to ``per_class`` images per class from the source's training images *not* in the
+    long-tailed subset (seeded, as :func:`~hf_longtail.data.long_tailed_indices` chooses rows),
+    so it is balanced and disjoint from both training and test images.
 
-    Raises ``ValueError`` when none exists (e.g. the subset uses every training image).
+    Raises ``ValueError`` when none exists (e.g. the subset uses every training image) or for
+    ``validation_split_name="none"``.
     """
     from hf_longtail.data import label_array, load_long_tailed, long_tailed_indices
 
+    if validation_split_name == "none":
+        raise ValueError(
+            "--validation_split none: tau is chosen on a validation split, never on the "
+            "evaluation split; give a split name, 'auto' or 'heldout'."
+        )
+    if validation_split_name in ("auto", "heldout"):
+        validation_split_name = None
     ds = record.get("dataset") or {}
     common = {
         "profile": ds.get("profile", "exp"),
@@ -342,7 +354,15 @@ def validation_split(
         "image_root": data_dir,
         "split_dir": split_dir,
     }
-    dd = load_long_tailed(ds["name"], imbalance_factor=ds.get("imbalance_factor"), **common)
+    recorded = ds.get("validation") or {}
+    rebuild: dict[str, Any] = {}
+    if recorded.get("method") == "heldout":
+        rebuild = {"validation_per_class": recorded["per_class"]}
+    elif recorded.get("method") == "train_val_split":
+        rebuild = {"train_val_split": recorded["fraction"]}
+    dd = load_long_tailed(
+        ds["name"], imbalance_factor=ds.get("imbalance_factor"), **common, **rebuild
+    )
     image_col, label_col = ds.get("image_column"), ds.get("label_column")
     counts = np.bincount(label_array(dd["train"], label_col), minlength=len(ds["class_counts"]))
     if counts.tolist() != list(ds["class_counts"]):
@@ -350,15 +370,27 @@ def validation_split(
             f"rebuilding {ds['name']!r} gave class counts {counts.tolist()}, not the run's "
             f"{ds['class_counts']}: the source data changed since the run."
         )
+    if rebuild and recorded.get("class_counts") is not None:
+        rebuilt = np.bincount(label_array(dd["validation"], label_col), minlength=counts.size)
+        if rebuilt.tolist() != list(recorded["class_counts"]):
+            raise ValueError(
+                f"rebuilding the validation split of {ds['name']!r} gave class counts "
+                f"{rebuilt.tolist()}, not the run's {recorded['class_counts']}: the source data "
+                "changed since the run."
+            )
     eval_split = ds.get("eval_split", "test")
-    wanted = validation_split_name or ("validation" if "validation" in dd else None)
+    own = recorded.get("split") or ("validation" if "validation" in dd else None)
+    wanted = validation_split_name or (own if own != eval_split else None)
     if wanted is not None:
         if wanted not in dd or wanted == eval_split:
             raise ValueError(
                 f"validation split {wanted!r} is not usable (splits: {sorted(dd)}, evaluation "
                 f"split {eval_split!r}); tau is never chosen on the evaluation split."
             )
-        return _Splits(dd["train"], dd[wanted], dd[eval_split], wanted, image_col, label_col)
+        source = wanted
+        if rebuild and wanted == "validation":
+            source = f"validation ({recorded['method']}, rebuilt from the run record)"
+        return _Splits(dd["train"], dd[wanted], dd[eval_split], source, image_col, label_col)
     full = load_long_tailed(ds["name"], imbalance_factor=None, **common)["train"]
     labels = label_array(full, label_col)
     kept = long_tailed_indices(labels, ds["class_counts"], common["seed"])

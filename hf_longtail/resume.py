@@ -69,6 +69,7 @@ RECIPE_FIELDS = (
     "dataset.profile",
     "dataset.seed",
     "dataset.eval_split",
+    "dataset.validation_options",  # absent for the default validation (auto)
     "loss",
     "training.seed",
     "training.data_seed",

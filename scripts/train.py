@@ -49,10 +49,12 @@ from hf_longtail.arguments import (
     ModelArguments,  # noqa: F401
     RunArguments,
     check_options,
+    choose_validation_split,
     classifier_kwargs,
     initial_run_record,
     parse_args,
     uses_feature_cache,
+    validation_load_kwargs,
 )
 from hf_longtail.resume import (
     OutputDirPlan,
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         load_long_tailed,
         preflight_splits,
         select_transforms,
+        validation_record,
         with_transforms,
     )
     from hf_longtail.metrics import make_compute_metrics
@@ -137,31 +140,37 @@ def main(argv: list[str] | None = None) -> dict:
         config_name=data_args.dataset_config_name,
         image_root=data_args.data_dir,
         split_dir=data_args.split_dir,
+        **validation_load_kwargs(data_args),
     )
     if data_args.eval_split not in dataset:
         raise KeyError(
             f"eval_split={data_args.eval_split!r} is not in the dataset (splits: "
             f"{sorted(dataset)}). Pass --eval_split with one of them."
         )
-    train_ds, eval_ds = dataset["train"], dataset[data_args.eval_split]
+    val_name = choose_validation_split(list(dataset), data_args, training_args)
+    splits = {"train": dataset["train"], data_args.eval_split: dataset[data_args.eval_split]}
+    if val_name is not None:
+        splits[val_name] = dataset[val_name]
     if data_args.max_eval_samples is not None:
         # A seeded random subset: evaluation splits are often sorted by class.
-        n = min(data_args.max_eval_samples, len(eval_ds))
-        eval_ds = eval_ds.shuffle(seed=0).select(range(n)).flatten_indices()
+        for name in [n for n in splits if n != "train"]:
+            n = min(data_args.max_eval_samples, len(splits[name]))
+            splits[name] = splits[name].shuffle(seed=0).select(range(n)).flatten_indices()
     image_col, label_col = detect_columns(
-        train_ds, data_args.image_column_name, data_args.label_column_name
+        splits["train"], data_args.image_column_name, data_args.label_column_name
     )
-    # Missing images / files in either split stop the run now, not mid-training or at the
+    # Missing images / files in any split stop the run now, not mid-training or at the
     # final evaluation (or are dropped with --on_bad_image skip).
     sample = None if data_args.preflight_sample < 0 else data_args.preflight_sample
-    checked = preflight_splits(
-        {"train": train_ds, data_args.eval_split: eval_ds},
+    splits = preflight_splits(
+        splits,
         image_col,
         on_bad_image=data_args.on_bad_image,
         sample=sample,
         seed=data_args.imbalance_seed,
     )
-    train_ds, eval_ds = checked["train"], checked[data_args.eval_split]
+    train_ds, eval_ds = splits["train"], splits[data_args.eval_split]
+    val_ds = splits[val_name] if val_name is not None else None
     counts = class_counts(train_ds, label_column=label_col)
     class_names = list(train_ds.features[label_col].names)
     run_info["dataset"].update(
@@ -172,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
             "label_column": label_col,
             "train_size": len(train_ds),
             "eval_size": len(eval_ds),
+            "validation": validation_record(dataset, val_name, val_ds),
         }
     )
     plan.check_data(run_info)  # a resume must see the data its run was started with
@@ -226,10 +236,21 @@ def main(argv: list[str] | None = None) -> dict:
         }
         train_ds = cached_features(model, train_ds, eval_tf, split="train", **cache)
         eval_ds = cached_features(model, eval_ds, eval_tf, split=data_args.eval_split, **cache)
+        if val_ds is not None:
+            val_ds = cached_features(model, val_ds, eval_tf, split=val_name, **cache)
         label_col = None  # the feature datasets' ClassLabel column `labels`, detected
     else:
         train_ds = with_transforms(train_ds, train_tf, image_col, label_col, on_bad_image=on_bad)
         eval_ds = with_transforms(eval_ds, eval_tf, image_col, label_col, on_bad_image=on_bad)
+        if val_ds is not None:
+            val_ds = with_transforms(val_ds, eval_tf, image_col, label_col, on_bad_image=on_bad)
+    if val_ds is None and training_args.eval_strategy != "no":
+        logger.warning(
+            "No validation split: the per-epoch evaluation reports the evaluation split %r, for "
+            "monitoring only (nothing is chosen on it). --validation_split heldout or "
+            "--train_val_split FRACTION give one.",
+            data_args.eval_split,
+        )
     if data_args.mixup_alpha > 0 or data_args.cutmix_alpha > 0:
         collator = MixupCollator(
             num_classes=len(class_names),
@@ -251,7 +272,9 @@ def main(argv: list[str] | None = None) -> dict:
         model=model,
         args=training_args,
         train_dataset=train_ds,
-        eval_dataset=eval_ds,
+        # Per-epoch evaluation, the best checkpoint and early stopping see the validation split;
+        # the evaluation (test) split is predicted once, by evaluate_and_save below.
+        eval_dataset=val_ds if val_ds is not None else eval_ds,
         data_collator=collator,
         processing_class=processor,
         compute_metrics=make_compute_metrics(
@@ -322,8 +345,8 @@ def _second_stage(model_args, data_args, loss_config, run_args, training_args) -
         training_args.output_dir,
         training_args,
         loss_config=loss_config,
-        validation_split_name=run_args.validation_split,
-        validation_per_class=run_args.validation_per_class,
+        validation_split_name=data_args.validation_split,
+        validation_per_class=data_args.validation_per_class,
         feature_cache_dir=model_args.feature_cache_dir,
         data_dir=data_args.data_dir,
         split_dir=data_args.split_dir,

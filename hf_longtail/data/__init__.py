@@ -58,10 +58,12 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from hf_longtail.data.subsampling import (
         class_counts,
+        heldout_split_indices,
         long_tailed_indices,
         longtail_record,
         make_long_tailed,
         stratified_split_indices,
+        validation_record,
         write_longtail_record,
     )
     from hf_longtail.data.transforms import (
@@ -111,6 +113,7 @@ _EXPORTS: dict[str, str] = {
     "ensure_class_label": "hf_longtail.data.columns",
     "ensure_image_feature": "hf_longtail.data.columns",
     "find_bad_images": "hf_longtail.data.transforms",
+    "heldout_split_indices": "hf_longtail.data.subsampling",
     "label_array": "hf_longtail.data.columns",
     "load_digits_dataset": "hf_longtail.data.sources",
     "load_long_tailed": "hf_longtail.data.sources",
@@ -129,6 +132,7 @@ _EXPORTS: dict[str, str] = {
     "transforms_from_image_processor": "hf_longtail.data.transforms",
     "transforms_from_timm": "hf_longtail.data.transforms",
     "validate_imbalance_factor": "hf_longtail.data.profiles",
+    "validation_record": "hf_longtail.data.subsampling",
     "with_transforms": "hf_longtail.data.transforms",
     "write_longtail_record": "hf_longtail.data.subsampling",
 }
@@ -163,6 +167,7 @@ __all__ = [
     "ensure_class_label",
     "ensure_image_feature",
     "find_bad_images",
+    "heldout_split_indices",
     "label_array",
     "load_digits_dataset",
     "load_long_tailed",
@@ -181,6 +186,7 @@ __all__ = [
     "transforms_from_image_processor",
     "transforms_from_timm",
     "validate_imbalance_factor",
+    "validation_record",
     "with_transforms",
     "write_longtail_record",
 ]

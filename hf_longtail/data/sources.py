@@ -19,6 +19,7 @@ Sources accepted by :func:`load_long_tailed` (tried in this order):
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from hf_longtail.data.columns import (
 from hf_longtail.data.profiles import PROFILES, validate_imbalance_factor
 from hf_longtail.data.subsampling import (
     _check_seed,
+    heldout_split_indices,
     longtail_record,
     make_long_tailed,
     stratified_split_indices,
@@ -413,6 +415,8 @@ def load_long_tailed(
     check_files: bool = True,
     pareto_alpha: float = 6.0,
     on_shortfall: str = "cap",
+    validation_per_class: int | None = None,
+    train_val_split: float | None = None,
     **load_kwargs: Any,
 ) -> DatasetDict:
     """Load a source (see the module docstring) and return ``DatasetDict`` with a long-tailed
@@ -435,6 +439,15 @@ def load_long_tailed(
       so ``imbalance_factor`` is ignored and the measured max/min ratio is recorded), and for a
       source whose ``train`` already carries a record with the same profile, IF and seed (a
       reloaded ``save_to_disk`` of this function's output).
+    - Validation split (optional, returned as ``validation`` right after ``train``; refused when
+      the source has its own ``validation`` split): ``validation_per_class=k`` reserves ``k``
+      images of every class from the *source* training split before the long tail is drawn
+      (:func:`heldout_split_indices`, seeded by ``seed``; the long-tailed subset comes from the
+      rest, so the head class keeps at most ``available - k``); ``train_val_split=f`` carves a
+      stratified fraction ``f`` from the long-tailed training split
+      (:func:`stratified_split_indices`, seeded by ``seed``; every class keeps >= 1 training
+      image). Either is recorded in the record's ``validation`` block (method, seed, per-class
+      counts of the validation split and of the source), so the same call rebuilds it.
     - ``load_kwargs`` go to ``datasets.load_dataset`` (``cache_dir``, ``revision``, ...).
 
     Raises:
@@ -451,6 +464,17 @@ def load_long_tailed(
         raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
     seed = _check_seed(seed)
     split_seed = _check_seed(split_seed)
+    if validation_per_class is not None and train_val_split is not None:
+        raise ValueError(
+            "validation_per_class (a balanced hold-out of the source) and train_val_split (a "
+            "stratified carve of the long-tailed split) both make the validation split; give one."
+        )
+    if train_val_split is not None and not (
+        isinstance(train_val_split, numbers.Real) and 0.0 < float(train_val_split) < 1.0
+    ):
+        raise ValueError(
+            f"train_val_split must be a fraction in (0, 1), e.g. 0.1; got {train_val_split!r}"
+        )
     name = os.fspath(name_or_path)
     source_name = name
     kind = "dataset"
@@ -518,14 +542,50 @@ def load_long_tailed(
         raw = DatasetDict({train_split: train.select(train_idx), "test": train.select(test_idx)})
         train, eval_names, created_split = raw[train_split], ["test"], True
     eval_names.sort(key=lambda s: _EVAL_SPLIT_ORDER.index(s) if s in _EVAL_SPLIT_ORDER else 99)
+    making_validation = validation_per_class is not None or train_val_split is not None
+    if making_validation and "validation" in raw:
+        option = (
+            f"validation_per_class={validation_per_class}"
+            if validation_per_class is not None
+            else f"train_val_split={train_val_split}"
+        )
+        raise ValueError(
+            f"{source_name!r} has its own 'validation' split; {option} would make a second one. "
+            "Use the dataset's (--validation_split validation, the default 'auto') or drop the "
+            "option."
+        )
 
     previous = longtail_record(train)
-    if (
+    reloaded = (
         kind != "protocol"
         and previous is not None
         and previous.get("profile") not in (None, "none")
         and sum(previous.get("class_counts") or []) == len(train)
-    ):
+    )
+    validation = None
+    validation_info: dict[str, Any] | None = None
+    if validation_per_class is not None:
+        if reloaded:
+            raise ValueError(
+                f"{source_name!r} is already long-tailed, so a balanced hold-out of its source "
+                "images cannot be drawn from it; load the balanced source, or use "
+                "train_val_split (--train_val_split FRACTION) to carve a stratified validation "
+                "split from it."
+            )
+        source_labels = label_array(train, label_col)
+        names = list(train.features[label_col].names)
+        rest, held = heldout_split_indices(source_labels, validation_per_class, seed, names)
+        validation = train.select(held)
+        validation_info = {
+            "method": "heldout",
+            "per_class": int(validation_per_class),
+            "seed": seed,
+            "source_train_class_counts": [
+                int(n) for n in np.bincount(source_labels, minlength=len(names))
+            ],
+        }
+        train = train.select(rest)
+    if reloaded:
         # A reloaded output of this function: reuse it (and its record) rather than subsample
         # a long-tailed set a second time.
         wanted = (profile, imbalance_factor, seed)
@@ -577,6 +637,28 @@ def load_long_tailed(
             source=source_name,
         )
         record = dict(longtail_record(lt) or {})
+    if train_val_split is not None:
+        keep, carved = stratified_split_indices(label_array(lt, label_col), train_val_split, seed)
+        lt, validation = lt.select(keep), lt.select(carved)
+        counts_after = np.bincount(
+            label_array(lt, label_col), minlength=lt.features[label_col].num_classes
+        )
+        validation_info = {
+            "method": "train_val_split",
+            "fraction": float(train_val_split),
+            "seed": seed,
+            "long_tailed_class_counts": record.get("class_counts"),
+        }
+        record["class_counts"] = [int(n) for n in counts_after]
+    if validation is not None and validation_info is not None:
+        validation_info["class_counts"] = [
+            int(n)
+            for n in np.bincount(
+                label_array(validation, label_col),
+                minlength=lt.features[label_col].num_classes,
+            )
+        ]
+        record["validation"] = validation_info
     record.update(
         {
             "image_column": image_col,
@@ -592,4 +674,7 @@ def load_long_tailed(
         record["test_size"] = test_size if test_size is not None else default
         record["split_seed"] = split_seed
     lt = write_longtail_record(lt, record)
-    return DatasetDict({"train": lt, **{s: raw[s] for s in eval_names}})
+    splits = {"train": lt}
+    if validation is not None:
+        splits["validation"] = validation
+    return DatasetDict({**splits, **{s: raw[s] for s in eval_names}})

@@ -35,10 +35,12 @@ from hf_longtail.data.profiles import long_tailed_counts, validate_imbalance_fac
 __all__ = [
     "RECORD_PREFIX",
     "class_counts",
+    "heldout_split_indices",
     "long_tailed_indices",
     "longtail_record",
     "make_long_tailed",
     "stratified_split_indices",
+    "validation_record",
     "write_longtail_record",
 ]
 
@@ -131,6 +133,49 @@ def stratified_split_indices(
     return train, test
 
 
+def heldout_split_indices(
+    labels: Sequence[int] | np.ndarray,
+    per_class: int,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded balanced hold-out: ``(rest_indices, heldout_indices)``, both sorted.
+
+    Every class ``c`` sends exactly ``per_class`` rows to the hold-out: those with the smallest
+    seeded keys (as :func:`long_tailed_indices` chooses rows), so the same ``(labels, per_class,
+    seed)`` gives the same rows on any machine. It is meant to run on a *source* training split
+    before it is made long-tailed (``load_long_tailed(validation_per_class=...)``): the long-tailed
+    subset is then drawn from the rest, so the head class keeps at most ``a_c - per_class``
+    images and the hold-out is balanced and disjoint from training.
+
+    Raises:
+        ValueError: ``per_class`` not a positive integer, or a class with ``a_c <= per_class``
+            rows (it would keep no training image); the message names the class, its count and
+            the option to lower.
+    """
+    seed = _check_seed(seed)
+    if isinstance(per_class, bool) or not isinstance(per_class, numbers.Integral) or per_class < 1:
+        raise ValueError(f"per_class must be a positive integer; got {per_class!r}")
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.size == 0:
+        raise ValueError("cannot hold out a validation split from an empty dataset")
+    num_classes = max(int(labels.max()) + 1, len(class_names or ()))
+    available = np.bincount(labels, minlength=num_classes)
+    short = np.flatnonzero(available <= per_class)
+    if short.size:
+        c = int(short[0])
+        name = f" ({class_names[c]!r})" if class_names is not None and c < len(class_names) else ""
+        raise ValueError(
+            f"class {c}{name} has {int(available[c])} training images, so a held-out validation "
+            f"split of {per_class} per class would leave it none to train on ({short.size} such "
+            f"classes); lower --validation_per_class (below {int(available[short].min())}) or "
+            "use --train_val_split FRACTION (stratified, from the long-tailed training split)."
+        )
+    order, rank = _ranks_within_class(labels, num_classes, seed)
+    is_heldout = rank < per_class
+    return np.sort(order[~is_heldout]), np.sort(order[is_heldout])
+
+
 def longtail_record(dataset: Dataset | DatasetDict) -> dict[str, Any] | None:
     """The provenance record written by :func:`make_long_tailed` / ``load_long_tailed`` (the JSON
     of the ``hf_longtail:`` line of ``info.description``), or ``None`` if there is none.
@@ -147,6 +192,31 @@ def longtail_record(dataset: Dataset | DatasetDict) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return None
     return record if isinstance(record, dict) else None
+
+
+def validation_record(
+    dataset: DatasetDict, split: str | None, validation: Dataset | None = None
+) -> dict[str, Any] | None:
+    """What the run record says about its validation split (``None``: the run has none).
+
+    ``{"split", "method", "size", "class_counts", ...}``: ``method`` is ``"heldout"`` or
+    ``"train_val_split"`` with the construction recorded by ``load_long_tailed`` (seed,
+    ``per_class`` / ``fraction``, the source's counts), else ``"dataset"`` (the dataset's own
+    split). ``validation`` is the split as used (e.g. after ``max_eval_samples``), default
+    ``dataset[split]``; its labels are counted.
+    """
+    if split is None:
+        return None
+    validation = dataset[split] if validation is None else validation
+    built = (longtail_record(dataset) or {}).get("validation") if split == "validation" else None
+    record: dict[str, Any] = dict(built) if built else {"method": "dataset"}
+    record.update({"split": split, "size": len(validation)})
+    if not built:  # a built split's counts are those of its construction (rebuilt by them)
+        try:
+            record["class_counts"] = class_counts(validation)
+        except ValueError:  # no usable label column: the size is still recorded
+            pass
+    return record
 
 
 def write_longtail_record(dataset: Dataset, record: dict[str, Any]) -> Dataset:
