@@ -588,14 +588,18 @@ def run_linear_preset(args, name: str, preset: dict) -> Path:
     if unknown:
         raise SystemExit(f"Unknown method(s) {unknown}; valid: {', '.join(bl.LINEAR_METHODS)}")
     sweep = {} if args.no_sweep else bl.sweep_configs()
-    # Order: per IF (as listed), the sweep, then the headline methods seed by seed, the rest.
-    headline = [m for m in bl.LINEAR_HEADLINE if m in methods]
-    ordered = headline + [m for m in methods if m not in headline]
+    # Order, per IF as listed: the headline methods at published settings seed by seed (the
+    # issue's goals first), the sweep, the tuned headline methods, then the rest.
+    tuned = {m for m in methods if bl.LINEAR_METHODS[m]["kind"] == "tuned"}
+    first = [m for m in bl.LINEAR_HEADLINE if m in methods and m not in tuned]
+    then = [m for m in bl.LINEAR_HEADLINE if m in tuned]
+    rest = [m for m in methods if m not in first and m not in then]
     plan = []
     for factor in factors:
+        plan += [("method", m, s, factor) for s in seeds for m in first]
         plan += [("sweep", k, s, factor) for k in sweep for s in preset["sweep_seeds"]]
-        plan += [("method", m, s, factor) for s in seeds for m in ordered if m in headline]
-        plan += [("method", m, s, factor) for m in ordered if m not in headline for s in seeds]
+        plan += [("method", m, s, factor) for s in seeds for m in then]
+        plan += [("method", m, s, factor) for m in rest for s in seeds]
 
     def path_of(item):
         kind, key, seed, factor = item

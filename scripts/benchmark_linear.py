@@ -259,8 +259,8 @@ def feature_splits(
 
 
 # ---------------------------------------------------------------------------- one run
-#: Post-hoc logit-adjustment strengths searched on validation (the grid of tau-norm's search).
-POSTHOC_TAUS = tuple(round(0.1 * i, 1) for i in range(21))
+#: Post-hoc logit-adjustment strengths searched on validation (train.py --posthoc_tau auto's grid).
+POSTHOC_TAUS = tuple(0.25 * i for i in range(9))
 
 
 def select_posthoc_tau(
