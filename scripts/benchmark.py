@@ -653,13 +653,18 @@ def run_linear_preset(args, name: str, preset: dict) -> Path:
             spec = bl.LINEAR_METHODS[key]
             chosen = None
             if spec["kind"] == "tuned":
-                chosen = bl.choose(
-                    {
-                        r["sweep_id"]: r
-                        for r in load_runs(sweep_dir)
-                        if r["imbalance_factor"] == factor and r["seed"] in preset["sweep_seeds"]
-                    }
-                )
+                done = {
+                    r["sweep_id"]: r
+                    for r in load_runs(sweep_dir)
+                    if r["imbalance_factor"] == factor and r["seed"] in preset["sweep_seeds"]
+                }
+                missing = sorted(set(bl.sweep_configs()) - set(done))
+                if missing:
+                    raise SystemExit(
+                        f"{key} at IF {factor:g} needs the whole sweep; {len(missing)} settings "
+                        f"are missing ({missing[0]}, ...): run without --no_sweep first."
+                    )
+                chosen = bl.choose(done)
             record = runner.run(spec, seed, chosen)
             record["method"] = key
             if chosen is not None:
