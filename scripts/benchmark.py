@@ -229,18 +229,10 @@ PRESETS: dict[str, dict[str, Any]] = {
             "weight_decay": 5e-4,
             "lr_scheduler_type": "cosine",
         },
-        # cRT / LWS: decoupled_stage.yaml's 30 epochs, batch and lr scaled as above.
-        "stage": {
-            "num_train_epochs": 30,
-            "per_device_train_batch_size": 1024,
-            "learning_rate": 0.4,
-            "optim": "sgd",
-            "optim_args": "momentum=0.9",
-            "weight_decay": 5e-4,
-            "lr_scheduler_type": "cosine",
-        },
     },
 }
+# cRT / LWS: decoupled_stage.yaml's 30 epochs, batch and lr scaled as the head's.
+PRESETS["linear"]["stage"] = {**PRESETS["linear"]["train"], "num_train_epochs": 30}
 
 # Published full-protocol numbers (ResNet-32, 200 epochs, CIFAR-10-LT IF 100): reported by the
 # methods' own papers/repositories, NOT produced by this harness.
