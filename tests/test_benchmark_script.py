@@ -340,3 +340,28 @@ def test_interrupted_preset_resumes_without_rerunning_finished_runs(cifar10_dir,
     payload = json.loads((results / "tiny.json").read_text())
     assert sorted(r["method"] for r in payload["runs"]) == ["ce", "la"]
     assert all(r["test"]["num_samples"] == 64 for r in payload["runs"])
+
+
+def test_linear_pool_holds_the_library_splits(cifar10_dir):
+    """The one backbone pass covers exactly what the library builds: every IF's long-tailed
+    training rows and the balanced hold-out (disjoint), so no row needs a second pass."""
+    from _helpers_train import load_script
+
+    from hf_longtail.data import label_array
+
+    bl = load_script("benchmark_linear")
+    source, _ = bl.source_splits(cifar10_dir)
+    pool = bl.pool_rows(label_array(source, "label"), (100, 50, 10), 100)
+    keys = {key: i for i, key in enumerate(bl._image_keys(source))}
+    previous = None
+    for factor in (100, 50, 10):
+        lt, val, description = bl.protocol_splits(cifar10_dir, factor, 100)
+        train_rows, val_rows = bl.rows_in_source(lt, keys), bl.rows_in_source(val, keys)
+        assert "heldout" in description and len(val_rows) == 1000
+        assert np.bincount(label_array(val, "label")).tolist() == [100] * 10
+        assert np.intersect1d(train_rows, val_rows).size == 0
+        assert np.setdiff1d(np.concatenate([train_rows, val_rows]), pool).size == 0
+        if previous is not None:  # nested subsets: a smaller IF keeps every row of a larger
+            assert np.setdiff1d(previous, train_rows).size == 0
+        previous = train_rows
+    assert len(pool) == len(previous) + 1000
