@@ -243,12 +243,12 @@ def feature_splits(
         if np.intersect1d(train_rows, val_rows).size:
             raise ValueError(f"IF {factor:g}: validation rows overlap the training rows")
         counts = class_counts(lt, LABEL_COLUMN)
-        train = feats.select([position[int(r)] for r in train_rows])
+        train = in_memory_features(feats.select([position[int(r)] for r in train_rows]))
         if np.bincount(train["labels"].numpy(), minlength=len(counts)).tolist() != counts:
             raise ValueError(f"IF {factor:g}: sliced features do not match the subset's counts")
         names = list(lt.features[LABEL_COLUMN].names)
         out[factor] = FeatureSplits(
-            in_memory_features(train),
+            train,
             in_memory_features(feats.select([position[int(r)] for r in val_rows])),
             in_memory_features(test_feats),
             counts,
