@@ -838,9 +838,21 @@ def _diff_cell(d, key):
     return text
 
 
+def _effect(row: dict) -> str:
+    """``worst-class +27.5, few-shot +23.1``: the paired mean differences in points."""
+    parts = []
+    for key, name in (("worst_class_accuracy", "worst-class"), ("few_shot_accuracy", "few-shot")):
+        d = row["paired"].get(key)
+        if d:
+            parts.append(f"{name} {100 * d['mean']:+.1f}")
+    return ", ".join(parts)
+
+
 def factor_tables(payload: dict, factor: float) -> str:
     """The markdown of one IF: results table, paired differences, the plain statement."""
     rows = summarize(payload, factor)
+    if not rows:
+        return f"### IF {factor:g}\n\nNot run yet.\n"
     published = PUBLISHED.get((payload["dataset"], factor, payload.get("model")), {})
     head = "| Method | Seeds | " + " | ".join(label for _, label in TABLE_METRICS)
     head += " | s/epoch | vs CE | Peak RSS (MB) |"
@@ -868,6 +880,7 @@ def factor_tables(payload: dict, factor: float) -> str:
         base = labels.get(row["base"], row["base"])
         diff_lines.append(f"| {row['label']} | {base} | " + " | ".join(cells) + " |")
     verdicts = tail_verdicts(rows)
+    by_method = {r["method"]: r for r in rows}
     statement = []
     for verdict, text in (
         ("helps", "**Help the tail**"),
@@ -877,7 +890,7 @@ def factor_tables(payload: dict, factor: float) -> str:
         ("single seed", "Single seed (not judged)"),
     ):
         if verdicts[verdict]:
-            names = ", ".join(labels[m] for m in verdicts[verdict])
+            names = ", ".join(f"{labels[m]} ({_effect(by_method[m])})" for m in verdicts[verdict])
             statement.append(f"- {text} (paired 95% interval of worst-class or few-shot): {names}.")
     out = [
         f"### IF {factor:g}\n",
@@ -938,6 +951,16 @@ def sweep_table(payload: dict) -> str:
     )
 
 
+def _memory_note(payload: dict) -> str:
+    if payload.get("preset") != "linear":
+        return ""
+    return (
+        " Peak RSS is that of the one process running every head (backbone and cached "
+        "features included), so it is the same for every method; the head itself is 12,810 "
+        "parameters."
+    )
+
+
 def markdown_report(payload: dict) -> str:
     """Every IF's tables, the sweep, and the machine / versions line."""
     env = payload["environment"]
@@ -958,7 +981,7 @@ def markdown_report(payload: dict) -> str:
         f"{len(payload['runs']) + len(payload.get('sweep_runs') or [])} runs, "
         f"{_duration(sum(r.get('wall_s') or 0 for r in payload['runs']))} of run wall time "
         f"(+ {_duration(sum(r.get('wall_s') or 0 for r in payload.get('sweep_runs') or []))} "
-        f"sweep). {payload.get('contention', '')}*\n"
+        f"sweep). {payload.get('contention', '')}{_memory_note(payload)}*\n"
     )
     return "\n".join(parts)
 
