@@ -1002,9 +1002,10 @@ def plot(payload: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    factors = payload.get("imbalance_factors", [100])
     keys = ("accuracy", "few_shot_accuracy", "worst_class_accuracy", "balanced_accuracy")
-    all_rows = {f: summarize(payload, f) for f in factors}
+    all_rows = {f: summarize(payload, f) for f in payload.get("imbalance_factors", [100])}
+    all_rows = {f: rows for f, rows in all_rows.items() if rows} or {100: []}
+    factors = list(all_rows)
     width_n = max(len(r) for r in all_rows.values()) or 1
     fig, axes = plt.subplots(
         len(factors), 1, figsize=(max(8, 0.6 * width_n), 4.2 * len(factors)), squeeze=False
