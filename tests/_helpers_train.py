@@ -206,15 +206,20 @@ if __name__ == "__main__":
     distributed_worker(sys.argv[1])
 
 
-def load_train_script():
-    """``scripts/train.py`` imported once as the module ``hf_longtail_train_script`` (a script,
+def load_script(stem: str, name: str | None = None):
+    """``scripts/<stem>.py`` imported once as the module ``name`` (default ``stem``; a script,
     not part of the package); registered in ``sys.modules`` before it runs, since dataclasses
     look their module up while being created."""
-    name = "hf_longtail_train_script"
+    name = name or stem
     if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+        path = Path(__file__).resolve().parents[1] / "scripts" / f"{stem}.py"
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def load_train_script():
+    """``scripts/train.py`` as the module ``hf_longtail_train_script`` (:func:`load_script`)."""
+    return load_script("train", "hf_longtail_train_script")

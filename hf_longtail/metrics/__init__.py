@@ -6,6 +6,8 @@
 - :func:`load_evaluate_metric` -- the ``evaluate.Metric`` wrapper, loaded offline;
 - :func:`plot_per_class_accuracy`, :func:`plot_confusion_matrix` -- PNG plots (matplotlib,
   imported on first use);
+- :func:`mean_std`, :func:`paired_difference` -- statistics over seeds for benchmarks (mean ±
+  sample std; paired per-seed difference with a Student-t interval);
 - helpers: :func:`confusion_matrix`, :func:`confusion_spectral_norm`,
   :func:`expected_calibration_error`, :func:`logit_adjust`, :func:`shot_groups`.
 """
@@ -27,6 +29,7 @@ from hf_longtail.metrics.functions import (
     select_logit_adjustment_tau,
     shot_groups,
 )
+from hf_longtail.metrics.seed_stats import PairedDifference, mean_std, paired_difference
 from hf_longtail.metrics.trainer_metrics import (
     IGNORE_INDEX,
     LongTailComputeMetrics,
@@ -39,6 +42,7 @@ __all__ = [
     "POSTHOC_TAUS",
     "LongTailComputeMetrics",
     "LongTailMetricAccumulator",
+    "PairedDifference",
     "confusion_matrix",
     "confusion_spectral_norm",
     "expected_calibration_error",
@@ -47,6 +51,8 @@ __all__ = [
     "logit_adjust",
     "long_tail_metrics",
     "make_compute_metrics",
+    "mean_std",
+    "paired_difference",
     "plot_confusion_matrix",
     "plot_per_class_accuracy",
     "select_logit_adjustment_tau",
