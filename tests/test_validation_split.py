@@ -208,7 +208,9 @@ def test_validation_options_are_checked_before_any_work(train_script, tmp_path):
         train_script.main(
             _argv(out, "--validation_split", "heldout", "--validation_per_class", "125")
         )
-    with pytest.raises(ValueError, match="auto needs a validation split, and this dataset has none"):
+    with pytest.raises(
+        ValueError, match="auto needs a validation split, and this dataset has none"
+    ):
         train_script.main(_argv(out, "--posthoc_tau", "auto"))
     with pytest.raises(ValueError, match="is not a split of the dataset"):
         train_script.main(_argv(out, "--validation_split", "valid"))
