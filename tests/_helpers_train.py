@@ -223,3 +223,15 @@ def load_script(stem: str, name: str | None = None):
 def load_train_script():
     """``scripts/train.py`` as the module ``hf_longtail_train_script`` (:func:`load_script`)."""
     return load_script("train", "hf_longtail_train_script")
+
+
+def digits_resnet_argv(out: Any, *extra: str) -> list[str]:
+    """scripts/train.py flags of a small, fast run: ResNet-20 at 16 px on the bundled digits
+    (imbalance factor 10), nothing saved or reported; ``extra`` flags come last and win."""
+    return [
+        "--dataset_name", "digits", "--imbalance_factor", "10", "--image_size", "16",
+        "--many_shot_threshold", "60", "--model_name_or_path", "resnet20_cifar",
+        "--output_dir", str(out), "--per_device_train_batch_size", "32",
+        "--per_device_eval_batch_size", "128", "--save_strategy", "no", "--report_to", "none",
+        "--disable_tqdm", "true", "--use_cpu", "true", "--learning_rate", "0.05", *extra,
+    ]  # fmt: skip

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers_train import load_train_script
+from _helpers_train import digits_resnet_argv, load_train_script
 from torch import nn
 
 from hf_longtail.decoupled import (
@@ -119,14 +119,7 @@ def train_script():
 
 
 def _argv(out, cache, *extra):
-    return [
-        "--dataset_name", "digits", "--imbalance_factor", "10", "--image_size", "16",
-        "--many_shot_threshold", "60", "--model_name_or_path", "resnet20_cifar",
-        "--output_dir", str(out), "--per_device_train_batch_size", "32",
-        "--per_device_eval_batch_size", "128", "--save_strategy", "no", "--report_to", "none",
-        "--disable_tqdm", "true", "--use_cpu", "true", "--learning_rate", "0.05",
-        "--feature_cache_dir", str(cache), *extra,
-    ]  # fmt: skip
+    return digits_resnet_argv(out, "--feature_cache_dir", str(cache), *extra)
 
 
 @pytest.fixture(scope="module")

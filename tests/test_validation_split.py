@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _helpers_train import image_dataset, load_train_script
+from _helpers_train import digits_resnet_argv, image_dataset, load_train_script
 
 from hf_longtail.data import (
     heldout_split_indices,
@@ -120,14 +120,10 @@ def train_script():
 
 
 def _argv(out, *extra):
-    return [
-        "--dataset_name", "digits", "--imbalance_factor", "10", "--image_size", "16",
-        "--many_shot_threshold", "60", "--model_name_or_path", "resnet20_cifar",
-        "--output_dir", str(out), "--per_device_train_batch_size", "32",
-        "--per_device_eval_batch_size", "256", "--save_strategy", "no", "--report_to", "none",
-        "--disable_tqdm", "true", "--use_cpu", "true", "--learning_rate", "0.05",
-        "--dataloader_num_workers", "0", "--logging_strategy", "no", *extra,
-    ]  # fmt: skip
+    return digits_resnet_argv(
+        out, "--per_device_eval_batch_size", "256", "--dataloader_num_workers", "0",
+        "--logging_strategy", "no", *extra,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
