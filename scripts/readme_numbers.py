@@ -130,7 +130,7 @@ def stages_block(payload: dict[str, Any]) -> str:
     for stage, label, note in STAGES:
         s = payload["stages"][stage]
         if note is None:
-            tau = ((s.get("stage") or {}).get("tau")) if isinstance(s.get("stage"), dict) else None
+            tau = (s.get("stage") or {}).get("tau")
             note = f"tau = {tau:g} chosen on the hold-out" if tau is not None else ""
         cells = " | ".join(_pct(s[c]) for c in cols)
         rows.append(f"| + {label} | {cells} | {s['wall_s']:.0f} s | {note} |")
