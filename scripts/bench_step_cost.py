@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""What each loss costs in a real training step: CIFAR ResNet-32, batch 128, CPU by default.
+"""What each loss costs in a real training step: CIFAR ResNet-32 (or any model), CPU by default.
 
 One step = forward, the method's loss (hf_longtail.losses.build_loss, float32), backward and an
 SGD update. Methods are measured round-robin with a rotating start (A B C, B C A, C A B, ...) so neither a
@@ -9,13 +9,20 @@ method and its ratio to CE.
 
     python scripts/bench_step_cost.py                   # 2 threads, 30 rounds
     python scripts/bench_step_cost.py --threads 1 --rounds 50 --device cpu
+    # the `finetune` benchmark preset's step (pretrained Lite0, its resolution and batch):
+    python scripts/bench_step_cost.py --model efficientnet_lite0_in1k --image_size 96 \
+        --batch 64 --json benchmarks/results/step_cost_finetune.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,6 +36,16 @@ METHODS = {
     "ce_car": {"base": "ce", "car_weight": 0.5},
     "ce_ccar_car": {"base": "ce", "ccar": True, "car_weight": 0.5},
     "la_ccar_car": {"base": "la", "ccar": True, "car_weight": 0.5},
+    # the linear preset's tuned settings at IF 100 (the weights' form and the EMA mode are what
+    # could change the cost; alpha cannot)
+    "ce_ccar_car_tuned": {
+        "base": "ce",
+        "ccar": True,
+        "ccar_omega": 0.5,
+        "car_weight": 10.0,
+        "car_weights": "count",
+    },
+    "ce_car_per_class": {"base": "ce", "car_weight": 0.5, "car_ema": "per_class"},
     "ldam": {"base": "ldam"},
 }
 
@@ -39,19 +56,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="resnet32_cifar", help="any create_model name")
+    parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--json", help="also write the medians, ratios and machine here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # tiny activations of a random batch are not what training sees
     torch.manual_seed(0)
     device = torch.device(args.device)
     counts = CIFAR10_LT_IF100
-    model = create_model("resnet32_cifar", num_labels=len(counts)).to(device)
+    model = create_model(args.model, num_labels=len(counts)).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     losses = {
         name: build_loss(LongTailLossConfig(**cfg), counts).to(device)
         for name, cfg in METHODS.items()
     }
-    x = torch.randn(args.batch, 3, 32, 32, device=device)
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     y = torch.randint(0, len(counts), (args.batch,), device=device)
 
     def step(loss_fn) -> float:
@@ -79,13 +99,32 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             times[name].append(step(losses[name]))
 
     medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-    print(
-        f"ResNet-32 training step, batch {args.batch}, {device}, {args.threads} threads, "
-        f"{args.rounds} interleaved rounds (median ms):"
+    title = (
+        f"{args.model} training step, {args.image_size} px, batch {args.batch}, {device}, "
+        f"{args.threads} threads, {args.rounds} interleaved rounds (median ms)"
     )
-    print(f"{'method':<14}{'ms/step':>10}{'vs CE':>9}")
+    print(title + ":")
+    print(f"{'method':<18}{'ms/step':>10}{'vs CE':>9}")
     for name, ms in medians.items():
-        print(f"{name:<14}{ms:>10.1f}{ms / medians['ce']:>8.3f}x")
+        print(f"{name:<18}{ms:>10.1f}{ms / medians['ce']:>8.3f}x")
+    if args.json:
+        record = {
+            "setting": title,
+            "args": vars(args),
+            "median_ms": medians,
+            "ratio_to_ce": {name: ms / medians["ce"] for name, ms in medians.items()},
+            "methods": METHODS,
+            "machine": {
+                "processor": platform.processor() or platform.machine(),
+                "cpu_count": os.cpu_count(),
+                "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+                "cuda": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     return medians
 
 

@@ -969,10 +969,47 @@ def _memory_note(payload: dict) -> str:
     )
 
 
+#: The finetune preset's step-cost measurement (scripts/bench_step_cost.py --json): a run's
+#: epoch time on a shared machine is too noisy for a 3% goal, interleaved steps are not.
+STEP_COST_FILES = {"finetune": "step_cost_finetune.json"}
+STEP_COST_GOAL = 1.03
+
+
+def step_cost_lines(payload: dict, results_dir: Path | None = None) -> list[str]:
+    """The issue's step-cost goal (CCAR + CAR within 3% of CE's step) from the preset's
+    interleaved step-time measurement, if it was made."""
+    name = STEP_COST_FILES.get(payload.get("preset", ""))
+    path = (results_dir or RESULTS_DIR) / name if name else None
+    if path is None or not path.is_file():
+        return []
+    record = json.loads(path.read_text())
+    ratios, ms = record["ratio_to_ce"], record["median_ms"]
+    lines = [
+        f"Step cost ({record['setting']}; `python scripts/bench_step_cost.py "
+        f"--model {record['args']['model']} --image_size {record['args']['image_size']} "
+        f"--batch {record['args']['batch']} --threads {record['args']['threads']}`, "
+        f"torch {record['machine']['torch']}, {record['machine']['cpu_count']} CPUs):",
+        "",
+    ]
+    for method in ratios:
+        lines.append(f"- {method}: {ms[method]:.0f} ms, {ratios[method]:.3f}x CE")
+    for method in ("ce_ccar_car", "ce_ccar_car_tuned"):
+        if method in ratios:
+            met = ratios[method] <= STEP_COST_GOAL
+            lines.append(
+                f"- Goal, {method} step within 3% of CE's: {ratios[method]:.3f}x: "
+                f"**{'met' if met else 'not met'}**."
+            )
+    return ["", *lines, ""]
+
+
 def markdown_report(payload: dict) -> str:
-    """Every IF's tables, the sweep, and the machine / versions line."""
+    """Every IF's tables, the sweep, the step cost, and the machine / versions line."""
     env = payload["environment"]
     parts = [factor_tables(payload, f) for f in payload.get("imbalance_factors", [100])]
+    step_cost = step_cost_lines(payload)
+    if step_cost:
+        parts.append("\n".join(step_cost))
     sweep = sweep_table(payload) if payload.get("sweep_runs") else ""
     if sweep:
         parts.append(sweep)

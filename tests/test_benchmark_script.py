@@ -368,3 +368,28 @@ def test_linear_pool_holds_the_library_splits(cifar10_dir):
             assert np.setdiff1d(previous, train_rows).size == 0
         previous = train_rows
     assert len(pool) == len(previous) + 1000
+
+
+def test_step_cost_goal_line_reads_the_interleaved_measurement(bench, tmp_path):
+    """bench_step_cost.py's JSON (a real, tiny measurement) becomes the finetune report's step
+    cost lines, and the 3% goal is judged on its CCAR + CAR / CE ratio."""
+    from _helpers_train import load_script
+
+    step_cost = load_script("bench_step_cost")
+    previous = torch.get_num_threads()
+    try:
+        medians = step_cost.main(
+            ["--threads", "1", "--rounds", "2", "--batch", "8", "--json", str(tmp_path / "s.json")]
+        )
+    finally:
+        torch.set_num_threads(previous)
+    record = json.loads((tmp_path / "s.json").read_text())
+    assert record["median_ms"] == pytest.approx(medians)
+    ratio = medians["ce_ccar_car"] / medians["ce"]
+    assert record["ratio_to_ce"]["ce_ccar_car"] == pytest.approx(ratio)
+    (tmp_path / "step_cost_finetune.json").write_text(json.dumps(record))
+    lines = bench.step_cost_lines({"preset": "finetune"}, results_dir=tmp_path)
+    goal = [line for line in lines if line.startswith("- Goal, ce_ccar_car step")]
+    verdict = "met" if ratio <= 1.03 else "not met"
+    assert goal == [f"- Goal, ce_ccar_car step within 3% of CE's: {ratio:.3f}x: **{verdict}**."]
+    assert bench.step_cost_lines({"preset": "linear"}, results_dir=tmp_path) == []
