@@ -507,6 +507,26 @@ def train_py_record(metrics: dict, method: str, seed: int, factor: float, epochs
     }
 
 
+def validation_curve(out: Path) -> list[dict] | None:
+    """The per-epoch validation metrics of a train.py run (``trainer_state.json``'s log
+    history): what shows whether a short schedule had converged."""
+    state = out / "trainer_state.json"
+    if not state.is_file():
+        return None
+    curve = [
+        {
+            "epoch": entry["epoch"],
+            **{k[len("eval_") :]: entry[k] for k in CURVE_KEYS if k in entry},
+        }
+        for entry in json.loads(state.read_text()).get("log_history", [])
+        if "eval_balanced_accuracy" in entry
+    ]
+    return curve or None
+
+
+CURVE_KEYS = ("eval_balanced_accuracy", "eval_accuracy", "eval_worst_class_accuracy", "eval_loss")
+
+
 def plan_train_py(preset: dict, args) -> list[tuple[str, int, float]]:
     """(method, seed, IF) of a train.py preset, CE of each seed before what starts from it."""
     methods = args.methods or preset["methods"]
@@ -558,6 +578,7 @@ def run_train_py_preset(args, name: str, preset: dict) -> Path:
         progress.begin(i, f"{method} seed {seed} IF {factor:g}")
         metrics, wall = run_train_py(cmd, out)
         record = train_py_record(metrics, method, seed, factor, epochs)
+        record["validation_curve"] = validation_curve(out)
         record["wall_s"] = wall
         record["command"] = cmd[1:]
         write_json_atomic(runs_dir / f"{key}.json", record)
@@ -915,7 +936,33 @@ def factor_tables(payload: dict, factor: float) -> str:
     goals = goal_lines(rows)
     if goals:
         out += ["", "The issue's goals at this IF:", "", *goals]
+    curves = curve_lines(payload, factor, labels)
+    if curves:
+        out += ["", "Validation balanced accuracy (%) after each epoch, mean over seeds:", ""]
+        out += curves
     return "\n".join(out) + "\n"
+
+
+def curve_lines(payload: dict, factor: float, labels: dict[str, str]) -> list[str]:
+    """Per method, the mean validation balanced accuracy after each epoch (runs that recorded
+    ``validation_curve``): how close to converged a short schedule left each method."""
+    by_method: dict[str, list[list[dict]]] = {}
+    for run in payload["runs"]:
+        if float(run.get("imbalance_factor", factor)) == float(factor) and run.get(
+            "validation_curve"
+        ):
+            by_method.setdefault(run["method"], []).append(run["validation_curve"])
+    lines = []
+    for method, curves in by_method.items():
+        epochs = sorted({round(p["epoch"], 2) for c in curves for p in c})
+        cells = []
+        for epoch in epochs:
+            values = [
+                p["balanced_accuracy"] for c in curves for p in c if round(p["epoch"], 2) == epoch
+            ]
+            cells.append(f"{100 * sum(values) / len(values):.1f} (ep {epoch:g})")
+        lines.append(f"- {labels.get(method, method)}: " + " -> ".join(cells))
+    return lines
 
 
 def sweep_table(payload: dict) -> str:

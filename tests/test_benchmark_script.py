@@ -393,3 +393,31 @@ def test_step_cost_goal_line_reads_the_interleaved_measurement(bench, tmp_path):
     verdict = "met" if ratio <= 1.03 else "not met"
     assert goal == [f"- Goal, ce_ccar_car step within 3% of CE's: {ratio:.3f}x: **{verdict}**."]
     assert bench.step_cost_lines({"preset": "linear"}, results_dir=tmp_path) == []
+
+
+def test_validation_curve_from_trainer_state_reaches_the_report(bench, tmp_path):
+    """The per-epoch validation curve is read from the log history the Trainer writes (the
+    training-loss entries in between are skipped) and averaged per epoch over seeds."""
+    run_dir = tmp_path / "ce_if100_seed0"
+    run_dir.mkdir()
+    history = [
+        {"epoch": 1.0, "loss": 2.1, "step": 10},
+        {"epoch": 1.0, "eval_balanced_accuracy": 0.40, "eval_loss": 1.9, "step": 10},
+        {"epoch": 2.0, "loss": 1.5, "step": 20},
+        {"epoch": 2.0, "eval_balanced_accuracy": 0.50, "eval_loss": 1.4, "step": 20},
+    ]
+    (run_dir / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    curve = bench.validation_curve(run_dir)
+    assert curve == [
+        {"epoch": 1.0, "balanced_accuracy": 0.40, "loss": 1.9},
+        {"epoch": 2.0, "balanced_accuracy": 0.50, "loss": 1.4},
+    ]
+    assert bench.validation_curve(tmp_path / "missing") is None
+    other = [dict(p, balanced_accuracy=p["balanced_accuracy"] + 0.1) for p in curve]
+    payload = {
+        "runs": [
+            {"method": "ce", "seed": 0, "imbalance_factor": 100, "validation_curve": curve},
+            {"method": "ce", "seed": 1, "imbalance_factor": 100, "validation_curve": other},
+        ]
+    }
+    assert bench.curve_lines(payload, 100, {"ce": "CE"}) == ["- CE: 45.0 (ep 1) -> 55.0 (ep 2)"]
