@@ -496,7 +496,9 @@ class RunArguments:
         default=None,
         metadata={
             "help": "Decoupled second stage (Kang et al. 2020) on --from_run: 'crt' (re-train "
-            "the head, class-balanced), 'tau_norm' (tau chosen on validation) or 'lws'."
+            "the head, class-balanced), 'tau_norm' (tau chosen on validation), 'lws', or "
+            "'posthoc_la' (post-hoc logit adjustment, tau chosen on validation, folded into the "
+            "bias)."
         },
     )
     from_run: str | None = field(
@@ -1124,4 +1126,4 @@ def _check_frozen_options(
                 "second stage needs one saved with --lora_merge true."
             )
     elif run_args.from_run:
-        raise ValueError("--from_run is only used with --stage crt|tau_norm|lws.")
+        raise ValueError("--from_run is only used with --stage crt|tau_norm|lws|posthoc_la.")

@@ -21,9 +21,16 @@ cached (:func:`hf_longtail.features.cached_features`):
   backbone frozen; the scales are then folded into the head (``w_j <- f_j w_j``, ``b_j <- f_j
   b_j``), which gives exactly the same logits.
 
+Beside Kang et al.'s three, **post-hoc logit adjustment** (Menon et al., ICLR 2021) as a stage
+(``"posthoc_la"``): ``b_j <- b_j - tau * log(prior_j)`` with ``tau`` chosen on the validation
+split (:func:`hf_longtail.metrics.select_logit_adjustment_tau`), the same adjustment as
+``--posthoc_tau auto`` at the end of training, applied to a run that is already finished (so one
+trained model gives both the plain and the adjusted result without training twice).
+
 :func:`run_second_stage` does all of it and writes a normal run directory (model, processor,
 ``all_results.json``, ``longtail_run.json`` with a ``stage`` block, plots, model card saying which
-stage produced it). ``scripts/train.py --stage crt|tau_norm|lws --from_run DIR`` calls it.
+stage produced it). ``scripts/train.py --stage crt|tau_norm|lws|posthoc_la --from_run DIR``
+calls it.
 """
 
 from __future__ import annotations
@@ -68,11 +75,21 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("crt", "tau_norm", "lws")
+STAGES = ("crt", "tau_norm", "lws", "posthoc_la")
 STAGE_NAMES = {
     "crt": "classifier re-training (cRT)",
     "tau_norm": "tau-normalised classifier",
     "lws": "learnable weight scaling (LWS)",
+    "posthoc_la": "post-hoc logit adjustment",
+}
+_KANG = (
+    "Kang et al. 2020, Decoupling Representation and Classifier for Long-Tailed Recognition (ICLR)"
+)
+STAGE_REFERENCES = {
+    "crt": _KANG,
+    "tau_norm": _KANG,
+    "lws": _KANG,
+    "posthoc_la": "Menon et al. 2021, Long-tail learning via logit adjustment (ICLR)",
 }
 #: The tau grid searched on the validation split: 0, 0.1, ..., 2.0.
 DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(21))
@@ -445,13 +462,16 @@ def run_second_stage(
     split_dir: str | None = None,
     progress: bool | None = None,
 ) -> SecondStageResult:
-    """Apply ``stage`` (``"crt"``, ``"tau_norm"`` or ``"lws"``) to the run in ``from_run`` and
-    write the result as a run directory in ``output_dir`` (which must not hold a run yet).
+    """Apply ``stage`` (``"crt"``, ``"tau_norm"``, ``"lws"`` or ``"posthoc_la"``) to the run in
+    ``from_run`` and write the result as a run directory in ``output_dir`` (which must not hold a
+    run yet).
 
     ``args``: ``transformers.TrainingArguments`` for cRT / LWS (epochs, batch size, learning
     rate, optimizer, seed; checkpoints are not written); ``loss_config``: their loss (default
-    CE). The test metrics are those of the evaluation split of the source run; tau is chosen on
-    the validation split (:func:`validation_split`). ``output_dir`` receives ``config.json`` +
+    CE). The test metrics are those of the evaluation split of the source run; tau (tau-norm,
+    post-hoc LA) is chosen on the validation split (:func:`validation_split`). ``posthoc_la``
+    raises ``ValueError`` before any feature is extracted when the source run's head was already
+    adjusted (``--posthoc_tau``) or has no bias to fold the adjustment into. ``output_dir`` receives ``config.json`` +
     ``model.safetensors`` (the full model), the processor, ``all_results.json`` (``test_*``),
     ``longtail_run.json`` (the source record plus ``stage``), the two plots and ``README.md``.
     """
@@ -467,6 +487,8 @@ def run_second_stage(
             "overwrites a run)."
         )
     model, processor, record = load_run(from_run)
+    if stage == "posthoc_la":
+        _check_posthoc_source(model, record, from_run)
     pre = record.get("preprocessing") or {}
     _, _, eval_tf = select_transforms(
         pre.get("train_transform", "auto"), processor, image_size=pre.get("image_size")
@@ -497,16 +519,36 @@ def run_second_stage(
     stage_info: dict[str, Any] = {
         "name": stage,
         "description": STAGE_NAMES[stage],
-        "method": "Kang et al. 2020, Decoupling Representation and Classifier for Long-Tailed "
-        "Recognition (ICLR)",
+        "method": STAGE_REFERENCES[stage],
         "from_run": str(Path(from_run)),
         "backbone": "frozen (cached features)",
     }
     train_metrics: dict[str, Any] = {}
-    if stage == "tau_norm":
+    if stage in ("tau_norm", "posthoc_la"):
         feats["validation"] = cached_features(
             model, splits.validation, eval_tf, split="validation", **kw
         )
+    if stage == "posthoc_la":
+        from hf_longtail.features import fold_logit_adjustment
+        from hf_longtail.metrics import POSTHOC_TAUS, select_logit_adjustment_tau
+
+        tau, scores = select_logit_adjustment_tau(
+            head_logits(model, feats["validation"]),
+            _labels(feats["validation"]),
+            counts,
+            POSTHOC_TAUS,
+        )
+        fold_logit_adjustment(model, counts, tau)
+        stage_info.update(
+            {
+                "tau": tau,
+                "tau_selected_on": splits.validation_source,
+                "tau_criterion": "validation balanced accuracy (ties: smaller tau)",
+                "tau_grid_scores": {f"{t:g}": v for t, v in scores.items()},
+                "folded_into": "classifier bias",
+            }
+        )
+    elif stage == "tau_norm":
         tau, scores = select_tau(model, feats["validation"], taus)
         tau_normalize(model, tau)
         stage_info.update(
@@ -527,7 +569,7 @@ def run_second_stage(
             model, feats["train"], args, counts, loss_config=loss_config
         )
         stage_info.update({"sampler": "class_balanced", "scales": scales})
-    if loss_config is not None and stage != "tau_norm":
+    if loss_config is not None and stage in ("crt", "lws"):
         stage_info["loss"] = (
             loss_config.to_dict() if hasattr(loss_config, "to_dict") else loss_config
         )
@@ -555,6 +597,36 @@ def run_second_stage(
     run_info["stage"] = stage_info
     _write_stage_dir(out, model, processor, run_info, results, test_metrics, logits, labels)
     return SecondStageResult(stage, out, results, test_metrics, run_info, stage_info)
+
+
+def _check_posthoc_source(model: nn.Module, record: dict, from_run: Any) -> None:
+    """Refuse a post-hoc adjustment that would be applied twice or could not be saved."""
+    previous = record.get("posthoc")
+    if previous:
+        raise ValueError(
+            f"--from_run {from_run} was already logit-adjusted at the end of its training "
+            f"(--posthoc_tau, tau = {previous.get('tau')}, folded into its bias); a second "
+            "adjustment would stack on it. Start the stage from a run trained without "
+            "--posthoc_tau."
+        )
+    if (record.get("stage") or {}).get("name") == "posthoc_la":
+        raise ValueError(
+            f"--from_run {from_run} is itself a posthoc_la stage; start from its source run "
+            f"({record['stage'].get('from_run')})."
+        )
+    name, head = find_classifier(model)
+    try:
+        linear = head_linear(head)
+    except TypeError as err:
+        raise ValueError(
+            f"--stage posthoc_la folds the adjustment into the classifier's bias, but {err} "
+            "(a cosine classifier has no bias): use --stage crt or tau_norm."
+        ) from None
+    if linear.bias is None:
+        raise ValueError(
+            f"--stage posthoc_la folds the adjustment into the classifier's bias, but {name!r} "
+            "has none (one added here would not be loaded back); use --stage crt or tau_norm."
+        )
 
 
 def _write_stage_dir(out, model, processor, run_info, results, test_metrics, logits, labels):

@@ -91,6 +91,13 @@ METHODS: dict[str, dict[str, Any]] = {
         "label": "CE + post-hoc LA",
         "flags": {"loss": "ce", "posthoc_tau": "auto"},
     },
+    # The same adjustment as a stage on the finished CE run of the same seed (one training run
+    # gives both rows; ``ce_posthoc_la`` trains CE again with the identical recipe).
+    "ce_posthoc_la_stage": {
+        "label": "CE + post-hoc LA",
+        "flags": {"stage": "posthoc_la"},
+        "from": "ce",
+    },
     "ce_crt": {"label": "CE then cRT", "flags": {"stage": "crt"}, "from": "ce"},
     "ce_ccar_car_tuned": {
         "label": "CE + CCAR + CAR (tuned on val, linear)",
@@ -104,7 +111,9 @@ METHODS: dict[str, dict[str, Any]] = {
         "base": "la",
     },
 }
-SCRATCH_METHODS = [m for m in METHODS if m not in ("ce_crt",) and not m.endswith("_tuned")]
+SCRATCH_METHODS = [
+    m for m in METHODS if "stage" not in METHODS[m]["flags"] and not m.endswith("_tuned")
+]
 FINETUNE_METHODS = [
     "ce",
     "la",
@@ -114,7 +123,7 @@ FINETUNE_METHODS = [
     "ce_ccar_car",
     "la_ccar_car",
     "ce_crt",
-    "ce_posthoc_la",
+    "ce_posthoc_la_stage",
     "ce_ccar_car_tuned",
     "la_ccar_car_tuned",
 ]
@@ -535,16 +544,35 @@ def plan_train_py(preset: dict, args) -> list[tuple[str, int, float]]:
         raise SystemExit(f"Unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
     factors = [args.imbalance_factor] if args.imbalance_factor else preset["imbalance_factors"]
     plan = []
+
+    def headline(method: str) -> bool:
+        # a second stage is cheap next to training: it gets every seed of the run it starts from
+        return method in preset["headline"] or METHODS[method].get("from") in preset["headline"]
+
     for factor in factors:
         for method in methods:
-            group = "headline" if method in preset["headline"] else "other"
+            group = "headline" if headline(method) else "other"
             seeds = args.seeds if args.seeds is not None else preset["seeds"][group]
             plan += [(method, seed, factor) for seed in seeds]
     for method, seed, factor in list(plan):
         source = METHODS[method].get("from")
         if source and (source, seed, factor) not in plan:
             raise SystemExit(f"{method} seed {seed} starts from the {source} run: add {source}.")
-    return sorted(plan, key=lambda r: (r[2] != factors[0], bool(METHODS[r[0]].get("from"))))
+
+    def priority(run: tuple[str, int, float]) -> tuple:
+        # A preset that spans sittings gives paired results early: per IF, the headline methods
+        # seed by seed (a stage after the training runs of its seed), then the rest.
+        method, seed, factor = run
+        first = headline(method)
+        return (
+            factors.index(factor),
+            not first,
+            seed if first else 0,
+            bool(METHODS[method].get("from")),
+            methods.index(method),
+        )
+
+    return sorted(plan, key=priority)
 
 
 def run_train_py_preset(args, name: str, preset: dict) -> Path:

@@ -26,7 +26,7 @@ the model (and image processor), ``all_results.json`` (``test_*`` metrics), ``lo
 (dataset construction, loss recipe, hyper-parameters), ``per_class_accuracy.png`` and
 ``confusion_matrix.png`` and the model card ``README.md``; with ``--push_to_hub`` it then
 publishes them. ``--freeze_backbone`` trains the classifier head on cached backbone features
-(:mod:`hf_longtail.features`); ``--stage crt|tau_norm|lws --from_run DIR`` runs the decoupled
+(:mod:`hf_longtail.features`); ``--stage crt|tau_norm|lws|posthoc_la --from_run DIR`` runs the decoupled
 second stage (:mod:`hf_longtail.decoupled`) on a finished run instead of training.
 """
 

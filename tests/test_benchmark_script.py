@@ -56,7 +56,7 @@ def test_every_method_builds_a_valid_train_command(bench, train, preset, tmp_pat
         )
         assert training_args.seed == 1
         if "stage" in flags:  # the second stage starts from the CE run of the same seed
-            assert run_args.stage == "crt"
+            assert run_args.stage == flags["stage"]
             assert Path(run_args.from_run) == tmp_path / bench.run_key("ce", 100, 1)
             continue
         assert training_args.num_train_epochs == 10 and data_args.imbalance_factor == 100
@@ -70,6 +70,33 @@ def test_every_method_builds_a_valid_train_command(bench, train, preset, tmp_pat
         assert data_args.many_shot_threshold == 1500 and data_args.few_shot_threshold == 200
         if method == "ldam_drw":  # DRW at the same fraction of the schedule as 160/200
             assert config.drw_epoch == 8 and model_args.classifier == "cosine"
+
+
+def test_finetune_plan_pairs_stages_with_every_ce_seed_and_orders_by_seed(bench):
+    """The finetune plan: the issue's seeds (3 for the headline methods, 1 for the rest), a
+    second stage on every CE seed, each stage after its CE run, headline seed 0 first."""
+    import argparse
+
+    preset = bench.PRESETS["finetune"]
+    args = argparse.Namespace(methods=None, imbalance_factor=None, seeds=None)
+    plan = bench.plan_train_py(preset, args)
+    seeds = {}
+    for method, seed, _ in plan:
+        seeds.setdefault(method, []).append(seed)
+    for method in ("ce", "la", "ce_ccar_car", "la_ccar_car", "ce_crt", "ce_posthoc_la_stage"):
+        assert sorted(seeds[method]) == [0, 1, 2], method
+    for method in ("bs", "ce_ccar", "ce_car", "ce_ccar_car_tuned", "la_ccar_car_tuned"):
+        assert seeds[method] == [0], method
+    assert "ce_posthoc_la" not in seeds  # the stage gives the row without training CE again
+    position = {(m, s): i for i, (m, s, _) in enumerate(plan)}
+    for seed in (0, 1, 2):
+        for stage in ("ce_crt", "ce_posthoc_la_stage"):
+            assert position[("ce", seed)] < position[(stage, seed)]
+    assert [m for m, s, _ in plan[:4]] == ["ce", "la", "ce_ccar_car", "la_ccar_car"]
+    assert {s for _, s, _ in plan[:6]} == {0}
+    assert max(position[(m, 2)] for m in ("ce", "la", "ce_ccar_car", "la_ccar_car")) < min(
+        position[(m, 0)] for m in ("bs", "ce_ccar", "ce_car")
+    )
 
 
 def _payload(runs, methods, preset="linear"):

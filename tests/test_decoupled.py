@@ -133,7 +133,7 @@ def first_stage(train_script, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["crt", "tau_norm", "lws"])
+@pytest.mark.parametrize("stage", ["crt", "tau_norm", "lws", "posthoc_la"])
 def test_each_stage_writes_a_run_directory_with_its_card(train_script, first_stage, stage):
     from transformers import AutoModelForImageClassification
 
@@ -161,8 +161,12 @@ def test_each_stage_writes_a_run_directory_with_its_card(train_script, first_sta
     run = json.loads((out / "longtail_run.json").read_text())
     assert run["stage"]["name"] == stage and run["stage"]["from_run"] == str(source)
     card = (out / "README.md").read_text()
-    assert "Decoupled second stage" in card and "Kang et al." in card
-    assert f"decoupled-{stage.replace('_', '-')}" in card
+    if stage == "posthoc_la":
+        assert "Second stage: post-hoc logit adjustment" in card and "Menon et al." in card
+        assert "- posthoc-la" in card and "Kang et al." not in card
+    else:
+        assert "Decoupled second stage" in card and "Kang et al." in card
+        assert f"decoupled-{stage.replace('_', '-')}" in card
     assert 0.0 <= results["test_accuracy"] <= 1.0
     # The saved model is a normal model whose logits reproduce the reported accuracy.
     model = AutoModelForImageClassification.from_pretrained(out).eval()
@@ -188,6 +192,38 @@ def test_each_stage_writes_a_run_directory_with_its_card(train_script, first_sta
         )
     if stage == "crt":
         assert not torch.allclose(model.classifier.weight, first.classifier.weight)
+    if stage == "posthoc_la":
+        tau, grid = run["stage"]["tau"], run["stage"]["tau_grid_scores"]
+        assert "held out" in run["stage"]["tau_selected_on"] and f"τ = {tau:g}" in card
+        assert grid[f"{tau:g}"] == max(grid.values())  # the validation-best tau
+        assert all(float(t) >= tau for t, v in grid.items() if v == grid[f"{tau:g}"])
+        counts = torch.tensor(run["dataset"]["class_counts"], dtype=torch.float64)
+        prior = (counts / counts.sum()).log()
+        torch.testing.assert_close(model.classifier.weight, first.classifier.weight)
+        torch.testing.assert_close(
+            model.classifier.bias.double(), first.classifier.bias.double() - tau * prior
+        )
+
+
+def test_posthoc_stage_refuses_an_already_adjusted_run_before_extracting(
+    train_script, first_stage, tmp_path
+):
+    """A source run whose head already carries a post-hoc bias would be adjusted twice: the
+    stage stops before any feature is extracted (the cache directory stays unmade)."""
+    import shutil
+
+    source, _ = first_stage
+    adjusted = tmp_path / "adjusted"
+    shutil.copytree(source, adjusted)
+    record = json.loads((adjusted / "longtail_run.json").read_text())
+    record["posthoc"] = {"tau": 1.0, "selected_on": None, "folded_into": "classifier bias"}
+    (adjusted / "longtail_run.json").write_text(json.dumps(record))
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"already logit-adjusted.*tau = 1\.0"):
+        train_script.main(
+            _argv(tmp_path / "out", cache, "--stage", "posthoc_la", "--from_run", str(adjusted))
+        )
+    assert not cache.exists() and not (tmp_path / "out" / "longtail_run.json").exists()
 
 
 def test_stage_refuses_an_existing_run_and_bad_options(train_script, first_stage):

@@ -768,7 +768,9 @@ def build_model_card(
         tags.append("car")
     stage = _stage_context(run)
     if stage is not None:
-        tags.append("decoupled-" + stage["name"].replace("_", "-"))
+        # post-hoc LA is Menon et al.'s, not one of Kang et al.'s decoupled stages
+        prefix = "" if stage["name"] == "posthoc_la" else "decoupled-"
+        tags.append(prefix + stage["name"].replace("_", "-"))
     if isinstance(run.run.get("lora"), dict):
         tags.append("lora")
     metrics_present = {s.key for s in METRIC_SPECS if run.metrics.get(s.key) is not None}
