@@ -448,3 +448,24 @@ def test_validation_curve_from_trainer_state_reaches_the_report(bench, tmp_path)
         ]
     }
     assert bench.curve_lines(payload, 100, {"ce": "CE"}) == ["- CE: 45.0 (ep 1) -> 55.0 (ep 2)"]
+
+
+def test_work_dir_of_another_recipe_is_neither_resumed_nor_deleted(bench, tmp_path):
+    """A run directory is resumed only by the command that started it; one left by a changed
+    recipe (or without the command record) stops the preset, and its files stay as they were."""
+    out = tmp_path / "ce_if100_seed0"
+    cmd = ["python", "train.py", "--learning_rate", "0.03", "--image_size", "96"]
+    bench.check_work_dir(out, cmd)
+    assert json.loads((out / bench.COMMAND_FILE).read_text()) == cmd[1:]
+    (out / "all_results.json").write_text('{"test_accuracy": 0.5}')
+    bench.check_work_dir(out, ["/other/venv/python", *cmd[1:]])  # same run, new interpreter
+    changed = ["python", "train.py", "--learning_rate", "0.05", "--image_size", "96"]
+    with pytest.raises(SystemExit, match=r"different command \(differing arguments: 0\.03 0\.05"):
+        bench.check_work_dir(out, changed)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "all_results.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"no benchmark_command\.json"):
+        bench.check_work_dir(legacy, cmd)
+    assert (out / "all_results.json").read_text() == '{"test_accuracy": 0.5}'
+    assert sorted(p.name for p in legacy.iterdir()) == ["all_results.json"]
