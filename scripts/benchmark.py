@@ -1096,7 +1096,9 @@ def step_cost_lines(payload: dict, results_dir: Path | None = None) -> list[str]
         f"Step cost ({record['setting']}; `python scripts/bench_step_cost.py "
         f"--model {record['args']['model']} --image_size {record['args']['image_size']} "
         f"--batch {record['args']['batch']} --threads {record['args']['threads']}`, "
-        f"torch {record['machine']['torch']}, {record['machine']['cpu_count']} CPUs):",
+        f"torch {record['machine']['torch']}, {record['machine']['cpu_count']} CPUs, load "
+        f"average {(record['machine'].get('load_average') or [float('nan')])[0]:.1f}; the "
+        "methods' steps interleave, so a busy machine slows them alike):",
         "",
     ]
     for method in ratios:
