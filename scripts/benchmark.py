@@ -862,9 +862,11 @@ GOALS = (
 )
 
 
-def goal_lines(rows: list[dict]) -> list[str]:
+def goal_lines(rows: list[dict], seeds_needed: int = 1) -> list[str]:
     """The issue's goals, checked against the paired differences (published and tuned
-    settings). A goal with a threshold of 0 needs the whole 95% interval above 0."""
+    settings): a threshold above 0 on the paired mean, a threshold of 0 with the whole 95%
+    interval above 0. A comparison over fewer than ``seeds_needed`` seed pairs (the preset's
+    headline seeds; a preset still running) is shown but not judged."""
     by = {r["method"]: r for r in rows}
     lines = []
     for method, base, key, threshold, text in GOALS:
@@ -879,11 +881,23 @@ def goal_lines(rows: list[dict]) -> list[str]:
             interval = (
                 "" if d["low"] is None else f" [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
             )
+            verdict = "met" if met else "not met"
+            if d["n"] < seeds_needed:
+                verdict = f"not judged yet ({d['n']} of {seeds_needed} seeds)"
             lines.append(
                 f"- {text} ({by[variant]['label']}): {100 * d['mean']:+.1f}{interval} over "
-                f"{d['n']} seeds: **{'met' if met else 'not met'}**."
+                f"{d['n']} seeds: **{verdict}**."
             )
     return lines
+
+
+def seeds_needed(payload: dict) -> int:
+    """How many paired seeds the preset's goal comparisons are meant to have."""
+    preset = PRESETS.get(payload.get("preset", ""), {})
+    seeds = preset.get("seeds")
+    if isinstance(seeds, dict):
+        return len(seeds.get("headline", ()))
+    return len(seeds or ()) or 1
 
 
 # -------------------------------------------------------------------------- the report
@@ -994,7 +1008,7 @@ def factor_tables(payload: dict, factor: float) -> str:
     ]
     out += ["Which methods help the tail at this IF (generated from the intervals above):", ""]
     out += statement or ["- no paired comparison yet."]
-    goals = goal_lines(rows)
+    goals = goal_lines(rows, seeds_needed(payload))
     if goals:
         out += ["", "The issue's goals at this IF:", "", *goals]
     curves = curve_lines(payload, factor, labels)
@@ -1014,7 +1028,9 @@ def curve_lines(payload: dict, factor: float, labels: dict[str, str]) -> list[st
         ):
             by_method.setdefault(run["method"], []).append(run["validation_curve"])
     lines = []
-    for method, curves in by_method.items():
+    order = [m for m in labels if m in by_method] + [m for m in by_method if m not in labels]
+    for method in order:
+        curves = by_method[method]
         epochs = sorted({round(p["epoch"], 2) for c in curves for p in c})
         cells = []
         for epoch in epochs:
