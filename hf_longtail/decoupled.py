@@ -54,6 +54,7 @@ from hf_longtail.features import (
     find_classifier,
     freeze_backbone,
     head_linear,
+    logit_adjustment_target,
     set_classifier,
 )
 from hf_longtail.run_directory import RESULTS_FILE, RUN_FILE, thresholds_of
@@ -614,19 +615,13 @@ def _check_posthoc_source(model: nn.Module, record: dict, from_run: Any) -> None
             f"--from_run {from_run} is itself a posthoc_la stage; start from its source run "
             f"({record['stage'].get('from_run')})."
         )
-    name, head = find_classifier(model)
     try:
-        linear = head_linear(head)
-    except TypeError as err:
+        logit_adjustment_target(model, record["dataset"]["class_counts"])
+    except (TypeError, ValueError) as err:
         raise ValueError(
-            f"--stage posthoc_la folds the adjustment into the classifier's bias, but {err} "
-            "(a cosine classifier has no bias): use --stage crt or tau_norm."
+            f"--stage posthoc_la cannot adjust --from_run {from_run}: {err} For this run, "
+            "--stage crt or tau_norm re-balance the head instead."
         ) from None
-    if linear.bias is None:
-        raise ValueError(
-            f"--stage posthoc_la folds the adjustment into the classifier's bias, but {name!r} "
-            "has none (one added here would not be loaded back); use --stage crt or tau_norm."
-        )
 
 
 def _write_stage_dir(out, model, processor, run_info, results, test_metrics, logits, labels):

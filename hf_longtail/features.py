@@ -49,6 +49,7 @@ __all__ = [
     "freeze_backbone",
     "head_linear",
     "is_feature_dataset",
+    "logit_adjustment_target",
     "model_fingerprint",
     "set_classifier",
     "transform_fingerprint",
@@ -129,14 +130,9 @@ def head_linear(head: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-def fold_logit_adjustment(model: nn.Module, train_class_counts: Any, tau: float) -> torch.Tensor:
-    """Fold post-hoc logit adjustment into the classifier: ``b_c <- b_c - tau * log(prior_c)``.
-
-    The head's last ``nn.Linear`` (:func:`find_classifier`, :func:`head_linear`: a transformers
-    ``classifier``, a timm head through TimmWrapper, the CIFAR ResNets' ``classifier``) then
-    outputs ``logits - tau * log(prior)`` (:func:`hf_longtail.metrics.logit_adjust`, prior from
-    ``train_class_counts``) for every input, so the saved model, loaded with plain
-    ``from_pretrained`` and argmax, predicts the adjusted classes. Returns the offsets added.
+def logit_adjustment_target(model: nn.Module, train_class_counts: Any) -> nn.Linear:
+    """The linear layer :func:`fold_logit_adjustment` would change, after every check it makes;
+    nothing is modified, so a caller can refuse a model before doing expensive work.
 
     Raises:
         TypeError: a head without an ``nn.Linear`` (the cosine classifier ``NormedLinear``).
@@ -154,11 +150,11 @@ def fold_logit_adjustment(model: nn.Module, train_class_counts: Any, tau: float)
             "has no bias, and one added here would not be saved with the model's config; use "
             "--classifier linear, or a loss that adjusts the logits while training (--loss la)."
         ) from None
-    prior = log_prior(train_class_counts)
-    if linear.out_features != prior.size:
+    classes = log_prior(train_class_counts).size
+    if linear.out_features != classes:
         raise ValueError(
             f"the classifier {name!r} has {linear.out_features} outputs but train_class_counts "
-            f"has {prior.size} classes."
+            f"has {classes} classes."
         )
     if linear.bias is None:
         raise ValueError(
@@ -166,6 +162,24 @@ def fold_logit_adjustment(model: nn.Module, train_class_counts: Any, tau: float)
             "bias added here would not be loaded back by the model's class. Use a loss that "
             "adjusts the logits while training (--loss la) instead of --posthoc_tau."
         )
+    return linear
+
+
+def fold_logit_adjustment(model: nn.Module, train_class_counts: Any, tau: float) -> torch.Tensor:
+    """Fold post-hoc logit adjustment into the classifier: ``b_c <- b_c - tau * log(prior_c)``.
+
+    The head's last ``nn.Linear`` (:func:`find_classifier`, :func:`head_linear`: a transformers
+    ``classifier``, a timm head through TimmWrapper, the CIFAR ResNets' ``classifier``) then
+    outputs ``logits - tau * log(prior)`` (:func:`hf_longtail.metrics.logit_adjust`, prior from
+    ``train_class_counts``) for every input, so the saved model, loaded with plain
+    ``from_pretrained`` and argmax, predicts the adjusted classes. Returns the offsets added.
+
+    Raises: as :func:`logit_adjustment_target`.
+    """
+    from hf_longtail.metrics import log_prior
+
+    linear = logit_adjustment_target(model, train_class_counts)
+    prior = log_prior(train_class_counts)
     offsets = torch.as_tensor(-float(tau) * prior, dtype=linear.bias.dtype)
     with torch.no_grad():
         linear.bias.add_(offsets.to(linear.bias.device))

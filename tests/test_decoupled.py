@@ -280,3 +280,27 @@ def test_train_last_stage_through_train_py_changes_only_that_stage_and_the_head(
     run = json.loads((out / "longtail_run.json").read_text())
     assert run["freeze_backbone"]["train_last_stage"] is True
     assert run["freeze_backbone"]["feature_cache"] is False
+
+
+def test_posthoc_stage_refuses_a_head_it_cannot_fold_into():
+    """The stage checks the head with the fold's own checks (no bias, a cosine head) and says
+    which stages fit instead; a foldable head passes untouched."""
+    from hf_longtail.decoupled import _check_posthoc_source
+    from hf_longtail.models.resnet_cifar import NormedLinear
+
+    record = {"dataset": {"class_counts": [50, 20, 5]}}
+    no_bias = nn.Sequential()
+    no_bias.classifier = nn.Linear(4, 3, bias=False)
+    with pytest.raises(
+        ValueError, match=r"cannot adjust --from_run run: .*'classifier' has no bias"
+    ):
+        _check_posthoc_source(no_bias, record, "run")
+    cosine = nn.Sequential()
+    cosine.classifier = NormedLinear(4, 3)
+    with pytest.raises(ValueError, match=r"cosine classifier has no bias.*--stage crt or tau_norm"):
+        _check_posthoc_source(cosine, record, "run")
+    fine = nn.Sequential()
+    fine.classifier = nn.Linear(4, 3)
+    before = {k: v.clone() for k, v in fine.state_dict().items()}
+    _check_posthoc_source(fine, record, "run")
+    assert all(torch.equal(v, fine.state_dict()[k]) for k, v in before.items())
