@@ -549,6 +549,9 @@ def train_py_record(metrics: dict, method: str, seed: int, factor: float, epochs
     }
 
 
+CURVE_KEYS = ("eval_balanced_accuracy", "eval_accuracy", "eval_worst_class_accuracy", "eval_loss")
+
+
 def validation_curve(out: Path) -> list[dict] | None:
     """The per-epoch validation metrics of a train.py run (``trainer_state.json``'s log
     history): what shows whether a short schedule had converged."""
@@ -564,9 +567,6 @@ def validation_curve(out: Path) -> list[dict] | None:
         if "eval_balanced_accuracy" in entry
     ]
     return curve or None
-
-
-CURVE_KEYS = ("eval_balanced_accuracy", "eval_accuracy", "eval_worst_class_accuracy", "eval_loss")
 
 
 def plan_train_py(preset: dict, args) -> list[tuple[str, int, float]]:
