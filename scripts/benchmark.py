@@ -34,6 +34,7 @@ The CIFAR-10 parquet is found at ``--data`` or ``$HF_LONGTAIL_CIFAR10`` or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -43,6 +44,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -331,17 +333,23 @@ class Progress:
 
     def __init__(self, total: int, done_before: int) -> None:
         self.total, self.done_before = total, done_before
-        self.start, self.finished = time.perf_counter(), 0
+        self.start, self.finished, self.index = time.perf_counter(), 0, 0
 
-    def begin(self, index: int, text: str) -> None:
+    def _position(self) -> str:
+        return f"[{self.done_before + self.index}/{self.done_before + self.total}]"
+
+    def begin(self, text: str) -> None:
+        self.index += 1
         elapsed = time.perf_counter() - self.start
-        left = self.total - index + 1
+        left = self.total - self.index + 1
         eta = f"{_duration(elapsed / self.finished * left)}" if self.finished else "?"
-        print(
-            f"[{self.done_before + index}/{self.done_before + self.total}] {text} "
-            f"(elapsed {_duration(elapsed)}, ETA {eta})",
-            flush=True,
-        )
+        print(f"{self._position()} {text} (elapsed {_duration(elapsed)}, ETA {eta})", flush=True)
+
+    def skip(self, text: str, why: str) -> None:
+        # another process has (or had) this run: it leaves this process's ETA
+        self.total -= 1
+        self.done_before += 1
+        print(f"{self._position()} {text}: {why}", flush=True)
 
     def end(self, seconds: float, record: dict) -> None:
         self.finished += 1
@@ -351,6 +359,38 @@ class Progress:
             f"worst-class {100 * test.get('worst_class_accuracy', float('nan')):.2f}",
             flush=True,
         )
+
+
+@contextlib.contextmanager
+def claim_run(lock: Path) -> Iterator[bool]:
+    """Hold ``lock`` (an advisory ``flock``) while this process runs one benchmark run; yield
+    False at once if another process holds it. Several sittings of one preset can then run side
+    by side on one machine, each taking the runs nobody else has; the kernel drops the lock of
+    a killed process, so a run stopped mid-way is resumed by whichever process comes next."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock (Windows): one process at a time
+        yield True
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def is_claimed(lock: Path) -> bool:
+    """Whether a process (this one included) holds ``lock`` now (see :func:`claim_run`)."""
+    if not lock.is_file():
+        return False
+    with claim_run(lock) as mine:
+        return not mine
 
 
 def _duration(seconds: float) -> str:
@@ -631,18 +671,23 @@ def run_train_py_preset(args, name: str, preset: dict) -> Path:
         "model": preset["train"]["model_name_or_path"],
     }
     progress = Progress(len(todo), len(plan) - len(todo))
-    for i, (method, seed, factor) in enumerate(todo, 1):
+    for method, seed, factor in todo:
         key = run_key(method, factor, seed)
         out = work_root / key
-        cmd = [sys.executable, str(REPO / "scripts" / "train.py")]
-        cmd += run_flags(preset, method, seed, factor, data, out, epochs, work_root, overrides)
-        progress.begin(i, f"{method} seed {seed} IF {factor:g}")
-        metrics, wall = run_train_py(cmd, out)
-        record = train_py_record(metrics, method, seed, factor, epochs)
-        record["validation_curve"] = validation_curve(out)
-        record["wall_s"] = wall
-        record["command"] = cmd[1:]
-        write_json_atomic(runs_dir / f"{key}.json", record)
+        text = f"{method} seed {seed} IF {factor:g}"
+        with claim_run(work_root / f".{key}.lock") as mine:
+            if not mine or (runs_dir / f"{key}.json").is_file():
+                progress.skip(text, "running in another process" if not mine else "done")
+                continue
+            cmd = [sys.executable, str(REPO / "scripts" / "train.py")]
+            cmd += run_flags(preset, method, seed, factor, data, out, epochs, work_root, overrides)
+            progress.begin(text)
+            metrics, wall = run_train_py(cmd, out)
+            record = train_py_record(metrics, method, seed, factor, epochs)
+            record["validation_curve"] = validation_curve(out)
+            record["wall_s"] = wall
+            record["command"] = cmd[1:]
+            write_json_atomic(runs_dir / f"{key}.json", record)
         progress.end(wall, record)
         write_results(name, meta, runs_dir)
     path = write_results(name, meta, runs_dir)
@@ -710,27 +755,19 @@ def run_linear_preset(args, name: str, preset: dict) -> Path:
     meta["validation"] = {f"{f:g}": splits[f].validation_source for f in factors}
     progress = Progress(len(todo), len(plan) - len(todo))
     runners: dict[float, Any] = {}
+
+    def lock_of(item):
+        kind, key, seed, factor = item
+        return work_root / f".{kind}-{run_key(key, factor, seed)}.lock"
+
     for i, item in enumerate(todo, 1):
         kind, key, seed, factor = item
-        if factor not in runners:
-            runners[factor] = bl.LinearRunner(
-                model,
-                splits[factor],
-                preset["train"],
-                preset["stage"],
-                THRESHOLDS,
-                work_root / f"if{factor:g}",
-            )
-        runner = runners[factor]
-        progress.begin(i, f"{key} seed {seed} IF {factor:g}")
-        start = time.perf_counter()
-        if kind == "sweep":
-            family, settings = sweep[key]
-            spec = bl.LINEAR_METHODS["ce"] | {"loss": {"base": "ce", **settings}}
-            record = runner.run(spec, seed)
-            record.update(sweep_id=key, family=family)
-        else:
-            spec = bl.LINEAR_METHODS[key]
+        text = f"{key} seed {seed} IF {factor:g}"
+        with claim_run(lock_of(item)) as mine:
+            if not mine or path_of(item).is_file():
+                progress.skip(text, "running in another process" if not mine else "done")
+                continue
+            spec = bl.LINEAR_METHODS["ce"] if kind == "sweep" else bl.LINEAR_METHODS[key]
             chosen = None
             if spec["kind"] == "tuned":
                 done = {
@@ -739,19 +776,47 @@ def run_linear_preset(args, name: str, preset: dict) -> Path:
                     if r["imbalance_factor"] == factor and r["seed"] in preset["sweep_seeds"]
                 }
                 missing = sorted(set(bl.sweep_configs()) - set(done))
+                busy = [
+                    m
+                    for m in missing
+                    for s in preset["sweep_seeds"]
+                    if not path_of(("sweep", m, s, factor)).is_file()
+                    and is_claimed(lock_of(("sweep", m, s, factor)))
+                ]
+                if busy:  # another sitting is still sweeping: the next sitting runs this one
+                    progress.skip(text, f"the sweep is still running elsewhere ({busy[0]}, ...)")
+                    continue
                 if missing:
                     raise SystemExit(
                         f"{key} at IF {factor:g} needs the whole sweep; {len(missing)} settings "
                         f"are missing ({missing[0]}, ...): run without --no_sweep first."
                     )
                 chosen = bl.choose(done)
-            record = runner.run(spec, seed, chosen)
-            record["method"] = key
-            if chosen is not None:
-                record["chosen"] = chosen
-        record.update(seed=seed, imbalance_factor=factor, peak_rss_mb=peak_rss_mb())
-        record["wall_s"] = time.perf_counter() - start
-        write_json_atomic(path_of(item), record)
+            if factor not in runners:
+                runners[factor] = bl.LinearRunner(
+                    model,
+                    splits[factor],
+                    preset["train"],
+                    preset["stage"],
+                    THRESHOLDS,
+                    work_root / f"if{factor:g}",
+                )
+            runner = runners[factor]
+            progress.begin(text)
+            start = time.perf_counter()
+            if kind == "sweep":
+                family, settings = sweep[key]
+                spec = spec | {"loss": {"base": "ce", **settings}}
+                record = runner.run(spec, seed)
+                record.update(sweep_id=key, family=family)
+            else:
+                record = runner.run(spec, seed, chosen)
+                record["method"] = key
+                if chosen is not None:
+                    record["chosen"] = chosen
+            record.update(seed=seed, imbalance_factor=factor, peak_rss_mb=peak_rss_mb())
+            record["wall_s"] = time.perf_counter() - start
+            write_json_atomic(path_of(item), record)
         progress.end(record["wall_s"], record)
         if i % 10 == 0 or i == len(todo):
             write_results(name, meta, runs_dir, sweep_dir)

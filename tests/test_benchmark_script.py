@@ -305,12 +305,8 @@ def test_sweep_choice_is_the_validation_best(linear_setup):
             assert tuned["loss"][field] == value
 
 
-# ------------------------------------------------------------------ a real interruption
-@pytest.mark.slow
-def test_interrupted_preset_resumes_without_rerunning_finished_runs(cifar10_dir, tmp_path):
-    """Kill the benchmark (and its train.py) right after the first run's record is written;
-    the second sitting skips that run, does the other, and leaves the first record untouched."""
-    results = tmp_path / "results"
+def _tiny_preset(cifar10_dir, tmp_path, results, seeds=("0",)):
+    """A benchmark sitting of two 2-step scratch runs (CE, LA) writing under ``tmp_path``."""
     code = (
         "import sys, runpy; from pathlib import Path; sys.argv = sys.argv[1:];"
         f"sys.path.insert(0, {str(REPO / 'scripts')!r}); import benchmark;"
@@ -327,7 +323,7 @@ def test_interrupted_preset_resumes_without_rerunning_finished_runs(cifar10_dir,
         "ce",
         "la",
         "--seeds",
-        "0",
+        *seeds,
         "--data",
         str(cifar10_dir),
         "--name",
@@ -342,7 +338,16 @@ def test_interrupted_preset_resumes_without_rerunning_finished_runs(cifar10_dir,
         "save_strategy=no",
         "preflight_sample=8",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return cmd, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+# ------------------------------------------------------------------ a real interruption
+@pytest.mark.slow
+def test_interrupted_preset_resumes_without_rerunning_finished_runs(cifar10_dir, tmp_path):
+    """Kill the benchmark (and its train.py) right after the first run's record is written;
+    the second sitting skips that run, does the other, and leaves the first record untouched."""
+    results = tmp_path / "results"
+    cmd, env = _tiny_preset(cifar10_dir, tmp_path, results)
     runs = results / "tiny_runs"
     proc = subprocess.Popen(
         cmd,
@@ -374,6 +379,63 @@ def test_interrupted_preset_resumes_without_rerunning_finished_runs(cifar10_dir,
     payload = json.loads((results / "tiny.json").read_text())
     assert sorted(r["method"] for r in payload["runs"]) == ["ce", "la"]
     assert all(r["test"]["num_samples"] == 64 for r in payload["runs"])
+
+
+@pytest.mark.slow
+def test_two_sittings_side_by_side_run_each_run_once(cifar10_dir, tmp_path):
+    """Two sittings of one preset started together (one per core) share the work: every run
+    is trained by exactly one of them, and both end with the complete results file."""
+    results = tmp_path / "results"
+    cmd, env = _tiny_preset(cifar10_dir, tmp_path, results, seeds=("0", "1"))
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    started = [
+        line.split("] ", 1)[1].split(" (elapsed")[0]
+        for out in outs
+        for line in out.splitlines()
+        if "(elapsed" in line
+    ]
+    expected = [f"{m} seed {s} IF 100" for m in ("ce", "la") for s in (0, 1)]
+    assert sorted(started) == sorted(expected), outs
+    runs = sorted(p.name for p in (results / "tiny_runs").glob("*.json"))
+    assert runs == sorted(f"{m}_if100_seed{s}.json" for m in ("ce", "la") for s in (0, 1))
+    payload = json.loads((results / "tiny.json").read_text())
+    assert len(payload["runs"]) == 4
+
+
+def test_a_claimed_run_is_refused_until_its_process_dies(bench, tmp_path):
+    """``claim_run`` is the lock several sittings share: while another process holds a run it
+    is refused (and ``is_claimed`` says so); SIGKILL that process, as a scheduler ends a job,
+    and the run is free again without anyone removing the lock file."""
+    lock = tmp_path / "work" / ".ce_if100_seed0.lock"
+    lock.parent.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a');"
+            "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)",
+            str(lock),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert bench.is_claimed(lock)
+        with bench.claim_run(lock) as mine:
+            assert mine is False
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert lock.is_file() and not bench.is_claimed(lock)
+    with bench.claim_run(lock) as mine:
+        assert mine is True
+        assert bench.is_claimed(lock)  # held by anyone, this process included
 
 
 def test_linear_pool_holds_the_library_splits(cifar10_dir):
