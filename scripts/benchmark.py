@@ -552,6 +552,28 @@ def check_work_dir(out: Path, cmd: list[str]) -> None:
     write_json_atomic(marker, argv)
 
 
+def resume_step(out: Path) -> int:
+    """The optimizer step train.py continues from in ``out`` (its last readable checkpoint, the
+    one ``--resume_from_checkpoint true`` takes); 0 for a fresh run. A resumed run's
+    ``train_runtime`` covers only the steps after it, so the time per epoch needs it."""
+    from hf_longtail.resume import last_readable_checkpoint
+
+    checkpoint = last_readable_checkpoint(out)
+    if checkpoint is None:
+        return 0
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
+
+
+def epochs_timed(record: dict) -> float | None:
+    """Epochs that ``record["train_runtime_s"]`` measured: ``epochs * (1 - resumed / steps)``
+    (all of them for a run that started fresh, or a record older than the resume fields)."""
+    epochs, steps = record.get("epochs"), record.get("max_steps")
+    if not epochs:
+        return None
+    resumed = record.get("resumed_from_step") or 0
+    return epochs * (1 - resumed / steps) if steps else epochs
+
+
 def run_train_py(cmd: list[str], out: Path) -> tuple[dict, float]:
     """Run one train.py command (resuming its own checkpoints if a sitting stopped it) and
     return ``(all_results.json, wall seconds)``."""
@@ -682,8 +704,14 @@ def run_train_py_preset(args, name: str, preset: dict) -> Path:
             cmd = [sys.executable, str(REPO / "scripts" / "train.py")]
             cmd += run_flags(preset, method, seed, factor, data, out, epochs, work_root, overrides)
             progress.begin(text)
+            check_work_dir(out, cmd)
+            finished = (out / "all_results.json").is_file()
+            resumed = None if finished else resume_step(out)  # unknown once it has finished
             metrics, wall = run_train_py(cmd, out)
             record = train_py_record(metrics, method, seed, factor, epochs)
+            if resumed is not None and not METHODS[method]["flags"].get("stage"):
+                state = json.loads((out / "trainer_state.json").read_text())
+                record.update(resumed_from_step=resumed, max_steps=state["max_steps"])
             record["validation_curve"] = validation_curve(out)
             record["wall_s"] = wall
             record["command"] = cmd[1:]
@@ -843,9 +871,9 @@ def summarize(payload: dict, factor: float) -> list[dict]:
 
     def epoch_time(runs):
         times = [
-            r["train_runtime_s"] / r["epochs"]
+            r["train_runtime_s"] / epochs_timed(r)
             for r in runs.values()
-            if r.get("train_runtime_s") and r.get("epochs")
+            if r.get("train_runtime_s") and epochs_timed(r)
         ]
         return sum(times) / len(times) if times else None
 

@@ -407,6 +407,39 @@ def test_two_sittings_side_by_side_run_each_run_once(cifar10_dir, tmp_path):
     assert len(payload["runs"]) == 4
 
 
+def test_a_resumed_run_is_timed_over_the_epochs_it_trained(bench, tmp_path):
+    """``resume_step`` reads the step of the checkpoint train.py resumes from (a real
+    LongTailTrainer run saving every 2 steps; a corrupt newer checkpoint is skipped, as
+    train.py skips it), and the s/epoch column divides a resumed run's runtime by the epochs
+    it trained, not by all of them."""
+    from _helpers_train import tiny_vit, train_dataset, training_args
+
+    from hf_longtail import LongTailTrainer
+    from hf_longtail.data import collate_fn
+
+    out = tmp_path / "run"
+    assert bench.resume_step(out) == 0
+    LongTailTrainer(
+        model=tiny_vit(),
+        args=training_args(out, max_steps=5, save_strategy="steps", save_steps=2),
+        train_dataset=train_dataset(),
+        data_collator=collate_fn,
+        loss_config={"base": "ce"},
+    ).train()
+    assert bench.resume_step(out) == 5
+    (out / "checkpoint-5" / "model.safetensors").write_bytes(b"truncated")
+    assert bench.resume_step(out) == 4
+
+    fresh = {"method": "ce", "seed": 0, "epochs": 6, "train_runtime_s": 600.0}
+    resumed = fresh | {"seed": 1, "train_runtime_s": 100.0}
+    resumed |= {"resumed_from_step": 950, "max_steps": 1140}
+    assert bench.epochs_timed(resumed) == pytest.approx(1.0)
+    assert bench.epochs_timed(fresh) == 6
+    payload = {"methods": {"ce": {"label": "CE"}}, "runs": [fresh, resumed]}
+    (row,) = bench.summarize(payload, 100)
+    assert row["epoch_time_s"] == pytest.approx(100.0)  # not (100 + 100 / 6) / 2
+
+
 def test_a_claimed_run_is_refused_until_its_process_dies(bench, tmp_path):
     """``claim_run`` is the lock several sittings share: while another process holds a run it
     is refused (and ``is_claimed`` says so); SIGKILL that process, as a scheduler ends a job,
