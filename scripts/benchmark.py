@@ -979,7 +979,7 @@ def goal_lines(rows: list[dict], seeds_needed: int = 1) -> list[str]:
                 verdict = f"not judged yet ({d['n']} of {seeds_needed} seeds)"
             lines.append(
                 f"- {text} ({by[variant]['label']}): {100 * d['mean']:+.1f}{interval} over "
-                f"{d['n']} seeds: **{verdict}**."
+                f"{d['n']} seed{'s' if d['n'] != 1 else ''}: **{verdict}**."
             )
     return lines
 
