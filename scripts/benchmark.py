@@ -574,18 +574,21 @@ def epochs_timed(record: dict) -> float | None:
     return epochs * (1 - resumed / steps) if steps else epochs
 
 
-def run_train_py(cmd: list[str], out: Path) -> tuple[dict, float]:
+def run_train_py(cmd: list[str], out: Path) -> tuple[dict, float, int | None]:
     """Run one train.py command (resuming its own checkpoints if a sitting stopped it) and
-    return ``(all_results.json, wall seconds)``."""
+    return ``(all_results.json, wall seconds, step it resumed from)``; the step is ``None``
+    when the run had already finished and is only read (where it started is unknown then)."""
     results = out / "all_results.json"
     check_work_dir(out, cmd)
     start = time.perf_counter()
-    if not results.is_file():  # else: finished before its record was written; just read it
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-            raise SystemExit(f"{' '.join(cmd[:3])} ... failed (exit {proc.returncode}).")
-    return json.loads(results.read_text()), time.perf_counter() - start
+    if results.is_file():  # finished before its record was written; just read it
+        return json.loads(results.read_text()), time.perf_counter() - start, None
+    resumed = resume_step(out)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"{' '.join(cmd[:3])} ... failed (exit {proc.returncode}).")
+    return json.loads(results.read_text()), time.perf_counter() - start, resumed
 
 
 def train_py_record(metrics: dict, method: str, seed: int, factor: float, epochs) -> dict:
@@ -704,10 +707,7 @@ def run_train_py_preset(args, name: str, preset: dict) -> Path:
             cmd = [sys.executable, str(REPO / "scripts" / "train.py")]
             cmd += run_flags(preset, method, seed, factor, data, out, epochs, work_root, overrides)
             progress.begin(text)
-            check_work_dir(out, cmd)
-            finished = (out / "all_results.json").is_file()
-            resumed = None if finished else resume_step(out)  # unknown once it has finished
-            metrics, wall = run_train_py(cmd, out)
+            metrics, wall, resumed = run_train_py(cmd, out)
             record = train_py_record(metrics, method, seed, factor, epochs)
             if resumed is not None and not METHODS[method]["flags"].get("stage"):
                 state = json.loads((out / "trainer_state.json").read_text())
