@@ -770,6 +770,9 @@ def initial_run_record(
             "seed": training_args.seed,
             "data_seed": training_args.data_seed,
             "sampler": data_args.sampler,
+            # Run length: a finished run asked to train longer is refused, not retrained.
+            "max_steps": training_args.max_steps,
+            "num_train_epochs": training_args.num_train_epochs,
         },
     }
     validation = validation_recipe(data_args)

@@ -112,9 +112,15 @@ def write_evaluation(
     test_metrics: Mapping[str, Any],
     predictions: Any,
     labels: Any,
+    finished_step: int | None = None,
 ) -> None:
     """Write the evaluated run's files into ``output_dir``: ``all_results.json``,
     ``longtail_run.json``, the two plots and the long-tail model card.
+
+    With ``finished_step`` the run record is written once more after the card, with
+    ``finished: {"global_step": finished_step}``: the marker that every final file is in place
+    (:func:`hf_longtail.resume.finished_step`), so a re-run of the command changes nothing and a
+    run killed before it finishes what is missing.
 
     ``run_record["dataset"]`` gives the class counts and names, ``run_record
     ["metric_thresholds"]`` the shot groups; ``test_metrics`` are
@@ -149,6 +155,8 @@ def write_evaluation(
         write_model_card(out)
     except OutputDirError as err:  # the run itself is complete: say why there is no card
         logger.warning("No model card written: %s", err)
+    if finished_step is not None:
+        write_json(out / RUN_FILE, {**run_record, "finished": {"global_step": int(finished_step)}})
 
 
 def format_summary(metrics: Mapping[str, Any], thresholds: Mapping[str, int]) -> str:

@@ -84,6 +84,7 @@ import json
 import logging
 import math
 import os
+import time
 import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -100,10 +101,15 @@ from hf_longtail.losses import LongTailLossConfig, build_loss
 from hf_longtail.losses.total_loss import LOSS_WEIGHTS_NAME
 from hf_longtail.resume import (
     CHECKPOINT_RECIPE_FILE,
+    PROGRESS_FILE,
     ResumeMismatchError,
     checkpoint_problem,
+    checkpoint_step,
     last_readable_checkpoint,
+    lock_run_dir,
+    read_progress,
     recipe_changes,
+    release_run_dir,
 )
 from hf_longtail.run_directory import (
     RUN_FILE,
@@ -143,6 +149,11 @@ class _EpochCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         # On resume ``state.epoch`` is restored from trainer_state.json before this fires.
         self._trainer.loss_fn.set_epoch(float(state.epoch or 0.0))
+        # The parent has just zeroed its running loss sum; a resumed run continues the sum of
+        # its checkpoint, so train_loss is the whole run's, summed in the uninterrupted order.
+        progress = self._trainer._resumed_progress
+        if progress is not None:
+            self._trainer._total_loss_scalar = float(progress["train_loss_sum"])
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self._trainer.loss_fn.set_epoch(float(state.epoch or 0.0))
@@ -288,6 +299,9 @@ class LongTailTrainer(Trainer):
         _warn_double_rebalancing(sampler, self.loss_config)
         self._stat_sums: dict[str, float] = {}
         self._stat_steps = 0
+        self._resumed_progress: dict[str, Any] | None = None
+        self._train_started: float | None = None
+        self._holds_lock = False
 
         train_dataset = kwargs.get("train_dataset")
         self.uses_cached_features = _uses_features(train_dataset, kwargs.get("eval_dataset"))
@@ -499,6 +513,8 @@ class LongTailTrainer(Trainer):
         can never leave the others waiting in a collective. ``skipped_nonfinite_steps`` is the
         largest count of any process (a step with non-finite logits is skipped on all of them).
         """
+        if "train_loss" in logs and "train_runtime" in logs:
+            logs["train_loss"] = self._whole_run_train_loss(logs["train_loss"])
         if "loss" in logs:
             keys = sorted(self._stat_sums)
             distributed = self.args.world_size > 1 and torch.distributed.is_initialized()
@@ -564,6 +580,7 @@ class LongTailTrainer(Trainer):
         # Weights that are no longer finite are never written: with save_total_limit the older,
         # good checkpoints would then be rotated away.
         self._check_weights_finite("checkpoint")
+        progress = self._progress()  # collective under DDP: every process takes part
         # The loss state and the recipe go in first: the parent writes trainer_state.json (the
         # marker of a complete checkpoint) last and then deletes older checkpoints, so a run
         # killed at any moment never leaves a "complete" checkpoint without its CAR state.
@@ -573,7 +590,37 @@ class LongTailTrainer(Trainer):
             self.loss_fn.save_pretrained(folder)
             with open(os.path.join(folder, CHECKPOINT_RECIPE_FILE), "w", encoding="utf-8") as f:
                 json.dump(self.checkpoint_recipe(), f, indent=2, sort_keys=True)
+            write_json(os.path.join(folder, PROGRESS_FILE), progress)
         super()._save_checkpoint(model, trial)
+
+    def _progress(self) -> dict[str, Any]:
+        """The run's training progress at this step (:data:`hf_longtail.resume.PROGRESS_FILE`):
+        the sum of the per-step training losses so far, as the Trainer sums them for
+        ``train_loss`` (the logged windows plus the window not logged yet, averaged over the
+        processes), and the training time so far, both including the run's earlier sittings."""
+        from transformers.trainer_pt_utils import nested_gather
+
+        pending = getattr(self, "_tr_loss", None)
+        window = 0.0
+        if isinstance(pending, torch.Tensor):
+            window = nested_gather(pending.detach(), self.args.parallel_mode).mean().item()
+        prior = self._resumed_progress or {}
+        return {
+            "global_step": int(self.state.global_step),
+            # The running sum already holds the resumed checkpoint's (_EpochCallback).
+            "train_loss_sum": getattr(self, "_total_loss_scalar", 0.0) + window,
+            "train_runtime": float(prior.get("train_runtime", 0.0))
+            + (time.time() - self._train_started if self._train_started else 0.0),
+        }
+
+    def _whole_run_train_loss(self, this_call: float) -> float:
+        """``train_loss`` over the whole run: the parent averages the steps of this ``train()``
+        call only, which after a resume is not the run's loss (and 0.0 after a resume that
+        trains nothing). Needs the resumed checkpoint's progress record; without one (older
+        checkpoints) the parent's value stays."""
+        if self._resumed_progress is None or self.state.global_step <= 0:
+            return this_call
+        return getattr(self, "_total_loss_scalar", 0.0) / self.state.global_step
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The parent's ``save_model``, refused (on every process) when a weight is not finite."""
@@ -802,7 +849,11 @@ class LongTailTrainer(Trainer):
                 test_metrics=test_metrics,
                 predictions=np.asarray(prediction.predictions).argmax(-1),
                 labels=prediction.label_ids,
+                finished_step=self.state.global_step if self.state.global_step > 0 else None,
             )
+        if self._holds_lock:  # every final file is written: another run may use the directory
+            release_run_dir(self.args.output_dir)
+            self._holds_lock = False
         return results
 
     def _report_test_metrics(self, results, test_metrics, prediction, record) -> None:
@@ -906,17 +957,23 @@ class LongTailTrainer(Trainer):
                 "resume from the last one with a lower learning rate or gradient clipping."
             )
 
-    def _train_safely(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
-        """The parent's ``train`` with safe resuming, and a refusal of a run that trained nothing.
+    def planned_max_steps(self) -> int:
+        """The optimizer steps this trainer's ``train()`` will run to: ``max_steps``, or
+        ``num_train_epochs`` times the update steps per epoch of the training dataloader (the
+        parent's own computation)."""
+        values = self.set_initial_training_values(self.args, self.get_train_dataloader())
+        return int(values[-1])
 
-        - ``resume_from_checkpoint=True`` takes the last *readable* checkpoint of ``output_dir``
-          (:func:`hf_longtail.resume.last_readable_checkpoint`: one with an empty or truncated
-          ``trainer_state.json`` or weights is skipped with a warning naming the file); a path
-          that cannot be read is refused naming the file.
-        - A checkpoint written with another loss, other class counts (number of labels),
-          sampler or seed is refused with :class:`hf_longtail.resume.ResumeMismatchError`
-          naming every change, before anything is loaded.
-        - A run that made no optimizer step raises ``RuntimeError`` (its model is untrained).
+    def check_resume(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        """Resolve and check a checkpoint to resume from, before anything is loaded or written.
+
+        ``True`` is the last *readable* checkpoint of ``output_dir``
+        (:func:`hf_longtail.resume.last_readable_checkpoint`); a path that cannot be read is
+        refused naming the file; a checkpoint of another recipe (loss, class counts, sampler,
+        seeds) is a :class:`~hf_longtail.resume.ResumeMismatchError`; a checkpoint past this
+        run's length (:meth:`planned_max_steps`) is refused, since resuming it would train
+        nothing and describe a model of N steps as one of fewer. Returns the checkpoint path
+        (``None`` for a fresh start) and logs what is resumed, at which step of how many.
         """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_readable_checkpoint(self.args.output_dir)
@@ -925,15 +982,69 @@ class LongTailTrainer(Trainer):
                     f"resume_from_checkpoint=True but {self.args.output_dir} holds no readable "
                     "checkpoint-* directory."
                 )
-        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
-            resume_from_checkpoint = str(resume_from_checkpoint)
-            problem = checkpoint_problem(resume_from_checkpoint)
-            if problem:
-                raise FileNotFoundError(
-                    f"Cannot resume from {resume_from_checkpoint}: {problem}. Resume from an "
-                    "earlier checkpoint (resume_from_checkpoint=True takes the last readable one)."
-                )
-            self._check_checkpoint_recipe(resume_from_checkpoint)
+        if not isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            return None
+        folder = str(resume_from_checkpoint)
+        problem = checkpoint_problem(folder)
+        if problem:
+            raise FileNotFoundError(
+                f"Cannot resume from {folder}: {problem}. Resume from an earlier checkpoint "
+                "(resume_from_checkpoint=True takes the last readable one)."
+            )
+        self._check_checkpoint_recipe(folder)
+        step, _ = checkpoint_step(folder)
+        planned = self.planned_max_steps()
+        if step > planned:
+            raise ValueError(
+                f"Cannot resume from {folder}: it is at step {step}, past this run's length of "
+                f"{planned} steps ({_run_length_description(self.args, self.train_dataset)}), "
+                f"so nothing would be trained and the model would be described as {planned} "
+                f"steps' training. Pass --max_steps {step} or more (or more epochs) to continue "
+                "it, or resume from a checkpoint at or before the run's end."
+            )
+        if folder == getattr(self, "_checked_resume", None):
+            return folder  # checked and reported already (scripts/train.py checks first)
+        self._checked_resume = folder
+        if step == planned:
+            logger.info(
+                "Resuming from %s: step %d of %d, training is complete; nothing is trained, the "
+                "final model is the checkpoint's.",
+                folder,
+                step,
+                planned,
+            )
+        else:
+            logger.info("Resuming from %s at step %d of %d.", folder, step, planned)
+        return folder
+
+    def _train_safely(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """The parent's ``train`` with safe resuming, a lock, and a refusal of a run that
+        trained nothing.
+
+        - The run directory is locked for this process (:func:`hf_longtail.resume.lock_run_dir`:
+          a second process training into it is refused naming this one).
+        - The checkpoint is resolved and checked by :meth:`check_resume`.
+        - A checkpoint at the run's last step (training complete; the run stopped while writing
+          its final files) trains no step: its weights, loss state and trainer state are loaded
+          and ``train_loss`` is the run's (:meth:`_finish_from_checkpoint`); the parent would
+          train one step past the end, or report a ``train_loss`` of 0.
+        - A resumed run reports the whole run's ``train_loss`` (from the checkpoint's progress
+          record), not only that of the steps after the resume.
+        - A run that made no optimizer step raises ``RuntimeError`` (its model is untrained).
+        """
+        if self.args.should_save and not self._holds_lock:
+            # Held until evaluate_and_save has written the final files (or the process ends);
+            # a script that locked the directory itself keeps its own lock.
+            self._holds_lock = lock_run_dir(self.args.output_dir, reentrant=False) is not None
+        resume_from_checkpoint = self.check_resume(resume_from_checkpoint)
+        self._resumed_progress = (
+            read_progress(resume_from_checkpoint) if resume_from_checkpoint else None
+        )
+        self._train_started = time.time()
+        if resume_from_checkpoint is not None:
+            step, _ = checkpoint_step(resume_from_checkpoint)
+            if step >= self.planned_max_steps():
+                return self._finish_from_checkpoint(resume_from_checkpoint)
         result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
         if self.state.global_step == 0:
             raise RuntimeError(
@@ -941,7 +1052,45 @@ class LongTailTrainer(Trainer):
                 f"{_run_length_description(self.args, self.train_dataset)}. Raise "
                 "num_train_epochs / max_steps, or use a smaller batch."
             )
-        return result
+        return type(result)(result.global_step, result.metrics["train_loss"], result.metrics)
+
+    def _finish_from_checkpoint(self, folder: str):
+        """End a run whose training is complete in ``folder`` without training: load its
+        weights and loss state (and the best checkpoint under ``load_best_model_at_end``),
+        restore its trainer state, and return the run's metrics (``train_loss`` over the whole
+        run and its training time, from the checkpoint's progress record)."""
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        self._load_from_checkpoint(folder)
+        self.state = TrainerState.load_from_json(os.path.join(folder, "trainer_state.json"))
+        best = self.state.best_model_checkpoint
+        if self.args.load_best_model_at_end and best is not None and os.path.isdir(best):
+            self._load_best_model()
+        progress = self._resumed_progress
+        steps = max(self.state.global_step, 1)
+        metrics: dict[str, Any] = {"total_flos": self.state.total_flos}
+        if progress is not None:
+            runtime = max(float(progress.get("train_runtime", 0.0)), 1e-9)
+            batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+            metrics["train_runtime"] = round(runtime, 4)
+            metrics["train_samples_per_second"] = round(
+                steps * batch * self.args.world_size / runtime, 3
+            )
+            metrics["train_steps_per_second"] = round(steps / runtime, 3)
+            self._total_loss_scalar = float(progress["train_loss_sum"])
+            metrics["train_loss"] = self._total_loss_scalar / steps
+        else:
+            logger.warning(
+                "%s has no %s (written by an older version): train_loss is the last logged "
+                "window's loss.",
+                folder,
+                PROGRESS_FILE,
+            )
+            losses = [h["loss"] for h in self.state.log_history if "loss" in h]
+            metrics["train_loss"] = float(losses[-1]) if losses else float("nan")
+        self.log(metrics)  # as the parent's end of training: log history, trackers (adds epoch)
+        return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
 
     def _check_checkpoint_recipe(self, folder: str) -> None:
         path = os.path.join(folder, CHECKPOINT_RECIPE_FILE)

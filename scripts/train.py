@@ -62,6 +62,7 @@ from hf_longtail.arguments import (
 from hf_longtail.resume import (
     OutputDirPlan,
     check_output_dir_usable,
+    lock_run_dir,
     plan_output_dir,
     replace_previous_run,
 )
@@ -73,17 +74,22 @@ logger = logging.getLogger("hf_longtail.train")
 def prepare_output_dir(
     training_args: TrainingArguments, run_args: RunArguments, run_info: dict
 ) -> OutputDirPlan:
-    """Decide resume / fresh start / replacement (:func:`hf_longtail.resume.plan_output_dir`,
-    nothing is deleted here) and make sure the directory can be written, before any data is
-    loaded."""
-    plan = plan_output_dir(
-        training_args.output_dir,
+    """Lock the directory against a second launch (process 0, held until the process ends),
+    decide resume / fresh start / replacement / nothing to do (:func:`hf_longtail.resume.
+    plan_output_dir`, nothing is deleted here) and make sure the directory can be written,
+    before any data is loaded."""
+    out = training_args.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"output_dir {out} exists and is not a directory.")
+    check_output_dir_usable(out)
+    if training_args.process_index == 0:
+        lock_run_dir(out)
+    return plan_output_dir(
+        out,
         run_info,
         resume_from_checkpoint=training_args.resume_from_checkpoint,
         overwrite=run_args.overwrite_output_dir,
     )
-    check_output_dir_usable(training_args.output_dir)
-    return plan
 
 
 # ----------------------------------------------------------------------------------- main
@@ -134,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     # so every process takes the same decision. Nothing is deleted here.
     with training_args.main_process_first(local=False, desc="output_dir check"):
         plan = prepare_output_dir(training_args, run_args, run_info)
+    if plan.finished:  # this very run, finished: change nothing, show what it measured
+        return _finished_results(training_args.output_dir, plan.previous)
 
     dataset = load_long_tailed(
         data_args.dataset_name,
@@ -323,6 +331,9 @@ def main(argv: list[str] | None = None) -> dict:
         from transformers import EarlyStoppingCallback
 
         trainer.add_callback(EarlyStoppingCallback(run_args.early_stopping_patience))
+    # A checkpoint past the run's length (or unreadable, or of another recipe) is refused here,
+    # before the run record is rewritten.
+    trainer.check_resume(plan.resume)
     # Everything is validated: only now may --overwrite_output_dir delete the previous run.
     if plan.replace_previous:
         with training_args.main_process_first(local=False, desc="replacing the previous run"):
@@ -366,6 +377,25 @@ def main(argv: list[str] | None = None) -> dict:
             end_training(trainer)
             sys.exit(2)
     end_training(trainer)
+    return results
+
+
+def _finished_results(output_dir: str, record: dict | None) -> dict:
+    """The ``all_results.json`` of a finished run, printed as the run printed it; no file is
+    written or changed."""
+    import json
+
+    from hf_longtail.run_directory import RESULTS_FILE, thresholds_of
+
+    path = os.path.join(output_dir, RESULTS_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        results = {}
+        print(f"\n{output_dir} holds a finished run, but {path} cannot be read.", file=sys.stderr)
+    if any(k.startswith("test_") for k in results):
+        _print_summary(results, thresholds_of(record))
     return results
 
 
