@@ -448,7 +448,7 @@ def plan_output_dir(
     done = finished_step(previous)
     if done is not None and resume is not None and not _outside(resume, out):
         # A finished run is never retrained in place, whatever asks for it.
-        return _finished_plan(out, previous, run_info, done, resume if resume is not True else None)
+        return _finished_plan(out, previous, run_info, done, resume)
     if done is not None and resume is None and not overwrite:
         return _finished_plan(out, previous, run_info, done, None)
     has_run = last is not None or previous is not None or (out / RESULTS_FILE).exists()
@@ -555,13 +555,16 @@ def _length_changes(previous: dict, run_info: dict) -> list[str]:
 
 
 def _finished_plan(
-    out: Path, previous: dict, run_info: dict, done: int, resume: str | None
+    out: Path, previous: dict, run_info: dict, done: int, resume: str | bool | None
 ) -> OutputDirPlan:
     """The plan for a directory that holds a finished run: nothing to do when the command is
-    that run's; refused, naming what differs and the ways out, otherwise."""
-    changes = recipe_changes(previous, run_info) + _length_changes(previous, run_info)
+    that run's; refused, naming what differs and the ways out, otherwise (an explicit resume
+    of another recipe with :class:`ResumeMismatchError`, as for any resume)."""
     final = out / f"checkpoint-{done}"
-    if resume is not None and Path(resume).resolve() != final.resolve():
+    if resume is not None:
+        _refuse_changes(previous, run_info, str(final if resume is True else resume), RECIPE_FIELDS)
+    changes = recipe_changes(previous, run_info) + _length_changes(previous, run_info)
+    if isinstance(resume, str) and Path(resume).resolve() != final.resolve():
         changes.append(
             f"resume_from_checkpoint {resume} is not the run's final checkpoint ({final.name})"
         )

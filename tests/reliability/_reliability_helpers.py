@@ -162,8 +162,16 @@ TINY_RUN = [
 
 
 def run_files(out: Path) -> dict[str, bytes]:
-    """Every file under ``out`` (relative path -> bytes): a run directory's exact content."""
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    """Every file under ``out`` (relative path -> bytes): a run directory's exact content. The
+    lock file is left out: it names the latest process that opened the directory (a refused
+    launch included), and is no part of the run."""
+    from hf_longtail.resume import LOCK_FILE
+
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != LOCK_FILE
+    }
 
 
 class TrainRun:

@@ -47,10 +47,21 @@ def finished_run(train, tmp_path_factory):
 
 @pytest.fixture
 def run_dir(finished_run, tmp_path):
-    """A private copy of the finished run, for a test to re-run or damage."""
+    """A private copy of the run as a kill during its final evaluation leaves it (every
+    checkpoint and the final model, no results, no ``finished`` marker in its record), for a
+    test to re-run or damage. A finished run is never re-run in place
+    (``test_finished_runs.py``)."""
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
+    _unfinish(out)
     return out
+
+
+def _unfinish(out):
+    record = json.loads((out / "longtail_run.json").read_text())
+    del record["finished"]
+    (out / "longtail_run.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    (out / "all_results.json").unlink()
 
 
 def _args(train, out, *, overwrite=False, resume=None):
@@ -77,10 +88,20 @@ def test_a_different_run_is_refused_naming_the_change_and_the_three_ways_out(tra
     assert run_files(run_dir) == before  # nothing was touched
 
 
-def test_finished_run_without_checkpoints_is_refused(train, tmp_path):
+def test_finished_run_without_checkpoints_is_kept(train, tmp_path):
+    """No checkpoint to resume: the same command changes nothing, another recipe is refused,
+    and a run with results but no finished marker (an older version's) is refused too."""
     out = tmp_path / "run"
     no_saves = [*TINY_RUN, "--output_dir", str(out), "--save_strategy", "no", "--max_steps", "1"]
     train.main(no_saves)
+    before = run_files(out)
+    assert train.main(no_saves) == json.loads((out / "all_results.json").read_text())
+    assert run_files(out) == before
+    with pytest.raises(FileExistsError, match="holds a finished run"):
+        train.main([*no_saves, "--car_weight", "0.1"])
+    record = json.loads((out / "longtail_run.json").read_text())
+    del record["finished"]
+    (out / "longtail_run.json").write_text(json.dumps(record))
     with pytest.raises(FileExistsError, match="already holds a previous run"):
         train.main(no_saves)
 
@@ -137,6 +158,7 @@ def test_resume_on_a_dataset_that_changed_under_its_name_is_refused(train, tmp_p
     argv += ["--imbalance_factor", "2", "--image_size", "8"]
     build((20, 16, 12, 8))
     train.main(argv)
+    _unfinish(out)  # killed before its final files: the re-run would resume it
     before = run_files(out)
     shutil.rmtree(source)
     build((30, 16, 12, 8))
@@ -256,7 +278,7 @@ def test_unreadable_checkpoint_is_skipped_naming_the_file(train, run_dir, caplog
 def test_same_run_stopped_before_its_first_checkpoint_starts_again(train, run_dir, caplog):
     """Killed while writing its first checkpoint (no results, no readable checkpoint): the
     re-submitted job starts over instead of asking for a flag."""
-    for name in ("checkpoint-4", "model.safetensors", "all_results.json"):
+    for name in ("checkpoint-4", "model.safetensors"):
         path = run_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     (run_dir / "checkpoint-2" / "trainer_state.json").unlink()
