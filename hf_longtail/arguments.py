@@ -396,8 +396,9 @@ class DataArguments:
         default=1000,
         metadata={
             "help": "Before training, every row of each split is checked for a missing image "
-            "and a missing file; this many random rows per split also get their image header "
-            "opened (-1: all rows; 0: none). Bad rows follow --on_bad_image."
+            "and a missing file; this many random training rows also get their image header "
+            "opened (-1: all rows), and every evaluation image is decoded (0: neither). Bad "
+            "rows follow --on_bad_image."
         },
     )
     pixel_cache: str = field(
@@ -760,7 +761,9 @@ def initial_run_record(
             "name": data_args.dataset_name,
             "config_name": data_args.dataset_config_name,
             "imbalance_factor": data_args.imbalance_factor,
-            "profile": data_args.imbalance_profile,
+            # --imbalance_factor none draws no subset: no profile is used (the seed still
+            # seeds a --validation_split heldout / --train_val_split carve).
+            "profile": None if data_args.imbalance_factor is None else data_args.imbalance_profile,
             "seed": data_args.imbalance_seed,
             "eval_split": data_args.eval_split,
         },

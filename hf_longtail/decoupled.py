@@ -364,7 +364,7 @@ def validation_split(
         validation_split_name = None
     ds = record.get("dataset") or {}
     common = {
-        "profile": ds.get("profile", "exp"),
+        "profile": ds.get("profile") or "exp",  # None: no subset was drawn (IF none)
         "seed": ds.get("seed", 0) if ds.get("seed") is not None else 0,
         "image_column": ds.get("image_column"),
         "label_column": ds.get("label_column"),

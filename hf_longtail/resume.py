@@ -319,7 +319,12 @@ def run_recipe(run_info: dict, fields: tuple[str, ...] = RECIPE_FIELDS) -> dict[
     Extracted the same way from the record on disk and from the record being built, so a record
     that gains fields later (class counts, training summary) still compares equal.
     """
-    return {name: _normalised(_get(run_info, name)) for name in fields}
+    recipe = {name: _normalised(_get(run_info, name)) for name in fields}
+    if recipe.get("dataset.imbalance_factor", 0) is None and "dataset.profile" in recipe:
+        # No subset is drawn without an imbalance factor, so the profile means nothing (older
+        # records hold the option's default there, newer ones None): never a recipe change.
+        recipe["dataset.profile"] = None
+    return recipe
 
 
 def recipe_changes(

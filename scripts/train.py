@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         MixupCollator,
         class_counts,
         collate_fn,
+        construction_facts,
         detect_columns,
         load_long_tailed,
         preflight_splits,
@@ -164,24 +165,33 @@ def main(argv: list[str] | None = None) -> dict:
     splits = {"train": dataset["train"], data_args.eval_split: dataset[data_args.eval_split]}
     if val_name is not None:
         splits[val_name] = dataset[val_name]
+    facts = construction_facts(dataset, data_args.eval_split)
     if data_args.max_eval_samples is not None:
-        # A seeded random subset: evaluation splits are often sorted by class.
+        # A seeded random subset: evaluation splits are often sorted by class. Not flattened:
+        # the indices mapping keeps each row's source row for the bad-image messages.
         for name in [n for n in splits if n != "train"]:
             n = min(data_args.max_eval_samples, len(splits[name]))
-            splits[name] = splits[name].shuffle(seed=0).select(range(n)).flatten_indices()
+            if n < len(splits[name]) and name == data_args.eval_split:
+                facts["eval_split_origin"]["max_eval_samples"] = n
+            splits[name] = splits[name].shuffle(seed=0).select(range(n))
     image_col, label_col = detect_columns(
         splits["train"], data_args.image_column_name, data_args.label_column_name
     )
     # Missing images / files in any split stop the run now, not mid-training or at the
-    # final evaluation (or are dropped with --on_bad_image skip).
+    # final evaluation (or are dropped with --on_bad_image skip). The evaluation splits are
+    # decoded in full (a truncated file has an intact header): they are read to the end by
+    # the evaluation anyway, and the final one comes after the whole training.
     sample = None if data_args.preflight_sample < 0 else data_args.preflight_sample
+    before = {name: len(ds) for name, ds in splits.items()}
     splits = preflight_splits(
         splits,
         image_col,
         on_bad_image=data_args.on_bad_image,
         sample=sample,
         seed=data_args.imbalance_seed,
+        decode=[] if sample == 0 else [n for n in splits if n != "train"],
     )
+    dropped = {n: before[n] - len(ds) for n, ds in splits.items() if len(ds) != before[n]}
     train_ds, eval_ds = splits["train"], splits[data_args.eval_split]
     val_ds = splits[val_name] if val_name is not None else None
     counts = class_counts(train_ds, label_column=label_col)
@@ -195,8 +205,11 @@ def main(argv: list[str] | None = None) -> dict:
             "train_size": len(train_ds),
             "eval_size": len(eval_ds),
             "validation": validation_record(dataset, val_name, val_ds),
+            **facts,
         }
     )
+    if dropped:  # --on_bad_image skip: what the counts and sizes above leave out
+        run_info["dataset"]["unreadable_dropped"] = dropped
     plan.check_data(run_info)  # a resume must see the data its run was started with
 
     from hf_longtail.models import is_model

@@ -183,6 +183,7 @@ def _decode_into(
         fn.label_column,
         on_bad_image=fn.on_bad_image,
         image_mode=fn._decoder.mode,
+        source_rows=getattr(fn, "source_rows", None),
     )
     raw = _raw_rows(dataset, [fn.image_column, fn.label_column])
     n = len(raw)
@@ -333,8 +334,14 @@ def _checked(store: PixelStore, fn: Any) -> PixelStore:
         from hf_longtail.data.transforms import BadImageError
 
         rows = [int(r) for r, _ in store.bad]
+        finder = getattr(fn, "source_rows", None)
+        where = f"row(s) {rows[:20]} of this dataset"
+        if finder is not None and len(finder.rows) == store.labels.shape[0]:
+            from hf_longtail.data.subsampling import source_row_text
+
+            where = source_row_text(None, finder.split, finder.rows[rows])
         raise BadImageError(
-            f"{len(rows)} unreadable image(s) at row(s) {rows[:20]} of this dataset "
+            f"{len(rows)} unreadable image(s) at {where} "
             f"(recorded in the pixel cache {store.path}). Replace or remove them "
             "(hf_longtail.data.find_bad_images lists them), or pass on_bad_image='skip'."
         )

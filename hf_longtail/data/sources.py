@@ -432,7 +432,10 @@ def load_long_tailed(
       ``test`` split (``stratified_split_indices`` with ``test_size``, default 0.3 for
       ``digits`` and 0.2 otherwise, and ``split_seed``), made before subsampling so that it
       stays balanced (``split_seed`` is separate from ``seed`` so that all long-tailed seeds
-      share one test set). Evaluation splits are returned in the order test, validation, others.
+      share one test set); the carve is logged as a warning and recorded as
+      ``carved_test_split`` (``from_split``, ``fraction``, ``seed``, ``size``, ``source_size``),
+      as is ``digits``' own 30% split. Evaluation splits are returned in the order test,
+      validation, others.
     - Long tail: ``make_long_tailed(train, imbalance_factor, profile, seed)``. Not applied (the
       record notes it) when ``imbalance_factor is None`` (use the source as it is), for the
       ImageNet-LT / Places-LT / iNaturalist-2018 protocols (the long tail is in the split file,
@@ -453,7 +456,9 @@ def load_long_tailed(
     Raises:
         TypeError / ValueError: invalid ``imbalance_factor``, ``profile``, ``seed``, columns or
             labels (checked before subsampling); a previously long-tailed source asked for a
-            different profile.
+            different profile; an ``imbalance_factor`` that would leave a class without images
+            (for a source that is already imbalanced the message says its own imbalance factor
+            and points at ``imbalance_factor=None`` first, which keeps every image).
         ConnectionError: a Hub id that cannot be fetched (offline or no network).
         FileNotFoundError: a local path that does not exist; missing protocol files.
         SplitFileError: bad lines in protocol split files (with line numbers).
@@ -534,10 +539,42 @@ def load_long_tailed(
     eval_names = [s for s in raw if s != train_split]
     train = raw[train_split]
     created_split = False
+    test_carve: dict[str, Any] | None = None
+    if kind == "digits":
+        test_carve = {
+            "from_split": None,  # scikit-learn's load_digits has no splits
+            "fraction": test_size if test_size is not None else DIGITS_TEST_SIZE,
+            "seed": split_seed,
+            "size": len(raw["test"]),
+            "source_size": len(raw["train"]) + len(raw["test"]),
+        }
     if not eval_names:
         size = test_size if test_size is not None else DEFAULT_TEST_SIZE
-        train_idx, test_idx = stratified_split_indices(
-            label_array(train, label_col), size, split_seed
+        source_labels = label_array(train, label_col)
+        train_idx, test_idx = stratified_split_indices(source_labels, size, split_seed)
+        test_carve = {
+            "from_split": train_split,
+            "fraction": float(size),
+            "seed": split_seed,
+            "size": int(test_idx.size),
+            "source_size": len(train),
+            "source_class_counts": [
+                int(n)
+                for n in np.bincount(source_labels, minlength=train.features[label_col].num_classes)
+            ],
+        }
+        # The user did not ask for it and it changes what is trained and evaluated: say so.
+        logger.warning(
+            "%s has no evaluation split: carved a stratified test split of %d images (%g%% of "
+            "every class, split seed %d) from its %d %r images; %d remain for training. Give the "
+            "source a test split to evaluate on your own.",
+            source_name,
+            test_idx.size,
+            100 * size,
+            split_seed,
+            len(train),
+            train_split,
+            train_idx.size,
         )
         raw = DatasetDict({train_split: train.select(train_idx), "test": train.select(test_idx)})
         train, eval_names, created_split = raw[train_split], ["test"], True
@@ -626,16 +663,30 @@ def load_long_tailed(
                 imbalance_factor,
             )
     else:
-        lt = make_long_tailed(
-            train,
-            imbalance_factor,
-            profile=profile,
-            seed=seed,
-            label_column=label_col,
-            pareto_alpha=pareto_alpha,
-            on_shortfall=on_shortfall,
-            source=source_name,
-        )
+        try:
+            lt = make_long_tailed(
+                train,
+                imbalance_factor,
+                profile=profile,
+                seed=seed,
+                label_column=label_col,
+                pareto_alpha=pareto_alpha,
+                on_shortfall=on_shortfall,
+                source=source_name,
+            )
+        except ValueError as err:
+            if not created_split or test_carve is None or "imbalance_factor=None" not in str(err):
+                raise
+            # The split it names is what is left after the carve, not the folder the user knows.
+            counts = np.asarray(test_carve["source_class_counts"])
+            counts = counts[counts > 0]
+            raise ValueError(
+                f"{err} (The source has no test split, so a stratified "
+                f"{100 * test_carve['fraction']:g}% of every class was set aside as 'test' first "
+                f"(split seed {test_carve['seed']}): "
+                f"its {test_carve['source_size']} {train_split!r} images, whose own imbalance "
+                f"factor is {counts.max() / counts.min():.4g}, left {len(train)} to train on.)"
+            ) from None
         record = dict(longtail_record(lt) or {})
     if train_val_split is not None:
         keep, carved = stratified_split_indices(label_array(lt, label_col), train_val_split, seed)
@@ -673,6 +724,12 @@ def load_long_tailed(
         default = DIGITS_TEST_SIZE if kind == "digits" else DEFAULT_TEST_SIZE
         record["test_size"] = test_size if test_size is not None else default
         record["split_seed"] = split_seed
+    if test_carve is not None:
+        # How the test split was made (fraction, seed, from which split, sizes): the run record
+        # and the cards describe it from this, never as the source's own split.
+        record["carved_test_split"] = {
+            k: v for k, v in test_carve.items() if k != "source_class_counts"
+        }
     lt = write_longtail_record(lt, record)
     splits = {"train": lt}
     if validation is not None:

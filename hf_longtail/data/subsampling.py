@@ -35,10 +35,13 @@ from hf_longtail.data.profiles import long_tailed_counts, validate_imbalance_fac
 __all__ = [
     "RECORD_PREFIX",
     "class_counts",
+    "construction_facts",
     "heldout_split_indices",
     "long_tailed_indices",
     "longtail_record",
     "make_long_tailed",
+    "source_row_text",
+    "source_rows",
     "stratified_split_indices",
     "validation_record",
     "write_longtail_record",
@@ -73,6 +76,52 @@ def _ranks_within_class(labels: np.ndarray, num_classes: int, seed: int) -> tupl
     starts = np.concatenate(([0], np.cumsum(available)[:-1]))
     rank = np.arange(labels.shape[0], dtype=np.int64) - starts[labels[order]]
     return order, rank
+
+
+def source_rows(dataset: Dataset) -> np.ndarray:
+    """The row of the source split that each row of ``dataset`` is (int64, ``dataset`` order).
+
+    Subsets are made by index selection (the long-tailed subset, the carved test split, the
+    hold-outs, ``filter``, ``shuffle``, dropping unreadable rows): ``datasets`` keeps one
+    indices mapping into the table the source split was loaded as, and this reads it (no image
+    is touched). Row ``r`` of the result is therefore the row the user finds with
+    ``datasets.load_dataset(...)[split][r]`` (or ``load_from_disk``). A dataset that was never
+    subset gives ``0 .. n - 1``; ``flatten_indices``, a ``map`` or ``save_to_disk`` of a subset
+    make the subset itself the new source.
+    """
+    indices = getattr(dataset, "_indices", None)
+    if indices is None:
+        return np.arange(dataset.num_rows, dtype=np.int64)
+    return np.asarray(indices.column(0).to_numpy(), dtype=np.int64)
+
+
+def source_row_text(split: str | None, source_split: str | None, rows: Sequence[int]) -> str:
+    """How an error names rows of the source split (``rows``, e.g. from :func:`source_rows`):
+    ``"split 'train', source row 17"``; ``"split 'test' (from the source's 'train' split),
+    source row 17"`` for a split drawn from a source split of another name (a carved test
+    split); with ``split=None`` (the caller does not know which split it reads),
+    ``"row 17 of the source's 'train' split"``, or ``"source row 17"`` when that is unknown too.
+    """
+    rows = [int(r) for r in rows]
+    shown = ", ".join(str(r) for r in rows[:5]) + (
+        f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    )
+    plural = "s" if len(rows) != 1 else ""
+    if split is None:
+        if source_split is None:
+            return f"source row{plural} {shown}"
+        return f"row{plural} {shown} of the source's {source_split!r} split"
+    where = f"source row{plural} {shown}"
+    if source_split is not None and source_split != split:
+        return f"split {split!r} (from the source's {source_split!r} split), {where}"
+    return f"split {split!r}, {where}"
+
+
+def source_split_name(dataset: Dataset) -> str | None:
+    """The name of the source split ``dataset`` was selected from (``"train"`` for a test split
+    carved from the training split), as ``datasets`` keeps it; ``None`` when unknown."""
+    split = getattr(dataset, "split", None)
+    return str(split) if split is not None else None
 
 
 def long_tailed_indices(
@@ -219,6 +268,29 @@ def validation_record(
     return record
 
 
+def construction_facts(dataset: DatasetDict, eval_split: str) -> dict[str, Any]:
+    """What was done to the source to make the splits of ``dataset`` (a ``load_long_tailed``
+    result), for the ``dataset`` section of the run record, from which the cards word it:
+
+    - ``subsampled``: whether the training split is a subset drawn by a long-tail profile
+      (``False`` for ``imbalance_factor=None`` and the split-file protocols, whose training
+      split is the source's, every image kept);
+    - ``eval_split_origin``: ``{"method": "dataset"}`` for a split of the source, or
+      ``{"method": "carved", "from_split", "fraction", "seed", "size", "source_size"}`` for a
+      test split carved from the source's training images (``from_split`` ``None`` for
+      ``digits``, whose 30% test split comes from one pool of images).
+    """
+    record = longtail_record(dataset) or {}
+    profile = record.get("profile")
+    facts: dict[str, Any] = {"subsampled": profile not in (None, "none", "protocol")}
+    carved = record.get("carved_test_split")
+    if eval_split == "test" and isinstance(carved, dict):
+        facts["eval_split_origin"] = {"method": "carved", **carved}
+    else:
+        facts["eval_split_origin"] = {"method": "dataset"}
+    return facts
+
+
 def write_longtail_record(dataset: Dataset, record: dict[str, Any]) -> Dataset:
     """Store ``record`` in ``dataset.info.description`` (in place, also returned): a readable
     summary line, then ``hf_longtail: {json}``, then the source's own description (any older
@@ -278,6 +350,28 @@ def class_counts(dataset: Dataset | DatasetDict, label_column: str | None = None
         )
     minlength = feature.num_classes if isinstance(feature, ClassLabel) else 0
     return [int(n) for n in np.bincount(values, minlength=minlength)]
+
+
+#: A source split whose largest class is at least this many times its smallest is "already
+#: imbalanced": asking it for a long tail it cannot give points at using it as it is.
+ALREADY_IMBALANCED_RATIO = 2.0
+
+
+def _own_imbalance(available: np.ndarray, names: Sequence[str]) -> dict[str, Any] | None:
+    """The source split's own imbalance (``ratio``, a ``sentence`` saying it), or ``None`` when
+    it is (nearly) balanced."""
+    big, small = int(np.argmax(available)), int(np.argmin(available))
+    ratio = float(available[big]) / float(available[small])
+    if ratio < ALREADY_IMBALANCED_RATIO:
+        return None
+    return {
+        "ratio": f"{ratio:.4g}",
+        "sentence": (
+            f"This split is already imbalanced: its own imbalance factor is {ratio:.4g} "
+            f"({int(available[big])} images in class {big} ({names[big]!r}), "
+            f"{int(available[small])} in class {small} ({names[small]!r}))."
+        ),
+    }
 
 
 def make_long_tailed(
@@ -353,6 +447,7 @@ def make_long_tailed(
             f"label set or use another split."
         )
     n_max = int(available.max())
+    own = _own_imbalance(available, names)
     try:
         requested = np.asarray(
             long_tailed_counts(
@@ -365,7 +460,16 @@ def make_long_tailed(
         if match is None:
             raise
         c = int(match.group(1))
-        raise ValueError(f"{err} (class index {c} is {names[c]!r})") from None
+        if own is None:
+            raise ValueError(f"{err} (class index {c} is {names[c]!r})") from None
+        limit = re.search(r"imbalance_factor <= ([0-9.]+)", str(err))
+        raise ValueError(
+            f"imbalance_factor={imbalance_factor:g} (profile {profile!r}) would leave class "
+            f"{c} ({names[c]!r}) with zero images. {own['sentence']} To train on it as it is, "
+            "keeping every image, pass imbalance_factor=None (--imbalance_factor none). An "
+            f"imbalance_factor <= {limit.group(1) if limit else own['ratio']} works too, but "
+            "subsamples it again and throws images away."
+        ) from None
     short = np.flatnonzero(available < requested)
     if short.size:
         detail = ", ".join(
@@ -377,7 +481,20 @@ def make_long_tailed(
                 f"(available < requested): {detail}. Lower the imbalance factor or pass "
                 f"on_shortfall='cap' to keep all their images."
             )
-        logger.info("capping %d classes to their available images: %s", short.size, detail)
+        if own is not None:
+            # Capping an already imbalanced source gives another imbalance than the one asked
+            # for; the user most likely wanted the source as it is.
+            logger.warning(
+                "imbalance_factor=%g: capping %d classes to their available images (%s), so the "
+                "result is not the requested long tail. %s Pass imbalance_factor=None "
+                "(--imbalance_factor none) to train on it as it is, keeping every image.",
+                imbalance_factor,
+                short.size,
+                detail,
+                own["sentence"],
+            )
+        else:
+            logger.info("capping %d classes to their available images: %s", short.size, detail)
     kept = np.minimum(available, requested)
     indices = long_tailed_indices(labels, kept, seed)
     result = dataset.select(indices, keep_in_memory=True)

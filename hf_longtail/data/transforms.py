@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from datasets import Dataset, DatasetDict
 from datasets import Image as ImageFeature
@@ -47,6 +48,7 @@ from PIL import Image as PILImage
 from torchvision.transforms import InterpolationMode, v2
 
 from hf_longtail.data.columns import detect_columns
+from hf_longtail.data.subsampling import source_row_text, source_rows, source_split_name
 
 __all__ = [
     "AUTO_AUGMENT",
@@ -61,6 +63,7 @@ __all__ = [
     "BadImageError",
     "ImageClassificationTransform",
     "ResizeIfNeeded",
+    "SourceRowFinder",
     "ToRGB",
     "apply_transforms",
     "bad_image_count",
@@ -568,6 +571,102 @@ def _decode_image(decoder: ImageFeature, value: Any) -> Any:
     return value  # already decoded (PIL image or array)
 
 
+class SourceRowFinder:
+    """Names the source row(s) of an image the transform could not read.
+
+    A batch transform sees column values only, not row numbers, so when an image fails the
+    finder looks it up: the rows of ``dataset`` (mapped to the source split by
+    :func:`~hf_longtail.data.subsampling.source_rows`) whose image has the same path, or the same
+    bytes (candidates narrowed by label and byte length, read from the Arrow offsets), or no
+    image at all. Nothing is computed until an image fails; the per-row lengths and labels are
+    then kept for the next one. Pickles without its cache (a memory-mapped table pickles as its
+    file path), so DataLoader workers can carry it.
+    """
+
+    def __init__(self, dataset: Dataset, image_column: str, label_column: str) -> None:
+        from hf_longtail.data.subsampling import source_rows, source_split_name
+
+        self.table = dataset.data
+        self.rows = source_rows(dataset)
+        self.split = source_split_name(dataset)
+        self.image_column = image_column
+        self.label_column = label_column
+        self._columns: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_columns": None}
+
+    def __deepcopy__(self, memo: dict) -> SourceRowFinder:
+        return self  # read-only after construction: copies of the dataset may share it
+
+    def _lengths_and_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._columns is None:
+            import pyarrow.compute as pc
+
+            column = self.table.column(self.image_column)
+            if pa.types.is_struct(column.type):
+                data = pc.struct_field(column, "bytes")
+            else:
+                data = column
+            lengths = pc.fill_null(pc.binary_length(data), -1).to_numpy()
+            labels = self.table.column(self.label_column).to_numpy(zero_copy_only=False)
+            self._columns = (np.asarray(lengths), np.asarray(labels))
+        return self._columns
+
+    def _matches(self, rows: np.ndarray, value: Any, label: Any) -> np.ndarray:
+        import pyarrow.compute as pc
+
+        column = self.table.column(self.image_column)
+        struct = pa.types.is_struct(column.type)
+        lengths, labels = self._lengths_and_labels()
+        rows = rows[labels[rows] == label] if label is not None else rows
+        if isinstance(value, str):
+            value = {"path": value, "bytes": None}
+        if not isinstance(value, dict) or (not value.get("path") and not value.get("bytes")):
+            if not struct:
+                valid = pc.is_valid(column).to_numpy(zero_copy_only=False)
+                return rows[~valid[rows]]
+            missing = pc.and_kleene(
+                pc.is_null(pc.struct_field(column, "bytes")),
+                pc.is_null(pc.struct_field(column, "path")),
+            )
+            missing = pc.or_kleene(pc.is_null(column), missing)
+            return rows[missing.to_numpy(zero_copy_only=False)[rows]]
+        if value.get("bytes") is not None:
+            data = value["bytes"]
+            candidates = rows[lengths[rows] == len(data)]
+            if not candidates.size:
+                return candidates
+            taken = column.take(pa.array(candidates))
+            stored = pc.struct_field(taken, "bytes").to_pylist() if struct else taken.to_pylist()
+            return candidates[np.asarray([b == data for b in stored], dtype=bool)]
+        paths = pc.struct_field(column, "path") if struct else column
+        equal = pc.fill_null(pc.equal(paths, value["path"]), False)
+        return rows[equal.to_numpy(zero_copy_only=False)[rows]]
+
+    def find(self, value: Any, label: Any = None) -> list[int]:
+        """Source rows holding ``value`` (an undecoded image: path, ``{"bytes", "path"}`` or
+        ``None``) with ``label``, sorted; ``[]`` if it cannot be found."""
+        try:
+            found = self._matches(self.rows, value, label)
+            if not found.size:  # the dataset was subset after the finder was made
+                found = self._matches(np.arange(len(self.table)), value, label)
+        except (pa.ArrowException, KeyError, ValueError, TypeError, IndexError):
+            return []  # naming the row is a courtesy; it must never hide the real error
+        return sorted({int(r) for r in found})
+
+    def describe(self, value: Any, label: Any = None) -> str:
+        """``" at row 17 of the source's 'train' split"`` (leading space), or ``""`` if the image
+        cannot be found."""
+        rows = self.find(value, label)
+        if not rows:
+            return ""
+        text = source_row_text(None, self.split, rows)
+        if len(rows) > 1:
+            text += " (identical images)"
+        return f" at {text}"
+
+
 class ImageClassificationTransform:
     """Batch transform for ``Dataset.set_transform``: reads ``image_column`` and ``label_column``
     of a batch (lists) and returns ``{"pixel_values": [FloatTensor[C,H,W], ...],
@@ -589,6 +688,7 @@ class ImageClassificationTransform:
         *,
         on_bad_image: str = "raise",
         image_mode: str | None = None,
+        source_rows: SourceRowFinder | None = None,
     ):
         if on_bad_image not in ON_BAD_IMAGE:
             raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}; got {on_bad_image!r}")
@@ -598,12 +698,15 @@ class ImageClassificationTransform:
         self.on_bad_image = on_bad_image
         self.num_bad_images = 0
         self._decoder = ImageFeature(mode=image_mode)
+        self.source_rows = source_rows
 
     def _pixels(self, value: Any, label: Any) -> torch.Tensor | None:
         try:
             image = _decode_image(self._decoder, value)
         except _DECODE_ERRORS as err:
             what = _describe_image(value, label)
+            if self.source_rows is not None:
+                what += self.source_rows.describe(value, label)
             if self.on_bad_image == "skip":
                 self.num_bad_images += 1
                 logger.warning(
@@ -653,10 +756,14 @@ def find_bad_images(
     dataset: Dataset, image_column: str | None = None, *, batch_size: int = 256
 ) -> list[tuple[int, str]]:
     """Decode every image of ``dataset`` and return ``(row, error)`` for each unreadable one
-    (missing, truncated or corrupt file, unknown format), row indices in ``dataset`` order.
+    (missing, truncated or corrupt file, unknown format).
 
-    A pre-flight scan (it decodes the whole column once, any transform set on the dataset is
-    ignored); drop the rows with ``dataset.select(sorted(set(range(len(dataset))) - bad_rows))``.
+    ``row`` is the index in ``dataset`` (drop the rows with
+    ``dataset.select(sorted(set(range(len(dataset))) - bad_rows))``); ``error`` is the decoding
+    error followed by where the image is in the *source* split (``"(row 17 of the source's
+    'train' split, file ...)"``, see :func:`~hf_longtail.data.subsampling.source_rows`: for a
+    long-tailed subset the two rows differ) and its file, where there is one. A pre-flight
+    scan (it decodes the whole column once, any transform set on the dataset is ignored).
     """
     if image_column is None:
         from hf_longtail.data.columns import detect_image_column
@@ -668,6 +775,7 @@ def find_bad_images(
     if isinstance(feature, ImageFeature):
         raw = raw.cast_column(image_column, ImageFeature(mode=mode, decode=False))
     decoder = ImageFeature(mode=mode)
+    origin, split = source_rows(dataset), source_split_name(dataset)
     bad: list[tuple[int, str]] = []
     for start in range(0, len(raw), batch_size):
         values = raw[start : start + batch_size][image_column]
@@ -675,7 +783,11 @@ def find_bad_images(
             try:
                 _decode_image(decoder, value)
             except _DECODE_ERRORS as err:
-                bad.append((start + offset, f"{type(err).__name__}: {err}"))
+                row = start + offset
+                path = value if isinstance(value, str) else (value or {}).get("path")
+                where = source_row_text(None, split, [origin[row]])
+                where += f", file {path}" if path else ""
+                bad.append((row, f"{type(err).__name__}: {err} ({where})"))
     return bad
 
 
@@ -703,7 +815,12 @@ def with_transforms(
     if isinstance(feature, ImageFeature) and feature.decode:
         dataset = dataset.cast_column(image_column, ImageFeature(mode=mode, decode=False))
     fn = ImageClassificationTransform(
-        transform, image_column, label_column, on_bad_image=on_bad_image, image_mode=mode
+        transform,
+        image_column,
+        label_column,
+        on_bad_image=on_bad_image,
+        image_mode=mode,
+        source_rows=SourceRowFinder(dataset, image_column, label_column),
     )
     return dataset.with_transform(fn, columns=[image_column, label_column])
 

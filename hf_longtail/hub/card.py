@@ -374,7 +374,11 @@ def _results_scope(run: RunDir, counts: Mapping[str, Any]) -> str:
         parts.append(f"{int(evaluated)} of the {counts['num_classes']} classes present")
     else:
         parts.append(f"{counts['num_classes']} classes")
-    parts.append("not subsampled")
+    origin = data_facts(run.dataset)["origin"] or {}
+    if origin.get("max_eval_samples") is not None:
+        parts.append("a seeded random subset of the split (`--max_eval_samples`)")
+    else:
+        parts.append("not subsampled")
     return ", ".join(p for p in parts if p)
 
 
@@ -483,7 +487,9 @@ def _dataset_context(
     else:
         display = f"the local dataset `{short}`"
         source_text = display
-    profile = str(ds.get("profile", "exp"))
+    profile = str(ds.get("profile") or "none")
+    facts = data_facts(ds)
+    eval_split = str(ds.get("eval_split", "test"))
     return {
         "name": short,
         "short_name": short.split("/")[-1],
@@ -491,10 +497,10 @@ def _dataset_context(
         "source_text": source_text,
         "profile": profile,
         "profile_formula": PROFILE_FORMULAS.get(profile, "see hf_longtail.data"),
-        "synthetic": profile in PROFILE_FORMULAS,
+        "synthetic": facts["subsampled"] and profile in PROFILE_FORMULAS,
         "imbalance_factor": _fmt_number(ds.get("imbalance_factor", "not recorded")),
         "seed": _fmt_number(ds.get("seed", "not recorded")),
-        "eval_split": str(ds.get("eval_split", "test")),
+        "eval_split": eval_split,
         "image_column": str(ds.get("image_column", "image")),
         "label_column": str(ds.get("label_column", "label")),
         "repo_link": (
@@ -502,6 +508,119 @@ def _dataset_context(
             if dataset_repo_id
             else ""
         ),
+        **_data_sentences(facts, display, eval_split),
+    }
+
+
+def data_facts(dataset: Mapping[str, Any]) -> dict[str, Any]:
+    """What was done to the data, from the ``dataset`` section of a run record: ``subsampled``
+    (a long-tail profile drew the training split; records before 0.3 say so through their
+    profile and imbalance factor), ``origin`` (``eval_split_origin``: ``"dataset"`` /
+    ``"carved"``; ``None`` when the record does not say) and ``dropped`` (unreadable images
+    left out per split with ``--on_bad_image skip``)."""
+    subsampled = dataset.get("subsampled")
+    if not isinstance(subsampled, bool):
+        subsampled = (
+            dataset.get("profile") in PROFILE_FORMULAS
+            and dataset.get("imbalance_factor") is not None
+        )
+    origin = dataset.get("eval_split_origin")
+    dropped = dataset.get("unreadable_dropped")
+    return {
+        "subsampled": subsampled,
+        "origin": origin if isinstance(origin, dict) else None,
+        "dropped": dropped if isinstance(dropped, dict) else {},
+    }
+
+
+def _carved_text(origin: Mapping[str, Any]) -> str:
+    """``a stratified 20% of every class of the source's `train` split (split seed 0)``."""
+    fraction = origin.get("fraction")
+    share = f"{100 * fraction:g}%" if isinstance(fraction, int | float) else "share"
+    source = (
+        f"the source's `{_md(origin['from_split'])}` split"
+        if origin.get("from_split")
+        else f"the source's {_fmt_number(origin.get('source_size'))} images"
+    )
+    return (
+        f"a stratified {share} of every class of {source} (split seed "
+        f"{_fmt_number(origin.get('seed'))})"
+    )
+
+
+def _data_sentences(facts: Mapping[str, Any], display: str, eval_split: str) -> dict[str, str]:
+    """The model card's sentences about the data, each derived from the run record (never a
+    claim the record does not support: no profile or subset without subsampling, no
+    "untouched" test split for a carved one)."""
+    origin, dropped = facts["origin"], facts["dropped"]
+    split = f"`{_md(eval_split)}`"
+    method = origin.get("method") if origin else None
+    left_out = [
+        f"{n} unreadable {'image' if n == 1 else 'images'} of `{_md(name)}` left out "
+        "(`--on_bad_image skip`)"
+        for name, n in dropped.items()
+    ]
+    eval_left_out = [t for t, name in zip(left_out, dropped) if name == eval_split]
+    train_left_out = [t for t, name in zip(left_out, dropped) if name == "train"]
+    carved = method == "carved"
+    if carved:
+        eval_cell = f"{split}: {_carved_text(origin)}, carved before training; not subsampled"
+        eval_phrase = f"the {split} split carved from the source's training images"
+        eval_sentence = (
+            f"The evaluation split was carved from the source first: {_carved_text(origin)}."
+        )
+        distribution = (
+            "a split carved from the source's images with their class distribution (stratified, "
+            "not subsampled)"
+        )
+    elif method == "dataset":
+        eval_cell = f"{split}, the source's own (left untouched: not subsampled)"
+        eval_phrase = f"the untouched {split} split"
+        eval_sentence = "The evaluation split is the original one."
+        distribution = "a split with the original class distribution (not subsampled)"
+    else:  # an older record: it does not say how the split was made
+        eval_cell = f"{split} (not subsampled)"
+        eval_phrase = f"the {split} split"
+        eval_sentence = ""
+        distribution = "a split that was not subsampled"
+    if origin and origin.get("max_eval_samples") is not None:
+        n = _fmt_number(origin["max_eval_samples"])
+        eval_cell += f"; a seeded random {n} of its images evaluated (`--max_eval_samples`)"
+        eval_sentence += f" Only a seeded random {n} of its images were evaluated."
+    if eval_left_out:
+        eval_cell += "; " + "; ".join(eval_left_out)
+    rest = " of the rest" if carved else ""
+    if facts["subsampled"]:
+        trained_on = f"a **long-tailed** version of {display}"
+        heading = "long-tailed "
+        train_sentence = (
+            f"The training split keeps a seeded random subset of each class{rest} (same seed, "
+            "same images on any machine)"
+        )
+        long_tail = ""
+    else:
+        trained_on = f"{display}, used as it is (every training image kept, not subsampled)"
+        heading = ""
+        train_sentence = (
+            "The training split is "
+            + ("the rest of the source's training images" if carved else "the source's")
+            + ", used as it is: no long-tail profile, no subsampling"
+        )
+        long_tail = "none: not subsampled (every training image kept)"
+    if train_left_out:
+        train_sentence += ", less " + "; ".join(train_left_out)
+    parts = (
+        [eval_sentence, f"{train_sentence}."] if carved else [f"{train_sentence}.", eval_sentence]
+    )
+    return {
+        "subsampled": facts["subsampled"],
+        "trained_on": trained_on,
+        "heading": heading,
+        "long_tail": long_tail,
+        "eval_cell": eval_cell,
+        "eval_phrase": eval_phrase,
+        "eval_distribution": distribution,
+        "construction": " ".join(p for p in parts if p),
     }
 
 
@@ -690,9 +809,11 @@ def eval_results_for_run(run: RunDir, dataset_type: str, dataset_name: str) -> l
     Null / NaN metrics (an empty class group) are left out: the Hub rejects them.
     """
     ds = run.dataset
-    dataset_args = {
-        k: ds[k] for k in ("imbalance_factor", "profile", "seed") if ds.get(k) is not None
-    }
+    dataset_args = (
+        {k: ds[k] for k in ("imbalance_factor", "profile", "seed") if ds.get(k) is not None}
+        if data_facts(ds)["subsampled"]
+        else {}  # no long tail was drawn: no profile, factor or seed describes the data
+    )
     out = []
     for spec in METRIC_SPECS:
         value = run.metrics.get(spec.key)
@@ -780,6 +901,8 @@ def build_model_card(
     dataset_name = (
         f"{dataset['short_name']}-LT (imbalance factor {dataset['imbalance_factor']}, "
         f"{dataset['profile']} profile)"
+        if dataset["subsampled"]
+        else f"{dataset['short_name']} (not subsampled)"
     )
     card_data = ModelCardData(
         base_model=base_model,
@@ -818,6 +941,7 @@ def build_model_card(
         ),
         model_source=_public_name(model_source, default="not recorded"),
         hf_longtail_version=str(run.run.get("hf_longtail_version", "")),
+        training_seed=_fmt_number((run.run.get("training") or {}).get("seed", "not recorded")),
         stage=stage,
         selection=_selection_context(run),
         dataset=dataset,

@@ -100,6 +100,71 @@ def _size_category(n: int) -> str:
     return "10M<n<100M"
 
 
+#: Record profiles of a training split used as it is (``imbalance_factor=None``; split files).
+_NOT_SUBSAMPLED = ("none", "protocol")
+
+
+def _construction_sentences(
+    record: dict[str, Any],
+    profile: str | None,
+    train_split: str,
+    counts: dict[str, Any],
+    splits: list[str],
+) -> dict[str, Any]:
+    """The card's sentences about how the splits were made, derived from the provenance record
+    (and the ``profile`` given or recorded): no subset claimed for a split used as it is, a
+    carved test split described as carved, "untouched" only for the source's own splits."""
+    train = f"`{_md(train_split)}`"
+    sizes = f"from {counts['max']} to {counts['min']} images"
+    carved = record.get("carved_test_split")
+    carved = carved if isinstance(carved, dict) and "test" in splits else None
+    if profile in PROFILE_FORMULAS:
+        subset = (
+            f"the {train} split keeps a seeded random subset of each class so that class sizes "
+            f"decay {sizes}"
+        )
+        long_tail = ""
+    elif profile in _NOT_SUBSAMPLED:
+        what = "the published split files'" if profile == "protocol" else "the source's own"
+        whose = (
+            f"the rest of the source's {train} images"
+            if carved and carved.get("from_split") == train_split
+            else "the source's"
+        )
+        subset = (
+            f"the {train} split is {whose}, used as it is: every image kept, class sizes {sizes}"
+        )
+        long_tail = f"none: {what} long tail, not subsampled (every image kept)"
+    else:  # nothing recorded or given: claim no construction
+        subset = f"class sizes of the {train} split go {sizes}"
+        long_tail = ""
+    carved_text = ""
+    if carved:
+        fraction = carved.get("fraction")
+        share = f"{100 * fraction:g}%" if isinstance(fraction, int | float) else "share"
+        origin = (
+            f"the source's `{_md(carved['from_split'])}` split"
+            if carved.get("from_split")
+            else f"the source's {carved.get('source_size')} images"
+        )
+        carved_text = (
+            f"a stratified {share} of every class of {origin} (split seed {carved.get('seed')}), "
+            "carved before anything else"
+        )
+    others = [s for s in splits if s != train_split and not (carved_text and s == "test")]
+    tail = []
+    if carved_text:
+        tail.append(f"the `test` split is {carved_text}")
+    if others:
+        tail.append("the other splits are the source's, untouched")
+    return {
+        "subsampled": profile in PROFILE_FORMULAS,
+        "long_tail": long_tail,
+        "carved_text": carved_text,
+        "intro": subset + ("; " + "; ".join(tail) if tail else "") + ".",
+    }
+
+
 def build_dataset_card(
     dataset_dict: DatasetDict,
     repo_id: str | None = None,
@@ -160,13 +225,17 @@ def build_dataset_card(
             continue
         other_splits[split] = _count(ds, column, k)
 
+    as_is = profile in _NOT_SUBSAMPLED
     if source:
-        pretty = _public_name(source).split("/")[-1] + "-LT"
+        pretty = _public_name(source).split("/")[-1] + ("" if as_is else "-LT")
     else:
         pretty = repo_id.split("/")[-1] if repo_id else "Long-tailed dataset"
-    pretty_name = pretty + (
-        f" (imbalance factor {imbalance_factor:g})" if imbalance_factor is not None else ""
-    )
+    if as_is:  # the recorded factor is then the measured ratio, not one that was asked for
+        pretty_name = pretty + f" (imbalance ratio {counts['ratio']}, not subsampled)"
+    else:
+        pretty_name = pretty + (
+            f" (imbalance factor {imbalance_factor:g})" if imbalance_factor is not None else ""
+        )
     total_rows = sum(ds.num_rows for ds in dataset_dict.values())
     construction = {
         **{k: v for k, v in record.items() if k not in ("class_counts", "class_names")},
@@ -198,6 +267,7 @@ def build_dataset_card(
         for i in range(k)
     ]
     image_columns = [name for name, f in train.features.items() if type(f).__name__ == "Image"]
+    sentences = _construction_sentences(record, profile, train_split, counts, list(dataset_dict))
     template_file = Path(template) if template else template_path(DATASET_CARD_TEMPLATE)
     card = DatasetCard.from_template(
         card_data,
@@ -227,6 +297,7 @@ def build_dataset_card(
         splits=[(s, dataset_dict[s].num_rows) for s in dataset_dict],
         other_split_names=list(other_splits),
         rows=rows,
+        **sentences,
     )
     card.content = tidy_markdown(card.content)
     return card
