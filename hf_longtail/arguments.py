@@ -714,11 +714,14 @@ def check_options(
 
 def lora_options(model_args: ModelArguments) -> Any:
     """The :class:`hf_longtail.models.lora.LoraOptions` of ``--lora_*`` (``None`` without
-    ``--lora_r``); contradictory combinations raise ``ValueError`` naming the options."""
+    ``--lora_r``); contradictory combinations raise ``ValueError`` naming the options, among
+    them a LoRA adapter on random weights (``--no_pretrained``, a from-scratch model) without
+    ``--lora_merge true``: nothing could rebuild its base, so the saved run would not reload."""
     if model_args.lora_r is None:
         if model_args.lora_merge:
             raise ValueError("--lora_merge needs --lora_r (it merges LoRA adapters).")
         return None
+    from hf_longtail.models import builds_random_weights
     from hf_longtail.models.lora import LoraOptions, _require_peft
 
     if model_args.freeze_backbone:
@@ -726,12 +729,29 @@ def lora_options(model_args: ModelArguments) -> Any:
             "--lora_r and --freeze_backbone are two ways of light fine-tuning; pass one."
         )
     _require_peft()
-    return LoraOptions(
+    options = LoraOptions(
         r=model_args.lora_r,
         alpha=model_args.lora_alpha,
         dropout=model_args.lora_dropout,
         target_modules=model_args.lora_target_modules,
     )
+    name = model_args.model_name_or_path
+    if not model_args.lora_merge and builds_random_weights(name, model_args.pretrained):
+        # The adapter file names the weights to load it onto; random ones cannot be named (a
+        # local checkpoint's path would silently reload its pretrained weights instead).
+        why = (
+            f"--no_pretrained builds {name} with random weights"
+            if not model_args.pretrained
+            else f"--model_name_or_path {name} is a from-scratch model (random weights)"
+        )
+        raise ValueError(
+            f"--lora_r {model_args.lora_r} saves only the LoRA adapter and the head, to be "
+            f"loaded onto the base weights, but {why} that no one can rebuild: the saved run "
+            "could not be reloaded. Pass --lora_merge true (saves the full model with the "
+            "adapters merged into it), drop --lora_r (train every weight), or start from "
+            "pretrained weights."
+        )
+    return options
 
 
 def uses_feature_cache(model_args: ModelArguments) -> bool:

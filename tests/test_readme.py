@@ -1,12 +1,17 @@
-"""Every snippet of README.md runs: the Python blocks are executed (elsewhere when they continue
-the main example: tests/test_run_directory.py, tests/test_lora.py), and every shell command of
-the project is parsed by the real argument parser of the program it calls, so a renamed or
-removed option in the README fails here."""
+"""Every snippet of README.md runs: the Python blocks are executed (the main example and the
+probe / second stage continuing it to the end as written, offline, in a fresh process here; their
+API in tests/test_run_directory.py; the LoRA loader in tests/test_lora.py), and every shell
+command of the project is parsed by the real argument parser of the program it calls, so a
+renamed or removed option in the README fails here."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -91,6 +96,50 @@ def test_readme_loss_snippet_runs():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
     assert {"base_loss", "car_sigma"} <= set(namespace["loss_fn"].last_stats)
+
+
+@pytest.mark.slow
+def test_python_example_and_second_stage_run_to_the_end_offline(tmp_path):
+    """The main example, then the probe / second-stage block continuing it, exactly as written,
+    in a fresh process in an empty directory, offline and not logged in (a new user's first
+    try): both end without a traceback (the example used to end in one at
+    ``trainer.push_to_hub()``), and the probe's run directory holds the model it evaluated
+    (the block used to evaluate a probe it never saved), which predicts what it reported."""
+    from transformers import AutoModelForImageClassification
+
+    from hf_longtail.data import load_long_tailed, select_transforms, with_transforms
+
+    code = python_block("trainer = LongTailTrainer(") + python_block("probe = LongTailTrainer(")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env.update(
+        HF_HOME=str(tmp_path / "hf_home"),  # no token file: not logged in
+        HF_LONGTAIL_CACHE=str(tmp_path / "cache"),
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+        CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path),
+    )  # fmt: skip
+    work = tmp_path / "work"
+    work.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    outputs = work / "outputs"
+    for run in ("digits-lt", "digits-probe", "digits-lt-tau"):
+        assert (outputs / run / "model.safetensors").is_file(), run
+        assert (outputs / run / "all_results.json").is_file(), run
+    probe_dir = outputs / "digits-probe"
+    reported = json.loads((probe_dir / "all_results.json").read_text())["test_accuracy"]
+    # The saved probe, on the example's evaluation images and transform (CIFAR protocol, 16 px).
+    _, _, eval_tf = select_transforms("auto", None, image_size=16)
+    test = with_transforms(load_long_tailed("digits", imbalance_factor=10)["test"], eval_tf)
+    rows = list(test)
+    pixels = torch.stack([torch.as_tensor(r["pixel_values"]) for r in rows])
+    labels = torch.tensor([r["labels"] for r in rows])
+    model = AutoModelForImageClassification.from_pretrained(probe_dir).eval()
+    with torch.no_grad():
+        predicted = model(pixel_values=pixels).logits.argmax(-1)
+    assert (predicted == labels).double().mean().item() == pytest.approx(reported, abs=1e-9)
 
 
 def test_every_python_block_is_executed_by_a_test():

@@ -51,13 +51,15 @@ class FakeHfApi:
 @pytest.fixture(scope="module")
 def readme_run(tmp_path_factory):
     """Execute the README's Python example as written (offline: bundled digits, local model),
-    with the Hub client mocked; returns the output directory and the recorded Hub calls."""
+    with the Hub client mocked in case the machine is logged in and online; returns the output
+    directory and the recorded Hub calls (none offline)."""
     import huggingface_hub
 
     torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("readme")
     mp = pytest.MonkeyPatch()
     mp.chdir(work)
+    mp.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     mp.setattr(huggingface_hub, "HfApi", FakeHfApi)
     FakeHfApi.calls = []
     namespace: dict = {"__name__": "readme_example"}
@@ -123,14 +125,26 @@ def test_readme_example_writes_the_full_run_directory(readme_run, tmp_path):
     assert loss.config == trainer.loss_config and loss.class_names == run.class_names
 
 
-def test_push_to_hub_publishes_the_long_tail_card(readme_run):
-    """trainer.push_to_hub() (mocked Hub): the long-tail card with its model-index, the model,
-    its processor, the results and plots; never checkpoints or training_args.bin."""
-    from huggingface_hub import ModelCard
+def test_push_to_hub_publishes_the_long_tail_card(readme_run, monkeypatch):
+    """The example's push, logged in and online (mocked Hub; offline, as in readme_run, it is
+    skipped): the long-tail card with its model-index, the model, its processor, the results
+    and plots; never checkpoints or training_args.bin."""
+    import huggingface_hub
+    from huggingface_hub import ModelCard, constants
 
     from hf_longtail.hub import card_metrics
 
-    out, calls, _, _ = readme_run
+    out, offline_calls, _, namespace = readme_run
+    assert offline_calls == []  # offline and not logged in: the example did not try to push
+    example = _readme_python_example()
+    push = example[example.index("if get_token()") :]
+    monkeypatch.chdir(namespace["__workdir__"])
+    monkeypatch.setenv("HF_TOKEN", "hf_readme_test")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    FakeHfApi.calls = []
+    exec(compile(push, "README.md", "exec"), namespace)
+    calls = FakeHfApi.calls
     assert calls[0] == {"create_repo": "your-username/digits-lt"}
     upload = calls[1]
     assert upload["upload"] == "your-username/digits-lt"
@@ -216,6 +230,7 @@ def test_readme_probe_and_second_stage_continue_the_example(readme_run, monkeypa
     work = namespace["__workdir__"] / "outputs"
     probe = json.loads((work / "digits-probe" / "all_results.json").read_text())
     assert 0.0 <= probe["test_accuracy"] <= 1.0
+    assert (work / "digits-probe" / "model.safetensors").is_file()  # it saved what it evaluated
     stage = json.loads((work / "digits-lt-tau" / "longtail_run.json").read_text())
     assert stage["stage"]["name"] == "tau_norm"
     assert (work / "digits-lt-tau" / "model.safetensors").is_file()

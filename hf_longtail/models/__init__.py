@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 from hf_longtail.models.factory import (
+    builds_random_weights,
     create_image_processor,
     create_model,
     is_model,
@@ -53,6 +54,7 @@ __all__ = [
     "ResNetCifarModel",
     "ResNetCifarPreTrainedModel",
     "WeightConversionError",
+    "builds_random_weights",
     "convert_efficientnet_lite0",
     "create_image_processor",
     "create_model",

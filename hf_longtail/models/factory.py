@@ -44,6 +44,7 @@ from transformers import (
 from hf_longtail.models.resnet_cifar import ResNetCifarConfig, ResNetCifarForImageClassification
 
 __all__ = [
+    "builds_random_weights",
     "create_image_processor",
     "create_model",
     "is_model",
@@ -413,17 +414,25 @@ def _from_timm(
     return model
 
 
+def builds_random_weights(name_or_path: Any, pretrained: bool = True) -> bool:
+    """Whether :func:`create_model` ``(name_or_path, pretrained=pretrained)`` starts from random
+    weights: ``pretrained=False``, a registered from-scratch model (``resnet32_cifar``), a
+    config. Decided from the name alone (no alias is resolved, so nothing is converted or
+    downloaded): cheap enough for the option checks that run before any work."""
+    if not pretrained or not isinstance(name_or_path, (str, os.PathLike)):
+        return True
+    return os.fspath(name_or_path) in _MODEL_ENTRYPOINTS
+
+
 def pretrained_source(name_or_path: Any, pretrained: bool = True) -> str | None:
     """The loadable name of the pretrained weights :func:`create_model` loads for
-    ``name_or_path``, or ``None`` when it builds random weights (``pretrained=False``, a
-    registered from-scratch model, a config). A registered checkpoint alias gives its
-    directory; a timm architecture its Hub repo (``timm/<arch>.<tag>``); a local directory its
-    absolute path; a Hub id itself. What a run record and a card may call the base model."""
-    if not pretrained or not isinstance(name_or_path, (str, os.PathLike)):
+    ``name_or_path``, or ``None`` when it builds random weights (:func:`builds_random_weights`).
+    A registered checkpoint alias gives its directory; a timm architecture its Hub repo
+    (``timm/<arch>.<tag>``); a local directory its absolute path; a Hub id itself. What a run
+    record and a card may call the base model."""
+    if builds_random_weights(name_or_path, pretrained):
         return None
     name = os.fspath(name_or_path)
-    if name in _MODEL_ENTRYPOINTS:
-        return None
     if name in _CHECKPOINTS:
         return resolve_checkpoint(name)
     if os.path.isdir(name):

@@ -4,7 +4,10 @@
 (``W x + (alpha / r) B A x``, ``A`` random, ``B = 0`` so training starts from the pretrained
 function), and the classification head (:func:`hf_longtail.features.find_classifier`) trained in
 full and saved with the adapter (``modules_to_save``): it is new for a long-tailed dataset.
-Every other parameter is frozen.
+BatchNorm layers (CNNs) are in ``modules_to_save`` too: a training step updates their running
+statistics whatever is frozen, and an adapter without them would reload onto the base's old
+statistics and predict something else than the run evaluated (peft saves only what
+``modules_to_save`` and the adapters hold). Every other parameter is frozen.
 
 Target layers (``target_modules``), resolved on the model into exact module names:
 
@@ -14,27 +17,40 @@ Target layers (``target_modules``), resolved on the model into exact module name
   else ``"all-conv"`` (a CNN such as EfficientNet-Lite0 or the CIFAR ResNets, whose only
   linear layer is the head);
 - ``"all-linear"``: every ``nn.Linear`` outside the head; ``"all-conv"``: every ``nn.Conv2d``
-  outside the head except depthwise ones (``groups > 1``, a few parameters each);
+  outside the head except depthwise ones (``groups > 1``, a few parameters each) and those peft
+  cannot adapt: a subclass whose constructor does not take ``nn.Conv2d``'s arguments (peft
+  builds the adapter's ``A`` as another instance of the layer's class, with ``padding_mode``),
+  such as timm's ``Conv2dSame`` (TensorFlow "same" padding: EfficientNet-Lite0's stem). Those
+  are skipped with an info log;
 - anything else: comma-separated names; a module is targeted when its qualified name equals one
   of them or ends with ``.<name>`` (peft's rule), e.g. ``q_proj,v_proj``.
 
-A choice that selects nothing raises ``ValueError`` naming the layer types the model has.
+A choice that selects nothing raises ``ValueError`` naming the layer types the model has; names
+that select a layer peft cannot adapt raise ``ValueError`` naming it.
 
 A saved LoRA run directory holds ``adapter_config.json`` + ``adapter_model.safetensors`` (the
 adapters and the head) and the base model's ``config.json`` with the run's labels
 (:func:`save_base_config`); :func:`load_lora_model` (or ``peft.PeftModel.from_pretrained`` on the
-base model built with that config) reloads it. :func:`merge_lora` folds the adapters into the
-weights for a plain ``from_pretrained``-loadable model.
+base model built with that config) reloads it. That needs the base weights to be loadable:
+a LoRA run on random weights (``--no_pretrained``, a from-scratch model) must be saved merged
+(:func:`merge_lora`, ``--lora_merge true``), which ``scripts/train.py`` requires up front.
+:func:`merge_lora` folds the adapters into the weights for a plain ``from_pretrained``-loadable
+model.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "LORA_TARGET_PRESETS",
@@ -46,6 +62,7 @@ __all__ = [
     "merge_lora",
     "merge_trainer_model",
     "resolve_target_modules",
+    "running_stat_modules",
     "save_base_config",
     "trainable_parameters",
 ]
@@ -93,17 +110,76 @@ def _require_peft() -> Any:
     return peft
 
 
+#: The keyword arguments peft's LoRA ``Conv2d`` passes when it builds the adapter's ``A`` and
+#: ``B`` as new instances of the adapted layer's own class.
+_PEFT_CONV_KWARGS = ("dilation", "padding_mode", "groups", "bias")
+
+
+def _peft_cannot_adapt(module: nn.Module) -> str | None:
+    """Why peft's LoRA cannot wrap ``module`` (``None`` when it can). A ``nn.Conv2d`` subclass
+    with its own constructor (timm's ``Conv2dSame``: no ``padding_mode``) fails inside peft
+    with a bare ``TypeError``, after the model and the data are loaded."""
+    if not isinstance(module, nn.Conv2d) or type(module).__init__ is nn.Conv2d.__init__:
+        return None
+    params = inspect.signature(type(module).__init__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    names = {p.name for p in params}
+    missing = [k for k in _PEFT_CONV_KWARGS if k not in names]
+    if not missing:
+        return None
+    return (
+        f"{type(module).__name__} does not take {', '.join(missing)} (peft builds the LoRA "
+        "layers as instances of the adapted layer's class)"
+    )
+
+
+def _outside(name: str, head: str) -> bool:
+    return name != head and not name.startswith(head + ".")
+
+
 def _layers(model: nn.Module, kind: str, head: str) -> list[str]:
-    inside_head = (head, head + ".")
     names = []
     for name, module in model.named_modules():
-        if name == head or name.startswith(inside_head[1]):
+        if not _outside(name, head):
             continue
         if kind == "linear" and isinstance(module, nn.Linear):
             names.append(name)
         elif kind == "conv" and isinstance(module, nn.Conv2d) and module.groups == 1:
             names.append(name)
     return names
+
+
+def _adaptable(model: nn.Module, names: list[str]) -> list[str]:
+    """``names`` without the layers peft cannot adapt (logged: the preset is a best effort)."""
+    kept, skipped = [], []
+    for name in names:
+        why = _peft_cannot_adapt(model.get_submodule(name))
+        if why is None:
+            kept.append(name)
+        else:
+            skipped.append(f"{name} ({why})")
+    if skipped:
+        logger.info(
+            "LoRA: %d layer(s) get no adapter, peft cannot adapt them: %s",
+            len(skipped),
+            "; ".join(skipped),
+        )
+    return kept
+
+
+def running_stat_modules(model: nn.Module) -> list[str]:
+    """The qualified names of the normalization layers outside the head that keep running
+    statistics (BatchNorm, timm's ``BatchNormAct2d``): trained with the adapters and saved in
+    ``modules_to_save``, since every training step changes their statistics."""
+    from hf_longtail.features import find_classifier
+
+    head, _ = find_classifier(model)
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, _BatchNorm) and module.track_running_stats and _outside(name, head)
+    ]
 
 
 def resolve_target_modules(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
@@ -122,11 +198,11 @@ def resolve_target_modules(model: nn.Module, target_modules: str | Sequence[str]
     spec = list(spec)
     linear, conv = _layers(model, "linear", head), _layers(model, "conv", head)
     if spec == ["auto"]:
-        selected = linear or conv
+        selected = _adaptable(model, linear or conv)
     elif spec == ["all-linear"]:
-        selected = linear
+        selected = _adaptable(model, linear)
     elif spec == ["all-conv"]:
-        selected = conv
+        selected = _adaptable(model, conv)
     else:
         unknown = [s for s in spec if s in LORA_TARGET_PRESETS]
         if unknown:
@@ -137,10 +213,18 @@ def resolve_target_modules(model: nn.Module, target_modules: str | Sequence[str]
             name
             for name, _ in model.named_modules()
             if name
-            and name != head
-            and not name.startswith(head + ".")
+            and _outside(name, head)
             and any(name == s or name.endswith("." + s) for s in spec)
         ]
+        refused = [(n, _peft_cannot_adapt(model.get_submodule(n))) for n in selected]
+        refused = [(n, why) for n, why in refused if why]
+        if refused:
+            name, why = refused[0]
+            raise ValueError(
+                f"--lora_target_modules {','.join(spec)!r} selects {len(refused)} layer(s) that "
+                f"peft cannot adapt, e.g. {name!r}: {why}. Leave them out (the 'auto' / "
+                "'all-conv' presets skip them)."
+            )
     if not selected:
         leaf_types = sorted(
             {
@@ -165,11 +249,13 @@ def apply_lora(
     model: nn.Module, options: LoraOptions, base_model_name_or_path: str | None = None
 ) -> nn.Module:
     """``model`` wrapped in a ``peft.PeftModel`` with LoRA adapters on the resolved target
-    modules and the classification head in ``modules_to_save``; only the adapters and the head
-    are trainable. ``base_model_name_or_path`` (default: the model's ``name_or_path``) is what
+    modules, and the classification head and the BatchNorm layers
+    (:func:`running_stat_modules`) in ``modules_to_save``; only those are trainable and saved.
+    ``base_model_name_or_path`` (default: the model's ``name_or_path``) is what
     ``adapter_config.json`` names as the base to load the adapter onto
-    (:func:`hf_longtail.models.pretrained_source`). The base model's config keeps the run's
-    labels (saved by :func:`save_base_config`)."""
+    (:func:`hf_longtail.models.pretrained_source`): it must hold the weights ``model`` starts
+    from, so a model with random weights has to be saved merged (:func:`merge_lora`). The base
+    model's config keeps the run's labels (saved by :func:`save_base_config`)."""
     peft = _require_peft()
     from hf_longtail.features import find_classifier
 
@@ -180,7 +266,7 @@ def apply_lora(
         lora_alpha=options.alpha,
         lora_dropout=options.dropout,
         target_modules=targets,
-        modules_to_save=[head],
+        modules_to_save=[head, *running_stat_modules(model)],
         **options.extra,
     )
     peft_model = peft.get_peft_model(model, config)
@@ -190,7 +276,8 @@ def apply_lora(
 
 
 def trainable_parameters(model: nn.Module) -> int:
-    """Number of parameters that receive gradients (adapters + head for a LoRA model)."""
+    """Number of parameters that receive gradients (adapters, head and BatchNorm layers for a
+    LoRA model)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
