@@ -581,9 +581,13 @@ def _finished_plan(
             if start_from
             else ""
         )
+        what = (
+            f"already holds a different run (finished, trained {done} steps): "
+            if recipe_changes(previous, run_info)
+            else f"holds a finished run (trained {done} steps), and this command differs from it: "
+        )
         raise FileExistsError(
-            f"output_dir {out} holds a finished run (trained {done} steps), and this command "
-            f"differs from it: {'; '.join(changes)}. A finished run is never retrained or "
+            f"output_dir {out} {what}{'; '.join(changes)}. A finished run is never retrained or "
             f"overwritten in place.{longer} Or choose another --output_dir, or pass "
             "--overwrite_output_dir (without --resume_from_checkpoint) to replace it."
         )
