@@ -87,6 +87,7 @@ import os
 import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -101,6 +102,7 @@ from hf_longtail.losses.total_loss import LOSS_WEIGHTS_NAME
 from hf_longtail.resume import (
     CHECKPOINT_RECIPE_FILE,
     ResumeMismatchError,
+    _safetensors_problem,
     checkpoint_problem,
     last_readable_checkpoint,
     recipe_changes,
@@ -118,6 +120,8 @@ logger = logging.getLogger(__name__)
 #: The loss-state file of checkpoints written before ``LongTailLoss.save_pretrained`` (read only).
 LEGACY_LOSS_STATE_NAME = "longtail_loss_state.pt"
 NONFINITE_POLICIES = ("raise", "skip")
+#: What a resume does with a checkpoint whose loss state (CAR's EMA) is missing or unreadable.
+LOSS_STATE_MISSING_POLICIES = ("refuse", "fresh")
 SAMPLERS = ("random", "class_balanced", "sqrt", "progressive")
 #: A loss whose recent training losses all exceed this multiple of its first ones has diverged.
 DIVERGENCE_FACTOR = 100.0
@@ -208,6 +212,13 @@ class LongTailTrainer(Trainer):
         shot_thresholds: ``{"many": 100, "few": 20}`` by default: the shot groups of this run
             (:mod:`hf_longtail.class_counts`), for the loss's head/tail statistics (head =
             many-shot), the final metrics, the plots and the card (:meth:`evaluate_and_save`).
+        loss_state_missing: what a resume does with a checkpoint that holds no readable loss
+            state (``longtail_loss.safetensors``) while the loss has state to restore (CAR's
+            EMA confusion estimate and singular vectors): ``"refuse"`` (default) raises
+            ``FileNotFoundError`` naming the checkpoint, the file and this option before any
+            weight is loaded; ``"fresh"`` resumes with a freshly initialised loss state (a
+            warning says so). A loss without such state (plain CE, CCAR alone, LA, ...) resumes
+            either way without a message.
     """
 
     def __init__(
@@ -228,8 +239,14 @@ class LongTailTrainer(Trainer):
         pixel_cache_dir: str | os.PathLike | None = None,
         pixel_cache_max_bytes: int | None = None,
         shot_thresholds: Mapping[str, float] | None = None,
+        loss_state_missing: str = "refuse",
         **kwargs: Any,
     ) -> None:
+        if loss_state_missing not in LOSS_STATE_MISSING_POLICIES:
+            raise ValueError(
+                f"loss_state_missing={loss_state_missing!r} is not valid; use one of "
+                f"{LOSS_STATE_MISSING_POLICIES}."
+            )
         if nonfinite_loss not in NONFINITE_POLICIES:
             raise ValueError(
                 f"nonfinite_loss={nonfinite_loss!r} is not valid; use one of {NONFINITE_POLICIES}."
@@ -273,6 +290,7 @@ class LongTailTrainer(Trainer):
         self.sampler_name = sampler
         self.label_column = label_column
         self.nonfinite_loss = nonfinite_loss
+        self.loss_state_missing = loss_state_missing
         self.nonfinite_skip_limit = nonfinite_skip_limit
         self.divergence_factor = divergence_factor
         self.diverged_at_step: int | None = None
@@ -916,6 +934,8 @@ class LongTailTrainer(Trainer):
         - A checkpoint written with another loss, other class counts (number of labels),
           sampler or seed is refused with :class:`hf_longtail.resume.ResumeMismatchError`
           naming every change, before anything is loaded.
+        - A checkpoint without the loss state the loss needs (CAR) is refused before anything
+          is loaded, unless ``loss_state_missing="fresh"`` (see :meth:`check_resume_checkpoint`).
         - A run that made no optimizer step raises ``RuntimeError`` (its model is untrained).
         """
         if resume_from_checkpoint is True:
@@ -927,13 +947,7 @@ class LongTailTrainer(Trainer):
                 )
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             resume_from_checkpoint = str(resume_from_checkpoint)
-            problem = checkpoint_problem(resume_from_checkpoint)
-            if problem:
-                raise FileNotFoundError(
-                    f"Cannot resume from {resume_from_checkpoint}: {problem}. Resume from an "
-                    "earlier checkpoint (resume_from_checkpoint=True takes the last readable one)."
-                )
-            self._check_checkpoint_recipe(resume_from_checkpoint)
+            self.check_resume_checkpoint(resume_from_checkpoint)
         result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
         if self.state.global_step == 0:
             raise RuntimeError(
@@ -942,6 +956,31 @@ class LongTailTrainer(Trainer):
                 "num_train_epochs / max_steps, or use a smaller batch."
             )
         return result
+
+    def check_resume_checkpoint(self, checkpoint: str | os.PathLike) -> None:
+        """Refuse, before anything is loaded or written, a checkpoint this trainer cannot resume.
+
+        Raises ``FileNotFoundError`` when ``checkpoint`` is unreadable
+        (:func:`hf_longtail.resume.checkpoint_problem`) or, with ``loss_state_missing="refuse"``,
+        when the loss has state to restore (CAR) and the checkpoint holds no readable
+        ``longtail_loss.safetensors``; :class:`~hf_longtail.resume.ResumeMismatchError` when it
+        was written with another recipe. :meth:`train` calls it; ``scripts/train.py`` calls it
+        before it records the resume in ``longtail_run.json``. Returns ``None`` when the
+        checkpoint can be resumed (with ``"fresh"``, a missing loss state is only warned about).
+        """
+        folder = str(checkpoint)
+        problem = checkpoint_problem(folder)
+        if problem:
+            raise FileNotFoundError(
+                f"Cannot resume from {folder}: {problem}. Resume from an earlier checkpoint "
+                "(resume_from_checkpoint=True takes the last readable one)."
+            )
+        self._check_checkpoint_recipe(folder)
+        problem = loss_state_problem(folder)
+        state = restorable_loss_state(self.loss_fn)
+        if problem is None or not state or self.loss_state_missing == "fresh":
+            return  # "fresh": load_loss_state warns when the weights are loaded
+        raise FileNotFoundError(_missing_loss_state_message(folder, problem, state))
 
     def _check_checkpoint_recipe(self, folder: str) -> None:
         path = os.path.join(folder, CHECKPOINT_RECIPE_FILE)
@@ -965,7 +1004,7 @@ class LongTailTrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
         reload_renamed_weights(target, resume_from_checkpoint)
-        load_loss_state(self.loss_fn, resume_from_checkpoint)
+        load_loss_state(self.loss_fn, resume_from_checkpoint, missing=self.loss_state_missing)
 
     def _load_best_model(self) -> None:
         super()._load_best_model()
@@ -1164,28 +1203,77 @@ class LongTailTrainer(Trainer):
         return self.lr_scheduler
 
 
-def load_loss_state(loss_fn: nn.Module, folder: str | os.PathLike) -> bool:
+def restorable_loss_state(loss_fn: nn.Module) -> list[str]:
+    """The entries of ``loss_fn.state_dict()`` a resume must restore from the checkpoint: its
+    buffers (CAR's EMA columns, scale, singular vectors, step count). The ``_extra_state``
+    entries (the epoch) are left out: the trainer sets the epoch again at every step, so a
+    loss with only those (plain CE, CCAR alone, LA, DRW, ...) loses nothing on a fresh start."""
+    return [key for key in loss_fn.state_dict() if not key.endswith("_extra_state")]
+
+
+def loss_state_problem(folder: str | os.PathLike) -> str | None:
+    """Why the loss state of the checkpoint ``folder`` cannot be read, or ``None`` if it can:
+    neither ``longtail_loss.safetensors`` nor the older ``longtail_loss_state.pt`` exists, or
+    the safetensors file is truncated (only its header is read)."""
+    weights = os.path.join(folder, LOSS_WEIGHTS_NAME)
+    if os.path.isfile(weights):
+        return _safetensors_problem(Path(weights))
+    if os.path.isfile(os.path.join(folder, LEGACY_LOSS_STATE_NAME)):
+        return None
+    return f"it has no {LOSS_WEIGHTS_NAME} (nor the older {LEGACY_LOSS_STATE_NAME})"
+
+
+def _missing_loss_state_message(folder: str, problem: str, state: Sequence[str]) -> str:
+    return (
+        f"Cannot resume from {folder}: {problem}, so the loss state ({', '.join(state)}: CAR's "
+        "running confusion estimate) cannot be restored, and resuming would silently restart it "
+        "from zero. Resume from a checkpoint that holds it, or accept a fresh loss state with "
+        'LongTailTrainer(..., loss_state_missing="fresh") (scripts/train.py: '
+        "--loss_state_missing fresh)."
+    )
+
+
+def load_loss_state(
+    loss_fn: nn.Module, folder: str | os.PathLike, *, missing: str = "refuse"
+) -> bool:
     """Restore the loss state of a checkpoint into ``loss_fn``; ``False`` if it has none.
 
     Reads ``longtail_loss.safetensors`` (:meth:`LongTailLoss.save_pretrained`), else the
     ``longtail_loss_state.pt`` of older checkpoints. Always onto the CPU: ``load_state_dict``
     copies into the module's buffers wherever they live (and an indexed CPU device such as
-    ``cpu:0``, ``args.device`` in a multi-process CPU run, is no valid ``map_location``). A
-    checkpoint with neither file (written by a plain ``Trainer``) is accepted with a warning: the
-    loss state then starts fresh, which only matters when CAR or DRW is on.
+    ``cpu:0``, ``args.device`` in a multi-process CPU run, is no valid ``map_location``).
+    A checkpoint with neither file (written by a plain ``Trainer``) returns ``False`` silently
+    when the loss has no state to restore (:func:`restorable_loss_state`); otherwise
+    ``missing="refuse"`` raises ``FileNotFoundError`` naming the folder, the file and the
+    option, and ``missing="fresh"`` keeps the fresh state with a warning.
     """
+    if missing not in LOSS_STATE_MISSING_POLICIES:
+        raise ValueError(
+            f"missing={missing!r} is not valid; use one of {LOSS_STATE_MISSING_POLICIES}."
+        )
     weights = os.path.join(folder, LOSS_WEIGHTS_NAME)
     legacy = os.path.join(folder, LEGACY_LOSS_STATE_NAME)
+    state_keys = restorable_loss_state(loss_fn)
+    problem = loss_state_problem(folder)
+    if problem is not None:
+        if not state_keys:
+            return False
+        if missing == "refuse":
+            raise FileNotFoundError(_missing_loss_state_message(str(folder), problem, state_keys))
+        logger.warning(
+            "%s: %s; the loss state (%s) starts fresh as asked (loss_state_missing='fresh'): the "
+            "resumed run will not match an uninterrupted one.",
+            folder,
+            problem,
+            ", ".join(state_keys),
+        )
+        return False
     if os.path.isfile(weights):
         from safetensors.torch import load_file
 
         state: dict[str, Any] = load_file(weights, device="cpu")
-    elif os.path.isfile(legacy):
-        state = torch.load(legacy, map_location="cpu", weights_only=True)
     else:
-        if len(loss_fn.state_dict()):
-            logger.warning("%s has no %s: the loss state starts fresh.", folder, LOSS_WEIGHTS_NAME)
-        return False
+        state = torch.load(legacy, map_location="cpu", weights_only=True)
     loss_fn.load_state_dict(state)
     return True
 

@@ -303,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
         sampler=data_args.sampler,
         label_column=label_col,
         nonfinite_loss=run_args.nonfinite_loss,
+        loss_state_missing=run_args.loss_state_missing,
         nonfinite_skip_limit=run_args.nonfinite_skip_limit,
         lr_milestones=run_args.lr_milestones,
         lr_gamma=run_args.lr_gamma,
@@ -323,6 +324,9 @@ def main(argv: list[str] | None = None) -> dict:
         from transformers import EarlyStoppingCallback
 
         trainer.add_callback(EarlyStoppingCallback(run_args.early_stopping_patience))
+    if plan.resume is not None:
+        # Refused here (loss state missing, ...) the resume is never recorded in the run record.
+        trainer.check_resume_checkpoint(plan.resume)
     # Everything is validated: only now may --overwrite_output_dir delete the previous run.
     if plan.replace_previous:
         with training_args.main_process_first(local=False, desc="replacing the previous run"):
