@@ -97,8 +97,9 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_longtail.class_counts import ClassCounts, ShotThresholds
+from hf_longtail.disk_errors import naming_write_failures
 from hf_longtail.losses import LongTailLossConfig, build_loss
-from hf_longtail.losses.total_loss import LOSS_WEIGHTS_NAME
+from hf_longtail.losses.total_loss import LOSS_CONFIG_NAME, LOSS_WEIGHTS_NAME
 from hf_longtail.resume import (
     CHECKPOINT_RECIPE_FILE,
     ResumeMismatchError,
@@ -126,6 +127,23 @@ SAMPLERS = ("random", "class_balanced", "sqrt", "progressive")
 #: A loss whose recent training losses all exceed this multiple of its first ones has diverged.
 DIVERGENCE_FACTOR = 100.0
 _DIVERGENCE_REFERENCE_STEPS = 3
+# The files a checkpoint or a saved model writes, in order (to name the one a failed write was
+# writing; see _written_files).
+_LOSS_FILES = (
+    LOSS_WEIGHTS_NAME + ".tmp",
+    LOSS_WEIGHTS_NAME,
+    LOSS_CONFIG_NAME + ".tmp",
+    LOSS_CONFIG_NAME,
+)
+_FULL_MODEL_FILES = ("config.json", "model.safetensors")
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.json")
+_TRAINING_STATE_FILES = (
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state.pth",
+    "trainer_state.json",
+)
 _DIVERGENCE_WINDOW = 5
 
 
@@ -579,35 +597,76 @@ class LongTailTrainer(Trainer):
         }
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """The parent's checkpoint, with the loss state and recipe written first; a write that
+        fails (a full disk) raises :class:`~hf_longtail.disk_errors.DiskWriteError` naming the
+        file, its filesystem and free space, instead of torch's ``unexpected pos``."""
         # Weights that are no longer finite are never written: with save_total_limit the older,
         # good checkpoints would then be rotated away.
         self._check_weights_finite("checkpoint")
-        # The loss state and the recipe go in first: the parent writes trainer_state.json (the
-        # marker of a complete checkpoint) last and then deletes older checkpoints, so a run
-        # killed at any moment never leaves a "complete" checkpoint without its CAR state.
-        if self.args.should_save:
-            run_dir = self._get_output_dir(trial=trial)
-            folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            self.loss_fn.save_pretrained(folder)
-            with open(os.path.join(folder, CHECKPOINT_RECIPE_FILE), "w", encoding="utf-8") as f:
-                json.dump(self.checkpoint_recipe(), f, indent=2, sort_keys=True)
-        super()._save_checkpoint(model, trial)
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        # trainer_state.json, the completion marker, is written last: a failed checkpoint is
+        # never taken for a readable one, and a resume skips it.
+        fix = (
+            f"Then resume from the last complete checkpoint (resume_from_checkpoint=True; "
+            f"scripts/train.py: re-run the same command): {folder} is incomplete and is skipped."
+        )
+        files = self._written_files(checkpoint=True)
+        with naming_write_failures(folder, f"checkpoint {folder}", files, fix):
+            # The loss state and the recipe go in first: the parent writes trainer_state.json
+            # and then deletes older checkpoints, so a run killed at any moment never leaves a
+            # "complete" checkpoint without its CAR state.
+            if self.args.should_save:
+                self.loss_fn.save_pretrained(folder)
+                recipe = os.path.join(folder, CHECKPOINT_RECIPE_FILE)
+                with open(recipe, "w", encoding="utf-8") as f:
+                    json.dump(self.checkpoint_recipe(), f, indent=2, sort_keys=True)
+            super()._save_checkpoint(model, trial)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """The parent's ``save_model``, refused (on every process) when a weight is not finite."""
-        if not _internal_call:
-            self._check_weights_finite("model")
-        super().save_model(output_dir, _internal_call=_internal_call)
-        # Checkpoints got the loss in _save_checkpoint (before trainer_state.json); a saved model
-        # gets it here, so LongTailLoss.from_pretrained(output_dir) rebuilds the trained loss.
-        if not _internal_call and self.args.should_save:
-            folder = output_dir if output_dir is not None else self.args.output_dir
-            self.loss_fn.save_pretrained(folder)
-            from hf_longtail.models.lora import is_lora_model, save_base_config
+        """The parent's ``save_model`` plus the loss (``LongTailLoss.save_pretrained``) and, for
+        a LoRA model, its base config. Refused (on every process) when a weight is not finite; a
+        write that fails (a full disk) raises :class:`~hf_longtail.disk_errors.DiskWriteError`
+        naming the file, its filesystem and free space."""
+        if _internal_call:  # a checkpoint: _save_checkpoint names its failures
+            super().save_model(output_dir, _internal_call=True)
+            return
+        self._check_weights_finite("model")
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        fix = (
+            "Then save it again (trainer.save_model(); scripts/train.py: re-run the same "
+            "command, which continues from the last complete checkpoint)."
+        )
+        files = self._written_files(checkpoint=False)
+        with naming_write_failures(folder, f"the model into {folder}", files, fix):
+            super().save_model(output_dir, _internal_call=False)
+            # Checkpoints got the loss in _save_checkpoint (before trainer_state.json); a saved
+            # model gets it here, so LongTailLoss.from_pretrained(output_dir) rebuilds it.
+            if self.args.should_save:
+                self.loss_fn.save_pretrained(folder)
+                from hf_longtail.models.lora import is_lora_model, save_base_config
 
-            model = self.accelerator.unwrap_model(self.model)
-            if is_lora_model(model):  # the adapter files alone do not say what the model is
-                save_base_config(model, folder)
+                model = self.accelerator.unwrap_model(self.model)
+                if is_lora_model(model):  # the adapter files alone do not say what it is
+                    save_base_config(model, folder)
+
+    def _written_files(self, *, checkpoint: bool) -> tuple[str, ...]:
+        """The files a checkpoint (or a saved model) of this trainer writes, in order: the loss
+        state and recipe first (checkpoints), the model (``save_pretrained``, or the LoRA
+        adapter with its base config), the processor, ``training_args.bin``, then the
+        optimizer, scheduler and RNG state and ``trainer_state.json`` (checkpoints) or the
+        loss (a saved model)."""
+        from hf_longtail.models.lora import is_lora_model
+
+        lora = self.model is not None and is_lora_model(self.accelerator.unwrap_model(self.model))
+        model = (
+            *(_ADAPTER_FILES if lora else _FULL_MODEL_FILES),
+            "preprocessor_config.json",
+            "training_args.bin",
+        )
+        if checkpoint:
+            return (*_LOSS_FILES, CHECKPOINT_RECIPE_FILE, *model, *_TRAINING_STATE_FILES)
+        return (*model, *_LOSS_FILES)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         # The parent pickles the whole TrainingArguments into training_args.bin (output dir and
