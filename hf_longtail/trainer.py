@@ -936,7 +936,9 @@ class LongTailTrainer(Trainer):
         :func:`hf_longtail.hub.push_long_tail_model` to ``args.hub_model_id`` (else the output
         directory's name): model, image processor, loss, ``all_results.json``,
         ``longtail_run.json``, plots and the long-tail card (never checkpoints, optimizer state
-        or ``training_args.bin``). ``kwargs`` are the card options of :meth:`create_model_card`.
+        or ``training_args.bin``). The card is uploaded from a temporary copy: the run's
+        ``README.md`` (perhaps edited by hand) is left as it is. ``kwargs`` are the card
+        options of :meth:`create_model_card`.
         A failure of the Hub part raises :class:`hf_longtail.hub.PushToHubError` naming the
         cause and the retry command; a run that was not evaluated
         (:meth:`evaluate_and_save`) raises :class:`hf_longtail.hub.OutputDirError` before any
