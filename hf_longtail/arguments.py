@@ -485,6 +485,14 @@ class RunArguments:
     save_on_signal: bool = field(
         default=True, metadata={"help": "Checkpoint on SIGTERM/SIGINT before exiting."}
     )
+    loss_state_missing: str = field(
+        default="refuse",
+        metadata={
+            "help": "Resuming from a checkpoint without the loss state CAR needs "
+            "(longtail_loss.safetensors): 'refuse' (default: stop, naming the checkpoint) or "
+            "'fresh' (resume with a fresh CAR state)."
+        },
+    )
     early_stopping_patience: int | None = field(
         default=None,
         metadata={
@@ -829,6 +837,7 @@ def _check_data_and_run_options(
     from hf_longtail.data.profiles import PROFILES, validate_imbalance_factor
     from hf_longtail.data.transforms import AUTO_AUGMENT, ON_BAD_IMAGE, TRANSFORM_PROTOCOLS
     from hf_longtail.trainer import (
+        LOSS_STATE_MISSING_POLICIES,
         NONFINITE_POLICIES,
         SAMPLERS,
         check_run_length,
@@ -840,6 +849,7 @@ def _check_data_and_run_options(
         ("on_bad_image", data_args.on_bad_image, ON_BAD_IMAGE),
         ("pixel_cache", data_args.pixel_cache, PIXEL_CACHE_MODES),
         ("nonfinite_loss", run_args.nonfinite_loss, NONFINITE_POLICIES),
+        ("loss_state_missing", run_args.loss_state_missing, LOSS_STATE_MISSING_POLICIES),
         ("imbalance_profile", data_args.imbalance_profile, tuple(PROFILES)),
         ("train_transform", data_args.train_transform, TRANSFORM_PROTOCOLS),
         ("auto_augment", data_args.auto_augment, (None, *AUTO_AUGMENT)),

@@ -88,6 +88,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -97,12 +98,14 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_longtail.class_counts import ClassCounts, ShotThresholds
+from hf_longtail.disk_errors import naming_write_failures
 from hf_longtail.losses import LongTailLossConfig, build_loss
-from hf_longtail.losses.total_loss import LOSS_WEIGHTS_NAME
+from hf_longtail.losses.total_loss import LOSS_CONFIG_NAME, LOSS_WEIGHTS_NAME
 from hf_longtail.resume import (
     CHECKPOINT_RECIPE_FILE,
     PROGRESS_FILE,
     ResumeMismatchError,
+    _safetensors_problem,
     checkpoint_problem,
     checkpoint_step,
     last_readable_checkpoint,
@@ -124,10 +127,29 @@ logger = logging.getLogger(__name__)
 #: The loss-state file of checkpoints written before ``LongTailLoss.save_pretrained`` (read only).
 LEGACY_LOSS_STATE_NAME = "longtail_loss_state.pt"
 NONFINITE_POLICIES = ("raise", "skip")
+#: What a resume does with a checkpoint whose loss state (CAR's EMA) is missing or unreadable.
+LOSS_STATE_MISSING_POLICIES = ("refuse", "fresh")
 SAMPLERS = ("random", "class_balanced", "sqrt", "progressive")
 #: A loss whose recent training losses all exceed this multiple of its first ones has diverged.
 DIVERGENCE_FACTOR = 100.0
 _DIVERGENCE_REFERENCE_STEPS = 3
+# The files a checkpoint or a saved model writes, in order (to name the one a failed write was
+# writing; see _written_files).
+_LOSS_FILES = (
+    LOSS_WEIGHTS_NAME + ".tmp",
+    LOSS_WEIGHTS_NAME,
+    LOSS_CONFIG_NAME + ".tmp",
+    LOSS_CONFIG_NAME,
+)
+_FULL_MODEL_FILES = ("config.json", "model.safetensors")
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.json")
+_TRAINING_STATE_FILES = (
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state.pth",
+    "trainer_state.json",
+)
 _DIVERGENCE_WINDOW = 5
 
 
@@ -219,6 +241,13 @@ class LongTailTrainer(Trainer):
         shot_thresholds: ``{"many": 100, "few": 20}`` by default: the shot groups of this run
             (:mod:`hf_longtail.class_counts`), for the loss's head/tail statistics (head =
             many-shot), the final metrics, the plots and the card (:meth:`evaluate_and_save`).
+        loss_state_missing: what a resume does with a checkpoint that holds no readable loss
+            state (``longtail_loss.safetensors``) while the loss has state to restore (CAR's
+            EMA confusion estimate and singular vectors): ``"refuse"`` (default) raises
+            ``FileNotFoundError`` naming the checkpoint, the file and this option before any
+            weight is loaded; ``"fresh"`` resumes with a freshly initialised loss state (a
+            warning says so). A loss without such state (plain CE, CCAR alone, LA, ...) resumes
+            either way without a message.
     """
 
     def __init__(
@@ -239,8 +268,14 @@ class LongTailTrainer(Trainer):
         pixel_cache_dir: str | os.PathLike | None = None,
         pixel_cache_max_bytes: int | None = None,
         shot_thresholds: Mapping[str, float] | None = None,
+        loss_state_missing: str = "refuse",
         **kwargs: Any,
     ) -> None:
+        if loss_state_missing not in LOSS_STATE_MISSING_POLICIES:
+            raise ValueError(
+                f"loss_state_missing={loss_state_missing!r} is not valid; use one of "
+                f"{LOSS_STATE_MISSING_POLICIES}."
+            )
         if nonfinite_loss not in NONFINITE_POLICIES:
             raise ValueError(
                 f"nonfinite_loss={nonfinite_loss!r} is not valid; use one of {NONFINITE_POLICIES}."
@@ -284,6 +319,7 @@ class LongTailTrainer(Trainer):
         self.sampler_name = sampler
         self.label_column = label_column
         self.nonfinite_loss = nonfinite_loss
+        self.loss_state_missing = loss_state_missing
         self.nonfinite_skip_limit = nonfinite_skip_limit
         self.divergence_factor = divergence_factor
         self.diverged_at_step: int | None = None
@@ -577,21 +613,33 @@ class LongTailTrainer(Trainer):
         }
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """The parent's checkpoint, with the loss state and recipe written first; a write that
+        fails (a full disk) raises :class:`~hf_longtail.disk_errors.DiskWriteError` naming the
+        file, its filesystem and free space, instead of torch's ``unexpected pos``."""
         # Weights that are no longer finite are never written: with save_total_limit the older,
         # good checkpoints would then be rotated away.
         self._check_weights_finite("checkpoint")
         progress = self._progress()  # collective under DDP: every process takes part
-        # The loss state and the recipe go in first: the parent writes trainer_state.json (the
-        # marker of a complete checkpoint) last and then deletes older checkpoints, so a run
-        # killed at any moment never leaves a "complete" checkpoint without its CAR state.
-        if self.args.should_save:
-            run_dir = self._get_output_dir(trial=trial)
-            folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            self.loss_fn.save_pretrained(folder)
-            with open(os.path.join(folder, CHECKPOINT_RECIPE_FILE), "w", encoding="utf-8") as f:
-                json.dump(self.checkpoint_recipe(), f, indent=2, sort_keys=True)
-            write_json(os.path.join(folder, PROGRESS_FILE), progress)
-        super()._save_checkpoint(model, trial)
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        # trainer_state.json, the completion marker, is written last: a failed checkpoint is
+        # never taken for a readable one, and a resume skips it.
+        fix = (
+            f"Then resume from the last complete checkpoint (resume_from_checkpoint=True; "
+            f"scripts/train.py: re-run the same command): {folder} is incomplete and is skipped."
+        )
+        files = self._written_files(checkpoint=True)
+        with naming_write_failures(folder, f"checkpoint {folder}", files, fix):
+            # The loss state and the recipe go in first: the parent writes trainer_state.json
+            # and then deletes older checkpoints, so a run killed at any moment never leaves a
+            # "complete" checkpoint without its CAR state.
+            if self.args.should_save:
+                self.loss_fn.save_pretrained(folder)
+                recipe = os.path.join(folder, CHECKPOINT_RECIPE_FILE)
+                with open(recipe, "w", encoding="utf-8") as f:
+                    json.dump(self.checkpoint_recipe(), f, indent=2, sort_keys=True)
+                write_json(os.path.join(folder, PROGRESS_FILE), progress)
+            super()._save_checkpoint(model, trial)
 
     def _progress(self) -> dict[str, Any]:
         """The run's training progress at this step (:data:`hf_longtail.resume.PROGRESS_FILE`):
@@ -623,20 +671,49 @@ class LongTailTrainer(Trainer):
         return getattr(self, "_total_loss_scalar", 0.0) / self.state.global_step
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """The parent's ``save_model``, refused (on every process) when a weight is not finite."""
-        if not _internal_call:
-            self._check_weights_finite("model")
-        super().save_model(output_dir, _internal_call=_internal_call)
-        # Checkpoints got the loss in _save_checkpoint (before trainer_state.json); a saved model
-        # gets it here, so LongTailLoss.from_pretrained(output_dir) rebuilds the trained loss.
-        if not _internal_call and self.args.should_save:
-            folder = output_dir if output_dir is not None else self.args.output_dir
-            self.loss_fn.save_pretrained(folder)
-            from hf_longtail.models.lora import is_lora_model, save_base_config
+        """The parent's ``save_model`` plus the loss (``LongTailLoss.save_pretrained``) and, for
+        a LoRA model, its base config. Refused (on every process) when a weight is not finite; a
+        write that fails (a full disk) raises :class:`~hf_longtail.disk_errors.DiskWriteError`
+        naming the file, its filesystem and free space."""
+        if _internal_call:  # a checkpoint: _save_checkpoint names its failures
+            super().save_model(output_dir, _internal_call=True)
+            return
+        self._check_weights_finite("model")
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        fix = (
+            "Then save it again (trainer.save_model(); scripts/train.py: re-run the same "
+            "command, which continues from the last complete checkpoint)."
+        )
+        files = self._written_files(checkpoint=False)
+        with naming_write_failures(folder, f"the model into {folder}", files, fix):
+            super().save_model(output_dir, _internal_call=False)
+            # Checkpoints got the loss in _save_checkpoint (before trainer_state.json); a saved
+            # model gets it here, so LongTailLoss.from_pretrained(output_dir) rebuilds it.
+            if self.args.should_save:
+                self.loss_fn.save_pretrained(folder)
+                from hf_longtail.models.lora import is_lora_model, save_base_config
 
-            model = self.accelerator.unwrap_model(self.model)
-            if is_lora_model(model):  # the adapter files alone do not say what the model is
-                save_base_config(model, folder)
+                model = self.accelerator.unwrap_model(self.model)
+                if is_lora_model(model):  # the adapter files alone do not say what it is
+                    save_base_config(model, folder)
+
+    def _written_files(self, *, checkpoint: bool) -> tuple[str, ...]:
+        """The files a checkpoint (or a saved model) of this trainer writes, in order: the loss
+        state and recipe first (checkpoints), the model (``save_pretrained``, or the LoRA
+        adapter with its base config), the processor, ``training_args.bin``, then the
+        optimizer, scheduler and RNG state and ``trainer_state.json`` (checkpoints) or the
+        loss (a saved model)."""
+        from hf_longtail.models.lora import is_lora_model
+
+        lora = self.model is not None and is_lora_model(self.accelerator.unwrap_model(self.model))
+        model = (
+            *(_ADAPTER_FILES if lora else _FULL_MODEL_FILES),
+            "preprocessor_config.json",
+            "training_args.bin",
+        )
+        if checkpoint:
+            return (*_LOSS_FILES, CHECKPOINT_RECIPE_FILE, *model, *_TRAINING_STATE_FILES)
+        return (*model, *_LOSS_FILES)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         # The parent pickles the whole TrainingArguments into training_args.bin (output dir and
@@ -910,7 +987,9 @@ class LongTailTrainer(Trainer):
         :func:`hf_longtail.hub.push_long_tail_model` to ``args.hub_model_id`` (else the output
         directory's name): model, image processor, loss, ``all_results.json``,
         ``longtail_run.json``, plots and the long-tail card (never checkpoints, optimizer state
-        or ``training_args.bin``). ``kwargs`` are the card options of :meth:`create_model_card`.
+        or ``training_args.bin``). The card is uploaded from a temporary copy: the run's
+        ``README.md`` (perhaps edited by hand) is left as it is. ``kwargs`` are the card
+        options of :meth:`create_model_card`.
         A failure of the Hub part raises :class:`hf_longtail.hub.PushToHubError` naming the
         cause and the retry command; a run that was not evaluated
         (:meth:`evaluate_and_save`) raises :class:`hf_longtail.hub.OutputDirError` before any
@@ -985,13 +1064,8 @@ class LongTailTrainer(Trainer):
         if not isinstance(resume_from_checkpoint, (str, os.PathLike)):
             return None
         folder = str(resume_from_checkpoint)
-        problem = checkpoint_problem(folder)
-        if problem:
-            raise FileNotFoundError(
-                f"Cannot resume from {folder}: {problem}. Resume from an earlier checkpoint "
-                "(resume_from_checkpoint=True takes the last readable one)."
-            )
-        self._check_checkpoint_recipe(folder)
+        # Unreadable, another recipe, or a CAR state it cannot restore: refused first.
+        self.check_resume_checkpoint(folder)
         step, _ = checkpoint_step(folder)
         planned = self.planned_max_steps()
         if step > planned:
@@ -1092,6 +1166,31 @@ class LongTailTrainer(Trainer):
         self.log(metrics)  # as the parent's end of training: log history, trackers (adds epoch)
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
 
+    def check_resume_checkpoint(self, checkpoint: str | os.PathLike) -> None:
+        """Refuse, before anything is loaded or written, a checkpoint this trainer cannot resume.
+
+        Raises ``FileNotFoundError`` when ``checkpoint`` is unreadable
+        (:func:`hf_longtail.resume.checkpoint_problem`) or, with ``loss_state_missing="refuse"``,
+        when the loss has state to restore (CAR) and the checkpoint holds no readable
+        ``longtail_loss.safetensors``; :class:`~hf_longtail.resume.ResumeMismatchError` when it
+        was written with another recipe. :meth:`train` calls it; ``scripts/train.py`` calls it
+        before it records the resume in ``longtail_run.json``. Returns ``None`` when the
+        checkpoint can be resumed (with ``"fresh"``, a missing loss state is only warned about).
+        """
+        folder = str(checkpoint)
+        problem = checkpoint_problem(folder)
+        if problem:
+            raise FileNotFoundError(
+                f"Cannot resume from {folder}: {problem}. Resume from an earlier checkpoint "
+                "(resume_from_checkpoint=True takes the last readable one)."
+            )
+        self._check_checkpoint_recipe(folder)
+        problem = loss_state_problem(folder)
+        state = restorable_loss_state(self.loss_fn)
+        if problem is None or not state or self.loss_state_missing == "fresh":
+            return  # "fresh": load_loss_state warns when the weights are loaded
+        raise FileNotFoundError(_missing_loss_state_message(folder, problem, state))
+
     def _check_checkpoint_recipe(self, folder: str) -> None:
         path = os.path.join(folder, CHECKPOINT_RECIPE_FILE)
         try:
@@ -1114,7 +1213,7 @@ class LongTailTrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
         reload_renamed_weights(target, resume_from_checkpoint)
-        load_loss_state(self.loss_fn, resume_from_checkpoint)
+        load_loss_state(self.loss_fn, resume_from_checkpoint, missing=self.loss_state_missing)
 
     def _load_best_model(self) -> None:
         super()._load_best_model()
@@ -1313,28 +1412,77 @@ class LongTailTrainer(Trainer):
         return self.lr_scheduler
 
 
-def load_loss_state(loss_fn: nn.Module, folder: str | os.PathLike) -> bool:
+def restorable_loss_state(loss_fn: nn.Module) -> list[str]:
+    """The entries of ``loss_fn.state_dict()`` a resume must restore from the checkpoint: its
+    buffers (CAR's EMA columns, scale, singular vectors, step count). The ``_extra_state``
+    entries (the epoch) are left out: the trainer sets the epoch again at every step, so a
+    loss with only those (plain CE, CCAR alone, LA, DRW, ...) loses nothing on a fresh start."""
+    return [key for key in loss_fn.state_dict() if not key.endswith("_extra_state")]
+
+
+def loss_state_problem(folder: str | os.PathLike) -> str | None:
+    """Why the loss state of the checkpoint ``folder`` cannot be read, or ``None`` if it can:
+    neither ``longtail_loss.safetensors`` nor the older ``longtail_loss_state.pt`` exists, or
+    the safetensors file is truncated (only its header is read)."""
+    weights = os.path.join(folder, LOSS_WEIGHTS_NAME)
+    if os.path.isfile(weights):
+        return _safetensors_problem(Path(weights))
+    if os.path.isfile(os.path.join(folder, LEGACY_LOSS_STATE_NAME)):
+        return None
+    return f"it has no {LOSS_WEIGHTS_NAME} (nor the older {LEGACY_LOSS_STATE_NAME})"
+
+
+def _missing_loss_state_message(folder: str, problem: str, state: Sequence[str]) -> str:
+    return (
+        f"Cannot resume from {folder}: {problem}, so the loss state ({', '.join(state)}: CAR's "
+        "running confusion estimate) cannot be restored, and resuming would silently restart it "
+        "from zero. Resume from a checkpoint that holds it, or accept a fresh loss state with "
+        'LongTailTrainer(..., loss_state_missing="fresh") (scripts/train.py: '
+        "--loss_state_missing fresh)."
+    )
+
+
+def load_loss_state(
+    loss_fn: nn.Module, folder: str | os.PathLike, *, missing: str = "refuse"
+) -> bool:
     """Restore the loss state of a checkpoint into ``loss_fn``; ``False`` if it has none.
 
     Reads ``longtail_loss.safetensors`` (:meth:`LongTailLoss.save_pretrained`), else the
     ``longtail_loss_state.pt`` of older checkpoints. Always onto the CPU: ``load_state_dict``
     copies into the module's buffers wherever they live (and an indexed CPU device such as
-    ``cpu:0``, ``args.device`` in a multi-process CPU run, is no valid ``map_location``). A
-    checkpoint with neither file (written by a plain ``Trainer``) is accepted with a warning: the
-    loss state then starts fresh, which only matters when CAR or DRW is on.
+    ``cpu:0``, ``args.device`` in a multi-process CPU run, is no valid ``map_location``).
+    A checkpoint with neither file (written by a plain ``Trainer``) returns ``False`` silently
+    when the loss has no state to restore (:func:`restorable_loss_state`); otherwise
+    ``missing="refuse"`` raises ``FileNotFoundError`` naming the folder, the file and the
+    option, and ``missing="fresh"`` keeps the fresh state with a warning.
     """
+    if missing not in LOSS_STATE_MISSING_POLICIES:
+        raise ValueError(
+            f"missing={missing!r} is not valid; use one of {LOSS_STATE_MISSING_POLICIES}."
+        )
     weights = os.path.join(folder, LOSS_WEIGHTS_NAME)
     legacy = os.path.join(folder, LEGACY_LOSS_STATE_NAME)
+    state_keys = restorable_loss_state(loss_fn)
+    problem = loss_state_problem(folder)
+    if problem is not None:
+        if not state_keys:
+            return False
+        if missing == "refuse":
+            raise FileNotFoundError(_missing_loss_state_message(str(folder), problem, state_keys))
+        logger.warning(
+            "%s: %s; the loss state (%s) starts fresh as asked (loss_state_missing='fresh'): the "
+            "resumed run will not match an uninterrupted one.",
+            folder,
+            problem,
+            ", ".join(state_keys),
+        )
+        return False
     if os.path.isfile(weights):
         from safetensors.torch import load_file
 
         state: dict[str, Any] = load_file(weights, device="cpu")
-    elif os.path.isfile(legacy):
-        state = torch.load(legacy, map_location="cpu", weights_only=True)
     else:
-        if len(loss_fn.state_dict()):
-            logger.warning("%s has no %s: the loss state starts fresh.", folder, LOSS_WEIGHTS_NAME)
-        return False
+        state = torch.load(legacy, map_location="cpu", weights_only=True)
     loss_fn.load_state_dict(state)
     return True
 

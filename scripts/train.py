@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
         sampler=data_args.sampler,
         label_column=label_col,
         nonfinite_loss=run_args.nonfinite_loss,
+        loss_state_missing=run_args.loss_state_missing,
         nonfinite_skip_limit=run_args.nonfinite_skip_limit,
         lr_milestones=run_args.lr_milestones,
         lr_gamma=run_args.lr_gamma,
@@ -344,8 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
         from transformers import EarlyStoppingCallback
 
         trainer.add_callback(EarlyStoppingCallback(run_args.early_stopping_patience))
-    # A checkpoint past the run's length (or unreadable, or of another recipe) is refused here,
-    # before the run record is rewritten.
+    # A checkpoint past the run's length, unreadable, of another recipe or without the loss
+    # state it needs is refused here, before the run record is rewritten.
     trainer.check_resume(plan.resume)
     # Everything is validated: only now may --overwrite_output_dir delete the previous run.
     if plan.replace_previous:

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 from _helpers_train import table_row, tiny_vit
 from huggingface_hub import ModelCard
-from huggingface_hub.utils import filter_repo_objects
 
 from hf_longtail.hub import (
     OutputDirError,
@@ -222,18 +221,13 @@ class FakeApi:
     def create_branch(self, repo_id, **kwargs):
         self._record("create_branch", {"repo_id": repo_id, **kwargs})
 
-    def upload_folder(self, **kwargs):
-        # Snapshot what would be sent now: a failure must not be able to change it afterwards.
-        folder = Path(kwargs["folder_path"])
-        every = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
-        kwargs["would_upload"] = sorted(
-            filter_repo_objects(
-                every,
-                allow_patterns=kwargs.get("allow_patterns"),
-                ignore_patterns=kwargs.get("ignore_patterns"),
-            )
-        )
-        self._record("upload_folder", kwargs)
+    def create_commit(self, **kwargs):
+        # Snapshot what would be sent now (the card's temporary copy is gone after the call).
+        operations = kwargs["operations"]
+        kwargs["would_upload"] = sorted(op.path_in_repo for op in operations)
+        kwargs["sources"] = {op.path_in_repo: Path(op.path_or_fileobj) for op in operations}
+        kwargs["card"] = kwargs["sources"]["README.md"].read_text(encoding="utf-8")
+        self._record("create_commit", kwargs)
         return FakeCommitInfo(f"https://huggingface.co/{kwargs['repo_id']}/commit/abc123")
 
 
@@ -487,20 +481,25 @@ def test_push_uploads_exactly_the_model_card_plots_and_results(run_dir):
     api = FakeApi()
     commit = push_long_tail_model(run_dir, "me/digits-ccar-car", private=True, api=api)
     assert commit.commit_url.startswith("https://huggingface.co/me/digits-ccar-car/commit/")
-    assert [name for name, _ in api.calls] == ["create_repo", "upload_folder"]
+    assert [name for name, _ in api.calls] == ["create_repo", "create_commit"]
     create = api.calls[0][1]
     assert create["repo_id"] == "me/digits-ccar-car"
     assert create["private"] is True and create["exist_ok"] is True
     upload = api.calls[1][1]
-    assert Path(upload["folder_path"]) == run_dir.resolve()
-    # Filtered with huggingface_hub's own matcher over every file, sub-directories included.
-    assert upload["would_upload"] == files_to_push(run_dir)
+    # The run's files, read where they are, and the card.
+    assert upload["would_upload"] == sorted([*files_to_push(run_dir), "README.md"])
+    assert all(
+        src == run_dir.resolve() / name
+        for name, src in upload["sources"].items()
+        if name != "README.md"
+    )
     assert not any(f.startswith(("checkpoint-", "runs")) for f in upload["would_upload"])
     assert {"training_args.bin", "optimizer.pt", "trainer_state.json"}.isdisjoint(
         upload["would_upload"]
     )
-    # The card was written locally before uploading and names the repo.
-    card = ModelCard.load(run_dir / "README.md")
+    # The card names the repo; it was rendered into a temporary copy, not into the run dir.
+    assert not (run_dir / "README.md").exists()
+    card = ModelCard(upload["card"])
     assert 'model="me/digits-ccar-car"' in card.text
     assert card_metrics(card)["accuracy"] == _results()["test_accuracy"]
 
@@ -508,15 +507,17 @@ def test_push_uploads_exactly_the_model_card_plots_and_results(run_dir):
 def test_push_to_a_revision_creates_the_branch_first(run_dir):
     api = FakeApi()
     push_long_tail_model(run_dir, "me/m", revision="v1", api=api)
-    assert [name for name, _ in api.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert [name for name, _ in api.calls] == ["create_repo", "create_branch", "create_commit"]
     assert api.calls[1][1]["branch"] == "v1" and api.calls[1][1]["exist_ok"] is True
     assert api.calls[2][1]["revision"] == "v1"
 
 
 def test_keep_card_uploads_the_hand_edited_readme(run_dir):
     (run_dir / "README.md").write_text("---\nlicense: mit\n---\n# my own words\n")
-    push_long_tail_model(run_dir, "me/m", keep_card=True, api=FakeApi())
+    api = FakeApi()
+    push_long_tail_model(run_dir, "me/m", keep_card=True, api=api)
     assert (run_dir / "README.md").read_text().endswith("# my own words\n")
+    assert api.calls[-1][1]["card"].endswith("# my own words\n")
 
 
 def _http_error(cls, status: int):
@@ -529,8 +530,8 @@ def _http_error(cls, status: int):
 @pytest.mark.parametrize(
     ("fail_at", "make_error", "cause"),
     [
-        ("upload_folder", lambda: ConnectionError("connection reset by peer"), "network"),
-        ("upload_folder", lambda: TimeoutError("read timed out"), "network"),
+        ("create_commit", lambda: ConnectionError("connection reset by peer"), "network"),
+        ("create_commit", lambda: TimeoutError("read timed out"), "network"),
         (
             "create_repo",
             lambda: _http_error(__import__("huggingface_hub").errors.HfHubHTTPError, 401),
@@ -549,7 +550,7 @@ def test_failed_push_keeps_local_files_and_says_how_to_retry(run_dir, fail_at, m
     err = make_error()
     with pytest.raises(PushToHubError) as info:
         push_long_tail_model(run_dir, "me/digits-ccar-car", api=FakeApi(fail_at, err))
-    assert _snapshot(run_dir) == before  # README regenerated identically, nothing else touched
+    assert _snapshot(run_dir) == before  # nothing written, changed or deleted
     msg = str(info.value)
     retry = f"python -m hf_longtail.hub push {run_dir.resolve()} --repo-id me/digits-ccar-car"
     assert info.value.retry_command == retry
@@ -618,7 +619,7 @@ def test_cli_push_offline_in_a_subprocess(run_dir):
     )
     assert proc.returncode == 1, proc.stderr
     assert re.search(r"Retry with: python -m hf_longtail\.hub push \S+ --repo-id me/m", proc.stderr)
-    assert (run_dir / "model.safetensors").is_file() and (run_dir / "README.md").is_file()
+    assert (run_dir / "model.safetensors").is_file() and not (run_dir / "README.md").exists()
 
 
 def test_a_custom_template_replaces_the_packaged_one(run_dir, tmp_path):

@@ -35,14 +35,13 @@ class FakeHfApi:
         FakeHfApi.calls.append({"create_repo": repo_id})
         return type("RepoUrl", (), {"repo_id": repo_id})()
 
-    def upload_folder(self, *, repo_id, folder_path, allow_patterns, **kwargs):
-        folder = Path(folder_path)
-        names = sorted(p.replace("\\", "") for p in allow_patterns)
+    def create_commit(self, *, repo_id, operations, **kwargs):
+        sources = {op.path_in_repo: Path(op.path_or_fileobj) for op in operations}
         FakeHfApi.calls.append(
             {
                 "upload": repo_id,
-                "names": names,
-                "card": (folder / "README.md").read_text(encoding="utf-8"),
+                "names": sorted(sources),
+                "card": sources["README.md"].read_text(encoding="utf-8"),
             }
         )
         return "commit"

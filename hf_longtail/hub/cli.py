@@ -1,7 +1,7 @@
 """Command line: ``python -m hf_longtail.hub {push,card} OUTPUT_DIR ...``.
 
 ``push`` uploads a finished run directory (model, processor, card, plots, results) to a model
-repo; ``card`` (re)writes the long-tail model card ``README.md`` locally, optionally exporting
+repo, changing no local file; ``card`` (re)writes the long-tail model card ``README.md`` locally, optionally exporting
 it with its plots (how ``model_cards/examples/`` is regenerated). Exit status: 0 on success,
 1 when the push failed (local files intact; the message says how to retry), 2 for bad input
 (missing files, invalid repo id, bad arguments).
@@ -28,8 +28,9 @@ EXIT_OK, EXIT_PUSH_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 _SUBCOMMANDS: dict[str, dict[str, Any]] = {
     "push": {
         "help": "push a finished run output directory to a Hub model repo",
-        "description": "Write the long-tail card, then upload the model, processor, card, "
-        "plots, all_results.json and longtail_run.json (never checkpoints or optimizer state).",
+        "description": "Upload the model, processor, plots, all_results.json, "
+        "longtail_run.json (never checkpoints or optimizer state) and the long-tail card, "
+        "rendered for --repo-id into a temporary copy: OUTPUT_DIR/README.md is never rewritten.",
         "repo_id": {"required": True, "help": "target model repo, 'namespace/name'"},
         "options": {
             "--private": {"action": "store_true", "help": "create the repo as private"},

@@ -1,24 +1,28 @@
 """Push a finished run output directory to the Hugging Face Hub, safely.
 
-Everything is saved locally first (the trainer's job); the push only reads those files, writes
-the card (``README.md``) next to them before any network call, and never deletes or moves
-anything. Any failure of the network part becomes a :class:`PushToHubError` whose message says
-what failed and the exact CLI command that retries the push.
+Everything is saved locally first (the trainer's job); the push only reads those files. The
+card it publishes is rendered into a temporary copy that is uploaded as ``README.md``: the run
+directory's own ``README.md`` (perhaps edited by hand) is never rewritten, and nothing there is
+deleted or moved. Any failure of the network part becomes a :class:`PushToHubError` whose
+message says what failed and the exact CLI command that retries the push.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import glob
+import logging
 import shlex
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hf_longtail.hub.card import CARD_OPTIONS, write_model_card
+from hf_longtail.hub.card import CARD_OPTIONS, build_model_card
 from hf_longtail.hub.rundir import CARD_FILE, validate_output_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import CommitInfo, HfApi
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_COMMIT_MESSAGE = "Upload long-tailed image classifier (hf-longtail)"
 
@@ -127,6 +131,26 @@ def _token_known(token: str | None, api: Any) -> bool:
         return False
 
 
+def _warn_if_local_card_is_kept_back(path: Path, card_text: str, card: dict[str, Any]) -> None:
+    """Say so when the run's ``README.md`` is not the card hf-longtail renders from its files
+    (edited by hand, or stale): it stays as it is, and the regenerated card is uploaded."""
+    local = path / CARD_FILE
+    if not local.is_file():
+        return
+    try:
+        text = local.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = None
+    if text is not None and text in (card_text, str(build_model_card(path, None, **card))):
+        return
+    logger.warning(
+        "%s is not the card hf-longtail generates for this run (edited by hand?): it is left "
+        "unchanged and not uploaded; the generated card is. Pass --keep-card (keep_card=True) "
+        "to upload yours instead.",
+        local,
+    )
+
+
 def push_long_tail_model(
     output_dir: str | Path,
     repo_id: str,
@@ -142,19 +166,22 @@ def push_long_tail_model(
     """Push a finished run directory to the model repo ``repo_id``; return the ``CommitInfo``.
 
     Steps: validate ``output_dir`` (:class:`~hf_longtail.hub.rundir.OutputDirError` before any
-    network call) and ``repo_id``; write the long-tail card ``README.md`` there (unless
-    ``keep_card`` and one exists); ``create_repo(exist_ok=True)``; create ``revision`` as a
-    branch if given; ``upload_folder`` restricted to :func:`files_to_push` (model, processor,
-    card, plots, ``all_results.json``, ``longtail_run.json``; no checkpoints or optimizer
-    state). ``api`` defaults to ``HfApi(token=token)``; pass one to inject a client. ``card``:
-    the :data:`~hf_longtail.hub.card.CARD_OPTIONS` (``license`` (default apache-2.0),
-    ``base_model``, ``dataset_repo_id``), for the card and the retry command.
+    network call) and ``repo_id``; render the long-tail card for ``repo_id`` into a temporary
+    file (with ``keep_card``, the run's own ``README.md`` is uploaded instead, if there is
+    one); ``create_repo(exist_ok=True)``; create ``revision`` as a branch if given; then one
+    ``create_commit`` adding :func:`files_to_push` (model, processor, plots,
+    ``all_results.json``, ``longtail_run.json``; no checkpoints or optimizer state) and the
+    card as ``README.md``. ``api`` defaults to ``HfApi(token=token)``; pass one to inject a
+    client. ``card``: the :data:`~hf_longtail.hub.card.CARD_OPTIONS` (``license`` (default
+    apache-2.0), ``base_model``, ``dataset_repo_id``), for the card and the retry command.
 
-    Local files are only ever read (and ``README.md`` written). Any error of the Hub part
-    (offline mode, no or bad token, wrong repo id, HTTP or network error mid-upload) is raised
-    as :class:`PushToHubError` naming the cause and the retry command; the original exception
-    is its ``__cause__``.
+    Local files are only ever read: the run's ``README.md`` is never rewritten (a warning says
+    when it differs from the uploaded card). Any error of the Hub part (offline mode, no or bad
+    token, wrong repo id, HTTP or network error mid-upload) is raised as
+    :class:`PushToHubError` naming the cause and the retry command; the original exception is
+    its ``__cause__``.
     """
+    from huggingface_hub import CommitOperationAdd
     from huggingface_hub.utils import validate_repo_id
 
     unknown = sorted(set(card) - {option.name for option in CARD_OPTIONS})
@@ -167,49 +194,68 @@ def push_long_tail_model(
     retry = retry_command(
         path, repo_id, private=private, revision=revision, keep_card=keep_card, **card
     )
+    untouched = f"This push wrote, changed or deleted no file in {path}."
     try:
         validate_repo_id(repo_id)
     except ValueError as err:
         raise PushToHubError(
             f"Cannot push {path} to {repo_id!r}: {err} Use 'namespace/name', e.g. "
-            f"'your-username/{path.name}'. Nothing was uploaded; local files are intact.\n"
+            f"'your-username/{path.name}'. Nothing was uploaded. {untouched}\n"
             f"Retry with: {retry.replace(shlex.quote(repo_id), 'NAMESPACE/NAME', 1)}",
             retry,
         ) from err
-    if not (keep_card and (path / CARD_FILE).is_file()):
-        write_model_card(path, repo_id, **card)
-    files = files_to_push(path)
+    local_card = path / CARD_FILE
+    own_card = keep_card and local_card.is_file()
+    # Built before any network call: an incomplete run directory fails here.
+    card_text = None if own_card else str(build_model_card(path, repo_id, **card))
+    if card_text is not None:
+        _warn_if_local_card_is_kept_back(path, card_text, card)
+    files = [name for name in files_to_push(path) if name != CARD_FILE]
 
     if api is None:
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
     stage = "creating the repository"
-    try:
-        repo_url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
-        target = getattr(repo_url, "repo_id", None) or repo_id
-        if revision and revision != "main" and not revision.startswith("refs/pr/"):
-            stage = f"creating the branch {revision!r}"
-            api.create_branch(target, branch=revision, token=token, exist_ok=True)
-        stage = f"uploading {len(files)} files"
-        # Exact names (escaped: fnmatch treats []*? as patterns) so nothing else can slip in.
-        return api.upload_folder(
-            repo_id=target,
-            folder_path=str(path),
-            allow_patterns=[glob.escape(name) for name in files],
-            commit_message=commit_message,
-            token=token,
-            revision=revision,
-        )
-    # Deliberately broad: whatever the transport raises (huggingface_hub errors, httpx/requests
-    # errors, OSError, xet upload errors), the user must get the retry path, with the cause.
-    except Exception as err:
-        reason = _describe_failure(err, _token_known(token, api))
-        raise PushToHubError(
-            f"Push of {path} to https://huggingface.co/{repo_id} failed while {stage}: {reason}\n"
-            f"All local files in {path} are intact (nothing was deleted or moved).\n"
-            f"Retry with: {retry}\n"
-            "(add --token TOKEN, or log in with `hf auth login`, if the failure was "
-            "authentication)",
-            retry,
-        ) from err
+    # The card to publish is a temporary copy, so a failure at any stage leaves the run
+    # directory exactly as it was (a hand-edited README.md included).
+    with tempfile.TemporaryDirectory(prefix="hf_longtail_card_") as tmp:
+        if card_text is None:
+            card_file = local_card
+        else:
+            card_file = Path(tmp) / CARD_FILE
+            card_file.write_text(card_text, encoding="utf-8", newline="")
+        try:
+            repo_url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+            target = getattr(repo_url, "repo_id", None) or repo_id
+            if revision and revision != "main" and not revision.startswith("refs/pr/"):
+                stage = f"creating the branch {revision!r}"
+                api.create_branch(target, branch=revision, token=token, exist_ok=True)
+            stage = f"uploading {len(files) + 1} files"
+            operations = [
+                CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path / name))
+                for name in files
+            ]
+            operations.append(
+                CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=str(card_file))
+            )
+            return api.create_commit(
+                repo_id=target,
+                operations=operations,
+                commit_message=commit_message,
+                token=token,
+                revision=revision,
+            )
+        # Deliberately broad: whatever the transport raises (huggingface_hub errors,
+        # httpx/requests errors, OSError, xet upload errors), the user must get the retry path,
+        # with the cause.
+        except Exception as err:
+            reason = _describe_failure(err, _token_known(token, api))
+            raise PushToHubError(
+                f"Push of {path} to https://huggingface.co/{repo_id} failed while {stage}: "
+                f"{reason}\n{untouched}\n"
+                f"Retry with: {retry}\n"
+                "(add --token TOKEN, or log in with `hf auth login`, if the failure was "
+                "authentication)",
+                retry,
+            ) from err
