@@ -81,6 +81,19 @@ def _train_in_process(train, args):
         release_run_dir(out)  # an in-process run holds the lock for pytest's lifetime otherwise
 
 
+def _run_killed_at(phase: str, args: list[str]) -> None:
+    """``scripts/train.py args`` in a subprocess that SIGKILLs itself at ``phase``."""
+    killed = subprocess.run(
+        [sys.executable, str(KILLER), phase, *args],
+        env=subprocess_env(),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
+
+
 def _steps_trained(out: Path) -> list[int]:
     state = json.loads((out / "trainer_state.json").read_text())
     return [h["step"] for h in state["log_history"] if "loss" in h]
@@ -206,15 +219,7 @@ def test_a_kill_at_the_end_of_a_run_then_the_same_command_ends_as_an_uninterrupt
     if out.exists():
         shutil.rmtree(out)
     args = [*TINY_RUN, "--output_dir", str(out)]
-    killed = subprocess.run(
-        [sys.executable, str(KILLER), phase, *args],
-        env=subprocess_env(),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
+    _run_killed_at(phase, args)
     if phase != "after_card":
         assert comparable(out) != files  # the kill left the run unfinished
     _train_in_process(train, args)  # the same command again
@@ -240,15 +245,7 @@ def test_an_epoch_based_run_killed_at_the_end_keeps_its_train_loss(train, tmp_pa
     assert expected["train_loss"] > 0
     out = tmp_path / "killed"
     args = [*epochs, "--output_dir", str(out)]
-    killed = subprocess.run(
-        [sys.executable, str(KILLER), "final_save", *args],
-        env=subprocess_env(),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
+    _run_killed_at("final_save", args)
     _train_in_process(train, args)
     results = json.loads((out / "all_results.json").read_text())
     assert _without_timing(results) == _without_timing(expected)
