@@ -18,13 +18,14 @@ from hf_longtail.class_counts import ClassCounts
 from hf_longtail.hub.card import (
     DATASET_CARD_TEMPLATE,
     PROFILE_FORMULAS,
-    _md,
+    _hub_link,
     _public_name,
     class_count_summary,
     looks_like_hub_id,
     template_path,
     tidy_markdown,
 )
+from hf_longtail.hub.escape import Markup, md_code, py_str, render_card
 from hf_longtail.hub.push import PushToHubError, _describe_failure, _token_known
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -191,7 +192,7 @@ def build_dataset_card(
     rows = [
         {
             "index": i,
-            "name": _md(names[i]),
+            "name": names[i],
             "train": train_counts[i],
             "others": [other_splits[s][i] for s in other_splits],
         }
@@ -199,20 +200,22 @@ def build_dataset_card(
     ]
     image_columns = [name for name, f in train.features.items() if type(f).__name__ == "Image"]
     template_file = Path(template) if template else template_path(DATASET_CARD_TEMPLATE)
-    card = DatasetCard.from_template(
+    card = render_card(
+        DatasetCard,
         card_data,
-        template_path=str(template_file),
+        template_file,
         title=pretty_name,
         repo_ref=repo_id or "path/to/dataset",
         source_display=(
-            f"[{source}](https://huggingface.co/datasets/{source})"
+            _hub_link(source, "https://huggingface.co/datasets/")
             if looks_like_hub_id(source)
             else (
-                f"`{construction['source']}`"
+                md_code(construction["source"])
                 if source
-                else "an image dataset (source not recorded)"
+                else Markup("an image dataset (source not recorded)")
             )
         ),
+        class_counts_call=md_code(f"hf_longtail.data.class_counts(dataset[{py_str(train_split)}])"),
         profile=profile or "not recorded",
         profile_formula=PROFILE_FORMULAS.get(profile or "", ""),
         synthetic=profile in PROFILE_FORMULAS,
