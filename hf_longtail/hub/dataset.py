@@ -18,13 +18,14 @@ from hf_longtail.class_counts import ClassCounts
 from hf_longtail.hub.card import (
     DATASET_CARD_TEMPLATE,
     PROFILE_FORMULAS,
-    _md,
+    _hub_link,
     _public_name,
     class_count_summary,
     looks_like_hub_id,
     template_path,
     tidy_markdown,
 )
+from hf_longtail.hub.escape import Markup, md_code, py_str, render_card
 from hf_longtail.hub.push import PushToHubError, _describe_failure, _token_known
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -114,7 +115,7 @@ def _construction_sentences(
     """The card's sentences about how the splits were made, derived from the provenance record
     (and the ``profile`` given or recorded): no subset claimed for a split used as it is, a
     carved test split described as carved, "untouched" only for the source's own splits."""
-    train = f"`{_md(train_split)}`"
+    train = md_code(train_split)
     sizes = f"from {counts['max']} to {counts['min']} images"
     carved = record.get("carved_test_split")
     carved = carved if isinstance(carved, dict) and "test" in splits else None
@@ -143,7 +144,7 @@ def _construction_sentences(
         fraction = carved.get("fraction")
         share = f"{100 * fraction:g}%" if isinstance(fraction, int | float) else "share"
         origin = (
-            f"the source's `{_md(carved['from_split'])}` split"
+            f"the source's {md_code(carved['from_split'])} split"
             if carved.get("from_split")
             else f"the source's {carved.get('source_size')} images"
         )
@@ -160,8 +161,9 @@ def _construction_sentences(
     return {
         "subsampled": profile in PROFILE_FORMULAS,
         "long_tail": long_tail,
-        "carved_text": carved_text,
-        "intro": subset + ("; " + "; ".join(tail) if tail else "") + ".",
+        "carved_text": Markup(carved_text),
+        # Markup: the split names in these sentences went through md_code.
+        "intro": Markup(subset + ("; " + "; ".join(tail) if tail else "") + "."),
     }
 
 
@@ -260,7 +262,7 @@ def build_dataset_card(
     rows = [
         {
             "index": i,
-            "name": _md(names[i]),
+            "name": names[i],
             "train": train_counts[i],
             "others": [other_splits[s][i] for s in other_splits],
         }
@@ -269,20 +271,22 @@ def build_dataset_card(
     image_columns = [name for name, f in train.features.items() if type(f).__name__ == "Image"]
     sentences = _construction_sentences(record, profile, train_split, counts, list(dataset_dict))
     template_file = Path(template) if template else template_path(DATASET_CARD_TEMPLATE)
-    card = DatasetCard.from_template(
+    card = render_card(
+        DatasetCard,
         card_data,
-        template_path=str(template_file),
+        template_file,
         title=pretty_name,
         repo_ref=repo_id or "path/to/dataset",
         source_display=(
-            f"[{source}](https://huggingface.co/datasets/{source})"
+            _hub_link(source, "https://huggingface.co/datasets/")
             if looks_like_hub_id(source)
             else (
-                f"`{construction['source']}`"
+                md_code(construction["source"])
                 if source
-                else "an image dataset (source not recorded)"
+                else Markup("an image dataset (source not recorded)")
             )
         ),
+        class_counts_call=md_code(f"hf_longtail.data.class_counts(dataset[{py_str(train_split)}])"),
         profile=profile or "not recorded",
         profile_formula=PROFILE_FORMULAS.get(profile or "", ""),
         synthetic=profile in PROFILE_FORMULAS,

@@ -1,7 +1,9 @@
 """PNG plots of long-tail evaluations (per-class accuracy vs frequency, confusion heat map).
 
 Figures are drawn on matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``): no
-display is needed and pyplot's global state/backend is left untouched.
+display is needed and pyplot's global state/backend is left untouched. Text that comes from data
+or options (class names, titles) is drawn as it is: mathtext is off for it (``parse_math=False``),
+so ``$...$`` in a class name is neither rendered as math nor a parse error at save time.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def _class_ticks(ax: Any, axis: str, order: np.ndarray, class_names: Sequence[st
     if k <= _MAX_NAMED_TICKS:
         labels = [str(class_names[i]) for i in order] if class_names else [str(i) for i in order]
         rotate = axis == "x" and max(len(t) for t in labels) > 3
-        set_ticks(np.arange(k), labels, rotation=90 if rotate else 0, fontsize=7)
+        set_ticks(np.arange(k), labels, rotation=90 if rotate else 0, fontsize=7, parse_math=False)
     else:
         pos = np.unique(np.linspace(0, k - 1, 10).round().astype(int))
         set_ticks(pos, [str(p) for p in pos], fontsize=7)
@@ -141,7 +143,7 @@ def plot_per_class_accuracy(
         fontsize=7,
         frameon=False,
     )
-    ax.set_title(title or "Per-class accuracy vs training frequency")
+    ax.set_title(title or "Per-class accuracy vs training frequency", parse_math=False)
     return _save(fig, path)
 
 
@@ -222,5 +224,7 @@ def plot_confusion_matrix(
     ax.set_xlabel("predicted class" + suffix)
     ax.set_ylabel("true class" + suffix)
     norm_txt = {"true": "row-normalised (recall)", "pred": "column-normalised (precision)"}
-    ax.set_title(title or f"Confusion matrix, {norm_txt.get(normalize or '', 'counts')}")
+    ax.set_title(
+        title or f"Confusion matrix, {norm_txt.get(normalize or '', 'counts')}", parse_math=False
+    )
     return _save(fig, path)
