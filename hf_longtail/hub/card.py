@@ -620,7 +620,7 @@ def _data_sentences(facts: Mapping[str, Any], display: str, eval_split: str) -> 
         "subsampled": facts["subsampled"],
         "trained_on": Markup(trained_on),
         "heading": heading,
-        "long_tail": long_tail,
+        "long_tail": Markup(long_tail),
         "eval_cell": Markup(eval_cell),
         "eval_phrase": Markup(eval_phrase),
         "eval_distribution": distribution,

@@ -160,7 +160,7 @@ def _construction_sentences(
         tail.append("the other splits are the source's, untouched")
     return {
         "subsampled": profile in PROFILE_FORMULAS,
-        "long_tail": long_tail,
+        "long_tail": Markup(long_tail),  # fixed text, no value from the data
         "carved_text": Markup(carved_text),
         # Markup: the split names in these sentences went through md_code.
         "intro": Markup(subset + ("; " + "; ".join(tail) if tail else "") + "."),
