@@ -712,7 +712,13 @@ class LongTailTrainer(Trainer):
             "training_args.bin",
         )
         if checkpoint:
-            return (*_LOSS_FILES, CHECKPOINT_RECIPE_FILE, *model, *_TRAINING_STATE_FILES)
+            return (
+                *_LOSS_FILES,
+                CHECKPOINT_RECIPE_FILE,
+                PROGRESS_FILE,
+                *model,
+                *_TRAINING_STATE_FILES,
+            )
         return (*model, *_LOSS_FILES)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:

@@ -106,6 +106,10 @@ def test_train_script_refuses_then_resumes_with_loss_state_missing_fresh(train, 
     out = tmp_path / "run"
     first = [*TINY_RUN, "--output_dir", str(out), "--max_steps", "2"]
     train.main(first)
+    # A run killed before its final files (no finished marker): the re-run resumes checkpoint-2.
+    record = json.loads((out / "longtail_run.json").read_text())
+    del record["finished"]
+    (out / "longtail_run.json").write_text(json.dumps(record))
     (out / "checkpoint-2" / LOSS_WEIGHTS_NAME).unlink()
     longer = [*TINY_RUN, "--output_dir", str(out), "--max_steps", "4"]
     before = run_files(out)
