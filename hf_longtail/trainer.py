@@ -338,6 +338,8 @@ class LongTailTrainer(Trainer):
         self._resumed_progress: dict[str, Any] | None = None
         self._train_started: float | None = None
         self._holds_lock = False
+        # (checkpoint, its step, this run's planned steps), set by check_resume.
+        self._resume_plan: tuple[str, int, int] | None = None
 
         train_dataset = kwargs.get("train_dataset")
         self.uses_cached_features = _uses_features(train_dataset, kwargs.get("eval_dataset"))
@@ -1082,9 +1084,9 @@ class LongTailTrainer(Trainer):
                 f"steps' training. Pass --max_steps {step} or more (or more epochs) to continue "
                 "it, or resume from a checkpoint at or before the run's end."
             )
-        if folder == getattr(self, "_checked_resume", None):
+        if self._resume_plan is not None and self._resume_plan[0] == folder:
             return folder  # checked and reported already (scripts/train.py checks first)
-        self._checked_resume = folder
+        self._resume_plan = (folder, step, planned)
         if step == planned:
             logger.info(
                 "Resuming from %s: step %d of %d, training is complete; nothing is trained, the "
@@ -1122,8 +1124,8 @@ class LongTailTrainer(Trainer):
         )
         self._train_started = time.time()
         if resume_from_checkpoint is not None:
-            step, _ = checkpoint_step(resume_from_checkpoint)
-            if step >= self.planned_max_steps():
+            _, step, planned = self._resume_plan  # what check_resume found
+            if step >= planned:
                 return self._finish_from_checkpoint(resume_from_checkpoint)
         result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
         if self.state.global_step == 0:

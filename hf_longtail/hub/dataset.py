@@ -18,6 +18,7 @@ from hf_longtail.class_counts import ClassCounts
 from hf_longtail.hub.card import (
     DATASET_CARD_TEMPLATE,
     PROFILE_FORMULAS,
+    _carved_text,
     _hub_link,
     _public_name,
     class_count_summary,
@@ -139,19 +140,7 @@ def _construction_sentences(
     else:  # nothing recorded or given: claim no construction
         subset = f"class sizes of the {train} split go {sizes}"
         long_tail = ""
-    carved_text = ""
-    if carved:
-        fraction = carved.get("fraction")
-        share = f"{100 * fraction:g}%" if isinstance(fraction, int | float) else "share"
-        origin = (
-            f"the source's {md_code(carved['from_split'])} split"
-            if carved.get("from_split")
-            else f"the source's {carved.get('source_size')} images"
-        )
-        carved_text = (
-            f"a stratified {share} of every class of {origin} (split seed {carved.get('seed')}), "
-            "carved before anything else"
-        )
+    carved_text = f"{_carved_text(carved)}, carved before anything else" if carved else ""
     others = [s for s in splits if s != train_split and not (carved_text and s == "test")]
     tail = []
     if carved_text:
